@@ -1,0 +1,137 @@
+//! Datagram batch I/O for spooky.
+//!
+//! Everything above this crate (the QUIC edge, the router) talks to the network
+//! only through [`DatagramIo`]: receive a batch of datagrams (each possibly a
+//! GRO train of equal-size segments), send a batch of transmits (each possibly a
+//! GSO train). The drivers are small and swappable: [`epoll::EpollUdp`] here,
+//! the io_uring driver beside it when it lands. Callers are generic over the
+//! trait, so the choice costs no dynamic dispatch on the hot path.
+
+#![deny(unsafe_op_in_unsafe_fn)]
+
+pub mod epoll;
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+
+/// Largest UDP payload a single receive can carry: a full GRO train.
+///
+/// Receive buffers must be this large or the kernel truncates coalesced
+/// trains (Envoy lost packets with 24 KiB buffers).
+pub const MAX_RECV_BUF: usize = 64 * 1024;
+
+/// Largest number of segments one GSO send may carry (kernel `UDP_MAX_SEGMENTS`).
+pub const MAX_GSO_SEGMENTS: usize = 64;
+
+/// One received datagram or GRO train.
+#[derive(Debug, Clone, Copy)]
+pub struct RecvMeta {
+    /// Who sent it.
+    pub peer: SocketAddr,
+    /// The local address it arrived on, when the kernel told us (IP_PKTINFO).
+    pub local_ip: Option<IpAddr>,
+    /// Bytes written into the buffer.
+    pub len: usize,
+    /// Size of each segment in a GRO train; equals `len` for a lone datagram.
+    pub stride: usize,
+}
+
+impl RecvMeta {
+    /// Number of datagrams this receive carried.
+    pub fn segments(&self) -> usize {
+        if self.stride == 0 {
+            1
+        } else {
+            self.len.div_ceil(self.stride)
+        }
+    }
+}
+
+/// One send: a single datagram, or a GSO train of `segment_size` datagrams
+/// (all equal except possibly the last, which may be shorter).
+#[derive(Debug, Clone, Copy)]
+pub struct Transmit<'a> {
+    pub destination: SocketAddr,
+    /// Source IP to send from (for sockets bound to a wildcard address).
+    pub src_ip: Option<IpAddr>,
+    pub contents: &'a [u8],
+    /// `Some(n)` makes this a GSO send of `contents.len().div_ceil(n)` datagrams.
+    pub segment_size: Option<usize>,
+}
+
+/// What a driver could enable on its socket; logged once at start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capabilities {
+    /// Segments one send may carry (1 = no GSO).
+    pub max_gso_segments: usize,
+    /// Segments one receive may carry (1 = no GRO).
+    pub gro_segments: usize,
+    /// Name of the driver, for logs and metrics labels.
+    pub driver: &'static str,
+}
+
+/// Counters a driver keeps about its own syscalls; read by telemetry.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct IoCounters {
+    pub recv_syscalls: u64,
+    pub recv_datagrams: u64,
+    pub recv_bytes: u64,
+    pub send_syscalls: u64,
+    pub send_datagrams: u64,
+    pub send_bytes: u64,
+    /// Sends that failed for a reason other than "would block" (dropped; QUIC retransmits).
+    pub send_errors: u64,
+    /// Sends that had to drop from GSO to one datagram per syscall.
+    pub gso_fallbacks: u64,
+}
+
+/// Batched datagram I/O for one socket, owned by one worker.
+///
+/// Call protocol: `readable().await`, then `try_recv_batch` until it returns
+/// `WouldBlock`; queue transmits with `try_send`, and on `WouldBlock` wait on
+/// `writable().await` and retry the same transmit. Nothing blocks the thread.
+#[allow(async_fn_in_trait)]
+pub trait DatagramIo {
+    /// The address the socket is bound to.
+    fn local_addr(&self) -> io::Result<SocketAddr>;
+    /// What GSO/GRO this driver could enable.
+    fn capabilities(&self) -> Capabilities;
+    /// Counters so far.
+    fn counters(&self) -> IoCounters;
+    /// Waits until a receive may make progress.
+    async fn readable(&self) -> io::Result<()>;
+    /// Waits until a send may make progress.
+    async fn writable(&self) -> io::Result<()>;
+    /// Receives up to `bufs.len()` datagrams/trains; `metas[i]` describes `bufs[i]`.
+    /// Each buffer should be [`MAX_RECV_BUF`] bytes. Returns `WouldBlock` when empty.
+    fn try_recv_batch(&mut self, bufs: &mut [Vec<u8>], metas: &mut [RecvMeta]) -> io::Result<usize>;
+    /// Sends one transmit (one syscall, many datagrams with GSO).
+    fn try_send(&mut self, transmit: &Transmit<'_>) -> io::Result<()>;
+}
+
+/// Splits a received GRO train into its datagrams.
+pub fn split_segments(buf: &[u8], stride: usize) -> impl Iterator<Item = &[u8]> {
+    let stride = if stride == 0 { buf.len().max(1) } else { stride };
+    buf.chunks(stride)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_handles_short_tail_and_lone_datagrams() {
+        let buf: Vec<u8> = (0..250u8).collect();
+        let parts: Vec<_> = split_segments(&buf, 100).map(|s| s.len()).collect();
+        assert_eq!(parts, vec![100, 100, 50]);
+        let parts: Vec<_> = split_segments(&buf, 0).map(|s| s.len()).collect();
+        assert_eq!(parts, vec![250]);
+        let meta = RecvMeta {
+            peer: "127.0.0.1:1".parse().unwrap(),
+            local_ip: None,
+            len: 250,
+            stride: 100,
+        };
+        assert_eq!(meta.segments(), 3);
+    }
+}
