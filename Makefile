@@ -1,0 +1,32 @@
+# The two commands of the README's quick start: `make run` and `make test`.
+CARGO ?= cargo
+export CARGO_TERM_COLOR ?= never
+
+.PHONY: run test build bootstrap certs check lint perf-io clean
+
+bootstrap:
+	@scripts/bootstrap.sh
+
+build: bootstrap
+	$(CARGO) build --release --locked
+
+certs:
+	@scripts/gen-cert.sh certs
+
+## Build, start three demo backends and spooky on config.yaml.
+run: build certs
+	@scripts/run-demo.sh
+
+## Formatting, lints, unit and end-to-end tests.
+test: bootstrap lint
+	$(CARGO) test --workspace --locked
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+check: build certs
+	target/release/spooky check --config config.yaml
+
+clean:
+	$(CARGO) clean

@@ -1,0 +1,645 @@
+//! The QUIC + HTTP/3 edge, free of I/O.
+//!
+//! [`Edge`] owns one worker's QUIC connections (quiche) and their HTTP/3
+//! state. It never touches a socket or a clock of its own: the driver feeds it
+//! and drains it, in the style of `quinn-proto`:
+//!
+//! * inputs: [`Edge::handle_datagram`] for each received datagram,
+//!   [`Edge::handle_upstream`] for each event from an upstream task,
+//!   [`Edge::handle_timeout`] when [`Edge::poll_timeout`]'s instant passed;
+//! * outputs: [`Edge::poll_event`] yields new requests (an [`Envelope`] and the
+//!   upstream task's half of the stream), [`Edge::poll_transmit`] fills a
+//!   buffer with a GSO train of packets for one peer, [`Edge::poll_timeout`]
+//!   says when to call back.
+//!
+//! After any input, drain `poll_event` and `poll_transmit` until empty.
+
+pub mod cid;
+mod request;
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use quiche::h3;
+use slab::Slab;
+use tokio::sync::mpsc;
+
+use crate::config::{Config, CongestionControl};
+use crate::router::bridge::{RequestKey, ToEdge};
+use crate::router::Envelope;
+use crate::router::bridge::UpstreamSide;
+use crate::telemetry::{DropReason, WorkerMetrics};
+use cid::{CidGenerator, RetryTokens, CID_LEN};
+use request::Request;
+
+/// HTTP/3 error codes (RFC 9114 §8.1) spooky sends.
+pub mod h3_code {
+    pub const NO_ERROR: u64 = 0x100;
+    pub const INTERNAL_ERROR: u64 = 0x102;
+    pub const REQUEST_REJECTED: u64 = 0x10b;
+    pub const REQUEST_CANCELLED: u64 = 0x10c;
+    pub const REQUEST_INCOMPLETE: u64 = 0x10d;
+    pub const MESSAGE_ERROR: u64 = 0x10e;
+}
+
+/// Errors building the edge.
+#[derive(Debug, thiserror::Error)]
+pub enum EdgeError {
+    #[error("QUIC configuration: {0}")]
+    Quic(#[from] quiche::Error),
+    #[error("HTTP/3 configuration: {0}")]
+    H3(#[from] h3::Error),
+    #[error("TLS {what} {path}: {err}")]
+    Tls {
+        what: &'static str,
+        path: String,
+        err: quiche::Error,
+    },
+}
+
+/// Limits and switches the edge applies, from `config.yaml`.
+#[derive(Debug, Clone)]
+pub struct EdgeSettings {
+    pub retry: bool,
+    pub max_connections: usize,
+    pub max_request_header_bytes: usize,
+    pub max_body_buffer_bytes: usize,
+    pub access_log: bool,
+}
+
+/// What the driver must act on.
+#[derive(Debug)]
+pub enum EdgeEvent {
+    /// A request is ready to be forwarded: spawn the upstream task with `side`.
+    Request {
+        envelope: Box<Envelope>,
+        side: UpstreamSide,
+    },
+}
+
+/// One transmit produced by [`Edge::poll_transmit`]: `len` bytes at the start
+/// of the caller's buffer, to be sent as a GSO train of `segment_size`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TransmitInfo {
+    pub to: SocketAddr,
+    pub from: SocketAddr,
+    pub len: usize,
+    pub segment_size: usize,
+}
+
+struct Conn {
+    serial: u64,
+    quic: quiche::Connection,
+    h3: Option<h3::Connection>,
+    /// Request stream id → request slab slot.
+    streams: HashMap<u64, usize>,
+    cids: Vec<quiche::ConnectionId<'static>>,
+    timer: Option<Instant>,
+    dirty: bool,
+    established: bool,
+}
+
+/// The per-worker QUIC/HTTP/3 state machine. See the module docs for the call protocol.
+pub struct Edge {
+    quic_config: quiche::Config,
+    h3_config: h3::Config,
+    settings: EdgeSettings,
+    conns: Slab<Conn>,
+    by_cid: HashMap<quiche::ConnectionId<'static>, usize>,
+    next_conn_serial: u64,
+    cid_gen: CidGenerator,
+    tokens: RetryTokens,
+    timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
+    dirty: VecDeque<usize>,
+    stateless: VecDeque<(Vec<u8>, SocketAddr, SocketAddr)>,
+    requests: Slab<Request>,
+    next_request_serial: u64,
+    events: VecDeque<EdgeEvent>,
+    to_edge: mpsc::UnboundedSender<(RequestKey, ToEdge)>,
+    metrics: Arc<WorkerMetrics>,
+    draining: bool,
+    scratch: Vec<u8>,
+}
+
+/// Builds the quiche transport config from `config.yaml`.
+pub fn quic_config(cfg: &Config) -> Result<quiche::Config, EdgeError> {
+    let mut q = quiche::Config::new(quiche::PROTOCOL_VERSION)?;
+    let cert = cfg.listen.tls.cert.to_string_lossy().into_owned();
+    let key = cfg.listen.tls.key.to_string_lossy().into_owned();
+    q.load_cert_chain_from_pem_file(&cert)
+        .map_err(|err| EdgeError::Tls {
+            what: "certificate",
+            path: cert.clone(),
+            err,
+        })?;
+    q.load_priv_key_from_pem_file(&key)
+        .map_err(|err| EdgeError::Tls {
+            what: "private key",
+            path: key.clone(),
+            err,
+        })?;
+    let alpn: Vec<&[u8]> = cfg.listen.alpn.iter().map(|a| a.as_bytes()).collect();
+    q.set_application_protos(&alpn)?;
+    q.set_max_idle_timeout(cfg.quic.idle_timeout_ms);
+    q.set_max_recv_udp_payload_size(spooky_uring::MAX_RECV_BUF);
+    q.set_max_send_udp_payload_size(1350);
+    q.set_initial_max_data(cfg.quic.initial_max_data);
+    q.set_initial_max_stream_data_bidi_remote(cfg.quic.initial_max_stream_data);
+    q.set_initial_max_stream_data_bidi_local(cfg.quic.initial_max_stream_data);
+    q.set_initial_max_stream_data_uni(1024 * 1024);
+    q.set_initial_max_streams_bidi(cfg.quic.max_streams_bidi);
+    q.set_initial_max_streams_uni(16);
+    q.set_max_stream_window(cfg.quic.initial_max_stream_data.max(16 * 1024 * 1024));
+    q.set_max_connection_window(cfg.quic.initial_max_data.max(24 * 1024 * 1024));
+    q.set_active_connection_id_limit(4);
+    q.set_disable_active_migration(false);
+    q.enable_early_data();
+    q.set_cc_algorithm(match cfg.quic.cc {
+        CongestionControl::Cubic => quiche::CongestionControlAlgorithm::CUBIC,
+        CongestionControl::Reno => quiche::CongestionControlAlgorithm::Reno,
+        CongestionControl::Bbr2 => quiche::CongestionControlAlgorithm::Bbr2Gcongestion,
+    });
+    Ok(q)
+}
+
+impl Edge {
+    pub fn new(
+        cfg: &Config,
+        to_edge: mpsc::UnboundedSender<(RequestKey, ToEdge)>,
+        metrics: Arc<WorkerMetrics>,
+    ) -> Result<Self, EdgeError> {
+        let quic_config = quic_config(cfg)?;
+        let mut h3_config = h3::Config::new()?;
+        // Advertise a generous field-section limit so oversize requests reach
+        // us and get a 431 instead of a connection error from quiche.
+        h3_config.set_max_field_section_size(
+            (cfg.limits.max_request_header_bytes as u64).saturating_mul(4),
+        );
+        Ok(Self {
+            quic_config,
+            h3_config,
+            settings: EdgeSettings {
+                retry: cfg.quic.retry,
+                max_connections: cfg.limits.max_connections,
+                max_request_header_bytes: cfg.limits.max_request_header_bytes,
+                max_body_buffer_bytes: cfg.limits.max_body_buffer_bytes,
+                access_log: cfg.telemetry.access_log,
+            },
+            conns: Slab::new(),
+            by_cid: HashMap::new(),
+            next_conn_serial: 1,
+            cid_gen: CidGenerator::new(),
+            tokens: RetryTokens::random(),
+            timers: BinaryHeap::new(),
+            dirty: VecDeque::new(),
+            stateless: VecDeque::new(),
+            requests: Slab::new(),
+            next_request_serial: 1,
+            events: VecDeque::new(),
+            to_edge,
+            metrics,
+            draining: false,
+            scratch: vec![0u8; 64 * 1024],
+        })
+    }
+
+    /// Number of live connections.
+    pub fn connections(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Number of requests in flight.
+    pub fn requests_in_flight(&self) -> usize {
+        self.requests.len()
+    }
+
+    /// Feeds one received datagram (one GRO segment).
+    pub fn handle_datagram(&mut self, now: Instant, buf: &mut [u8], from: SocketAddr, to: SocketAddr) {
+        WorkerMetrics::inc(&self.metrics.datagrams_in);
+        WorkerMetrics::add(&self.metrics.bytes_in, buf.len() as u64);
+        let (dcid, ty, version, scid, token) = match quiche::Header::from_slice(buf, CID_LEN) {
+            Ok(h) => (
+                h.dcid.into_owned(),
+                h.ty,
+                h.version,
+                h.scid.into_owned(),
+                h.token,
+            ),
+            Err(_) => {
+                self.metrics.dropped(DropReason::Malformed);
+                return;
+            }
+        };
+        let ci = match self.by_cid.get(&dcid) {
+            Some(&ci) => ci,
+            None => match self.accept(buf.len(), &dcid, ty, version, &scid, token, from, to) {
+                Some(ci) => ci,
+                None => return,
+            },
+        };
+        let Some(conn) = self.conns.get_mut(ci) else {
+            return;
+        };
+        match conn.quic.recv(buf, quiche::RecvInfo { from, to }) {
+            Ok(_) | Err(quiche::Error::Done) => {}
+            Err(e) => {
+                tracing::debug!(conn = conn.quic.trace_id(), error = %e, "packet rejected");
+                self.metrics.dropped(DropReason::ConnectionError);
+            }
+        }
+        self.after_activity(ci, now);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn accept(
+        &mut self,
+        len: usize,
+        dcid: &quiche::ConnectionId<'static>,
+        ty: quiche::Type,
+        version: u32,
+        scid: &quiche::ConnectionId<'static>,
+        token: Option<Vec<u8>>,
+        from: SocketAddr,
+        to: SocketAddr,
+    ) -> Option<usize> {
+        if ty != quiche::Type::Initial {
+            self.metrics.dropped(DropReason::UnknownConnection);
+            return None;
+        }
+        if !quiche::version_is_supported(version) {
+            let mut out = vec![0u8; 1350];
+            if let Ok(n) = quiche::negotiate_version(scid, dcid, &mut out) {
+                out.truncate(n);
+                self.stateless.push_back((out, from, to));
+                WorkerMetrics::inc(&self.metrics.version_negotiations);
+            }
+            return None;
+        }
+        if len < 1200 {
+            self.metrics.dropped(DropReason::ShortInitial);
+            return None;
+        }
+        if self.draining || self.conns.len() >= self.settings.max_connections {
+            self.metrics.dropped(DropReason::OverCapacity);
+            return None;
+        }
+        let mut odcid = None;
+        let new_scid = if self.settings.retry {
+            let token = token.unwrap_or_default();
+            if token.is_empty() {
+                let new_scid = self.cid_gen.generate();
+                let token = self.tokens.mint(&from, dcid, SystemTime::now());
+                let mut out = vec![0u8; 1350];
+                if let Ok(n) = quiche::retry(scid, dcid, &new_scid, &token, version, &mut out) {
+                    out.truncate(n);
+                    self.stateless.push_back((out, from, to));
+                    WorkerMetrics::inc(&self.metrics.retries_sent);
+                }
+                return None;
+            }
+            match self.tokens.validate(&token, &from, SystemTime::now()) {
+                Some(o) if dcid.len() == CID_LEN => odcid = Some(o),
+                _ => {
+                    self.metrics.dropped(DropReason::InvalidToken);
+                    return None;
+                }
+            }
+            dcid.clone()
+        } else {
+            self.cid_gen.generate()
+        };
+        let quic = match quiche::accept(&new_scid, odcid.as_ref(), to, from, &mut self.quic_config) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(error = %e, %from, "accept failed");
+                self.metrics.dropped(DropReason::ConnectionError);
+                return None;
+            }
+        };
+        let serial = self.next_conn_serial;
+        self.next_conn_serial += 1;
+        let ci = self.conns.insert(Conn {
+            serial,
+            quic,
+            h3: None,
+            streams: HashMap::new(),
+            cids: vec![new_scid.clone()],
+            timer: None,
+            dirty: false,
+            established: false,
+        });
+        self.by_cid.insert(new_scid, ci);
+        WorkerMetrics::inc(&self.metrics.conns_opened);
+        self.metrics.conns_active.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(%from, conn = ci, "connection accepted");
+        Some(ci)
+    }
+
+    /// Runs everything that may follow new input on a connection.
+    fn after_activity(&mut self, ci: usize, now: Instant) {
+        let Some(conn) = self.conns.get_mut(ci) else {
+            return;
+        };
+        if conn.h3.is_none() && (conn.quic.is_established() || conn.quic.is_in_early_data()) {
+            match h3::Connection::with_transport(&mut conn.quic, &self.h3_config) {
+                Ok(h) => conn.h3 = Some(h),
+                Err(e) => {
+                    tracing::debug!(error = %e, "HTTP/3 setup failed");
+                    let _ = conn.quic.close(true, h3_code::INTERNAL_ERROR, b"h3 setup");
+                }
+            }
+        }
+        if !conn.established && conn.quic.is_established() {
+            conn.established = true;
+            WorkerMetrics::inc(&self.metrics.handshakes);
+            // Give the peer spare connection IDs so it can migrate.
+            while conn.quic.scids_left() > 0 {
+                let cid = self.cid_gen.generate();
+                let token = self.cid_gen.reset_token(self.tokens.key(), &cid);
+                if conn.quic.new_scid(&cid, token, false).is_err() {
+                    break;
+                }
+                conn.cids.push(cid.clone());
+                self.by_cid.insert(cid, ci);
+            }
+        }
+        while let Some(retired) = conn.quic.retired_scid_next() {
+            self.by_cid.remove(&retired);
+            conn.cids.retain(|c| *c != retired);
+        }
+        self.poll_h3(ci, now);
+        self.flush_writable(ci);
+        self.mark_dirty(ci);
+        self.update_timer(ci);
+    }
+
+    fn mark_dirty(&mut self, ci: usize) {
+        if let Some(conn) = self.conns.get_mut(ci) {
+            if !conn.dirty {
+                conn.dirty = true;
+                self.dirty.push_back(ci);
+            }
+        }
+    }
+
+    fn update_timer(&mut self, ci: usize) {
+        if let Some(conn) = self.conns.get_mut(ci) {
+            let t = conn.quic.timeout_instant();
+            if t != conn.timer {
+                conn.timer = t;
+                if let Some(t) = t {
+                    self.timers.push(Reverse((t, ci, conn.serial)));
+                }
+            }
+        }
+    }
+
+    /// Gives every stream with pending response bytes a chance to write.
+    fn flush_writable(&mut self, ci: usize) {
+        let Some(conn) = self.conns.get_mut(ci) else {
+            return;
+        };
+        if conn.h3.is_none() {
+            return;
+        }
+        let writable: Vec<u64> = conn.quic.writable().collect();
+        for sid in writable {
+            if let Some(&slot) = self.conns.get(ci).and_then(|c| c.streams.get(&sid)) {
+                self.flush_response(slot);
+            }
+        }
+    }
+
+    /// Feeds an event from an upstream task.
+    pub fn handle_upstream(&mut self, now: Instant, key: RequestKey, msg: ToEdge) {
+        let _ = now;
+        let Some(req) = self.requests.get_mut(key.slot).filter(|r| r.serial == key.serial) else {
+            return; // the stream is gone; its upstream task was cancelled
+        };
+        let ci = req.conn;
+        match msg {
+            ToEdge::Headers(h) => req.set_head(h),
+            ToEdge::Data(b) => req.resp.push_chunk(b, true),
+            ToEdge::Trailers(t) => req.resp.trailers = Some(t),
+            ToEdge::End => req.resp.end = true,
+            ToEdge::Fail { status, reason } => {
+                tracing::debug!(request_id = req.log.request_id, status, %reason, "request failed before response");
+                req.log.error = Some(reason);
+                if !req.resp.head_started() {
+                    req.synthesize(status);
+                } else {
+                    self.reset_stream(key.slot, h3_code::INTERNAL_ERROR);
+                    return;
+                }
+            }
+            ToEdge::Reset { code } => {
+                WorkerMetrics::inc(&self.metrics.upstream_resets);
+                self.reset_stream(key.slot, code);
+                self.mark_dirty(ci);
+                self.update_timer(ci);
+                return;
+            }
+            ToEdge::RequestCredit => {
+                if req.req_data_pending {
+                    self.read_request_body(key.slot);
+                }
+                self.mark_dirty(ci);
+                self.update_timer(ci);
+                return;
+            }
+            ToEdge::Backend { upstream, backend } => {
+                req.log.upstream = Some(upstream);
+                req.log.backend = Some(backend);
+                return;
+            }
+        }
+        self.flush_response(key.slot);
+        self.mark_dirty(ci);
+        self.update_timer(ci);
+    }
+
+    /// Handles expired connection timers.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        while let Some(Reverse((t, ci, serial))) = self.timers.peek().copied() {
+            if t > now {
+                break;
+            }
+            self.timers.pop();
+            let Some(conn) = self.conns.get_mut(ci) else {
+                continue;
+            };
+            if conn.serial != serial || conn.timer != Some(t) {
+                continue; // stale entry
+            }
+            conn.timer = None;
+            conn.quic.on_timeout();
+            self.after_activity(ci, now);
+            self.reap_if_closed(ci);
+        }
+    }
+
+    /// When the driver should call [`Edge::handle_timeout`] next.
+    pub fn poll_timeout(&mut self) -> Option<Instant> {
+        while let Some(Reverse((t, ci, serial))) = self.timers.peek().copied() {
+            match self.conns.get(ci) {
+                Some(c) if c.serial == serial && c.timer == Some(t) => return Some(t),
+                _ => {
+                    self.timers.pop();
+                }
+            }
+        }
+        None
+    }
+
+    /// Next new request for the driver.
+    pub fn poll_event(&mut self) -> Option<EdgeEvent> {
+        self.events.pop_front()
+    }
+
+    /// Fills `out` with the next train of packets (one peer, one segment size).
+    ///
+    /// `max_segments` is the most datagrams one send may carry (1 = no GSO).
+    /// Connections take turns: each yields at most one train per call.
+    pub fn poll_transmit(&mut self, out: &mut [u8], max_segments: usize) -> Option<TransmitInfo> {
+        if let Some((pkt, to, from)) = self.stateless.pop_front() {
+            let n = pkt.len().min(out.len());
+            out[..n].copy_from_slice(&pkt[..n]);
+            return Some(TransmitInfo {
+                to,
+                from,
+                len: n,
+                segment_size: n,
+            });
+        }
+        while let Some(ci) = self.dirty.pop_front() {
+            let Some(conn) = self.conns.get_mut(ci) else {
+                continue;
+            };
+            conn.dirty = false;
+            let mss = conn.quic.max_send_udp_payload_size().min(out.len());
+            let limit = (mss * max_segments.max(1)).min(out.len());
+            let mut total = 0;
+            let mut path: Option<(SocketAddr, SocketAddr)> = None;
+            let mut more = false;
+            loop {
+                if total + mss > limit {
+                    more = true;
+                    break;
+                }
+                let buf = &mut out[total..total + mss];
+                let res = match path {
+                    None => conn.quic.send(buf),
+                    Some((from, to)) => conn.quic.send_on_path(buf, Some(from), Some(to)),
+                };
+                match res {
+                    Ok((n, info)) => {
+                        if path.is_none() {
+                            path = Some((info.from, info.to));
+                        }
+                        total += n;
+                        if n < mss {
+                            // A short packet ends a GSO train; the connection
+                            // may still have more for another train.
+                            more = true;
+                            break;
+                        }
+                    }
+                    Err(quiche::Error::Done) => break,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "send failed; closing connection");
+                        let _ = conn.quic.close(false, 0x1, b"send failed");
+                        break;
+                    }
+                }
+            }
+            if more {
+                conn.dirty = true;
+                self.dirty.push_back(ci);
+            }
+            self.update_timer(ci);
+            if total == 0 {
+                self.reap_if_closed(ci);
+                continue;
+            }
+            let (from, to) = path.unwrap_or_else(|| unreachable!("total > 0 implies a path"));
+            WorkerMetrics::add(&self.metrics.bytes_out, total as u64);
+            WorkerMetrics::add(&self.metrics.datagrams_out, total.div_ceil(mss) as u64);
+            return Some(TransmitInfo {
+                to,
+                from,
+                len: total,
+                segment_size: mss,
+            });
+        }
+        None
+    }
+
+    /// Starts a graceful close of every connection: GOAWAY, then
+    /// CONNECTION_CLOSE with H3_NO_ERROR. New connections are refused.
+    pub fn close_all(&mut self, reason: &[u8]) {
+        self.draining = true;
+        let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+        for ci in keys {
+            if let Some(conn) = self.conns.get_mut(ci) {
+                if let Some(h3) = conn.h3.as_mut() {
+                    let _ = h3.send_goaway(&mut conn.quic, 0);
+                }
+                let _ = conn.quic.close(true, h3_code::NO_ERROR, reason);
+            }
+            self.mark_dirty(ci);
+            self.update_timer(ci);
+        }
+    }
+
+    /// Stops accepting new connections (drain mode).
+    pub fn is_draining(&self) -> bool {
+        self.draining
+    }
+
+    fn reap_if_closed(&mut self, ci: usize) {
+        let closed = self.conns.get(ci).is_some_and(|c| c.quic.is_closed());
+        if !closed {
+            return;
+        }
+        let conn = self.conns.remove(ci);
+        for cid in &conn.cids {
+            if self.by_cid.get(cid) == Some(&ci) {
+                self.by_cid.remove(cid);
+            }
+        }
+        // Cancel every request still open on this connection.
+        for (_, slot) in conn.streams.iter() {
+            if let Some(req) = self.requests.try_remove(*slot) {
+                req.shared.cancel_with(h3_code::REQUEST_CANCELLED);
+                self.metrics.requests_in_flight.fetch_sub(1, Ordering::Relaxed);
+                WorkerMetrics::inc(&self.metrics.client_cancels);
+                self.metrics.request_done(0);
+                req.log_access(self.settings.access_log, "connection_closed");
+            }
+        }
+        if !conn.established {
+            WorkerMetrics::inc(&self.metrics.handshake_failures);
+        }
+        WorkerMetrics::inc(&self.metrics.conns_closed);
+        self.metrics.conns_active.fetch_sub(1, Ordering::Relaxed);
+        let stats = conn.quic.stats();
+        tracing::debug!(
+            conn = ci,
+            peer_error = ?conn.quic.peer_error(),
+            local_error = ?conn.quic.local_error(),
+            timed_out = conn.quic.is_timed_out(),
+            sent = stats.sent,
+            recv = stats.recv,
+            lost = stats.lost,
+            "connection closed"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests;
+// x

@@ -1,0 +1,552 @@
+//! Request streams on the edge: reading request heads and bodies out of
+//! quiche's HTTP/3 layer, and writing responses back with partial-write
+//! handling (the remainder waits until quiche reports the stream writable).
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{Buf, Bytes};
+use quiche::h3::{self, NameValue};
+use tokio::sync::mpsc;
+
+use super::{h3_code, Edge, EdgeEvent};
+use crate::router::bridge::{EdgeSender, RequestKey, StreamShared, ToUpstream, UpstreamSide};
+use crate::router::{self, RequestError};
+use crate::telemetry::WorkerMetrics;
+
+/// What the access log line says about a request.
+#[derive(Debug, Default)]
+pub(super) struct AccessInfo {
+    pub request_id: u64,
+    pub method: String,
+    pub authority: String,
+    pub path: String,
+    pub trace_id: String,
+    pub status: u16,
+    pub upstream: Option<String>,
+    pub backend: Option<SocketAddr>,
+    pub error: Option<String>,
+    pub started: Option<Instant>,
+}
+
+/// The response half of a stream.
+#[derive(Debug, Default)]
+pub(super) struct RespSide {
+    /// Head waiting for stream capacity.
+    head: Option<Vec<h3::Header>>,
+    head_sent: bool,
+    /// Bytes not yet taken by quiche; `bool` = counted against the budget.
+    chunks: VecDeque<(Bytes, bool)>,
+    pub trailers: Option<Vec<h3::Header>>,
+    /// The upstream finished the response (after chunks and trailers).
+    pub end: bool,
+    fin_sent: bool,
+}
+
+impl RespSide {
+    pub fn head_started(&self) -> bool {
+        self.head.is_some() || self.head_sent
+    }
+
+    pub fn push_chunk(&mut self, b: Bytes, budgeted: bool) {
+        if !b.is_empty() {
+            self.chunks.push_back((b, budgeted));
+        }
+    }
+}
+
+/// One request stream on one connection.
+pub(super) struct Request {
+    pub serial: u64,
+    pub conn: usize,
+    pub stream_id: u64,
+    pub shared: Arc<StreamShared>,
+    pub body_tx: Option<mpsc::UnboundedSender<ToUpstream>>,
+    /// quiche has body bytes we did not read for lack of budget.
+    pub req_data_pending: bool,
+    /// The client's side of the stream ended (FIN read).
+    pub req_finished: bool,
+    pub resp: RespSide,
+    pub log: AccessInfo,
+    /// Request body bytes seen, checked against content-length.
+    pub body_seen: u64,
+    pub content_length: Option<u64>,
+}
+
+impl Request {
+    pub fn set_head(&mut self, h: Vec<h3::Header>) {
+        if let Some(s) = h.iter().find(|x| x.name() == b":status") {
+            self.log.status = std::str::from_utf8(s.value())
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+        }
+        self.resp.head = Some(h);
+    }
+
+    /// Replaces the response with a short error from spooky itself.
+    pub fn synthesize(&mut self, status: u16) {
+        let body = Bytes::from(format!("{}\n", status_text(status)));
+        self.set_head(router::headers::synthetic_response(status, body.len()));
+        self.resp.chunks.clear();
+        self.resp.push_chunk(body, false);
+        self.resp.trailers = None;
+        self.resp.end = true;
+    }
+
+    pub fn log_access(&self, enabled: bool, outcome: &str) {
+        if !enabled {
+            return;
+        }
+        let l = &self.log;
+        let dur_ms = l
+            .started
+            .map(|s| s.elapsed().as_secs_f64() * 1000.0)
+            .unwrap_or(0.0);
+        tracing::info!(
+            target: "access",
+            request_id = l.request_id,
+            trace_id = %l.trace_id,
+            method = %l.method,
+            authority = %l.authority,
+            path = %l.path,
+            status = l.status,
+            bytes_in = self.shared.bytes_up.load(Ordering::Relaxed),
+            bytes_out = self.shared.bytes_down.load(Ordering::Relaxed),
+            upstream = l.upstream.as_deref().unwrap_or("-"),
+            backend = %l.backend.map(|b| b.to_string()).unwrap_or_else(|| "-".into()),
+            duration_ms = dur_ms,
+            outcome,
+            error = l.error.as_deref().unwrap_or(""),
+            "request"
+        );
+    }
+}
+
+pub(super) fn status_text(status: u16) -> String {
+    let reason = http::StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("");
+    format!("{status} {reason}")
+}
+
+fn is_stream_gone(e: &h3::Error) -> Option<u64> {
+    match e {
+        h3::Error::TransportError(quiche::Error::StreamStopped(c))
+        | h3::Error::TransportError(quiche::Error::StreamReset(c)) => Some(*c),
+        h3::Error::TransportError(quiche::Error::InvalidStreamState(_)) => Some(0),
+        _ => None,
+    }
+}
+
+impl Edge {
+    /// Drains HTTP/3 events of one connection.
+    pub(super) fn poll_h3(&mut self, ci: usize, now: Instant) {
+        loop {
+            let Some(conn) = self.conns.get_mut(ci) else {
+                return;
+            };
+            let Some(h3c) = conn.h3.as_mut() else {
+                return;
+            };
+            let (sid, ev) = match h3c.poll(&mut conn.quic) {
+                Ok(x) => x,
+                Err(h3::Error::Done) => return,
+                Err(e) => {
+                    // quiche already closed the connection with the right code.
+                    tracing::debug!(error = %e, "HTTP/3 connection error");
+                    return;
+                }
+            };
+            let slot = conn.streams.get(&sid).copied();
+            match ev {
+                h3::Event::Headers { list, more_frames } => match slot {
+                    None => self.new_request(ci, sid, list, more_frames, now),
+                    Some(slot) => self.request_trailers(slot, &list),
+                },
+                h3::Event::Data => match slot {
+                    Some(slot) => self.read_request_body(slot),
+                    None => self.discard_body(ci, sid),
+                },
+                h3::Event::Finished => {
+                    if let Some(slot) = slot {
+                        self.request_finished(slot);
+                    }
+                }
+                h3::Event::Reset(code) => {
+                    if let Some(slot) = slot {
+                        self.client_cancelled(slot, code);
+                    }
+                }
+                h3::Event::PriorityUpdate => {
+                    if let Some(h) = conn.h3.as_mut() {
+                        let _ = h.take_last_priority_update(sid);
+                    }
+                }
+                h3::Event::GoAway => {}
+            }
+        }
+    }
+
+    fn new_request(
+        &mut self,
+        ci: usize,
+        sid: u64,
+        list: Vec<h3::Header>,
+        more_frames: bool,
+        now: Instant,
+    ) {
+        let Some(conn) = self.conns.get_mut(ci) else {
+            return;
+        };
+        let peer = conn.quic.path_stats().next().map(|p| p.peer_addr);
+        let client = peer.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let serial = self.next_request_serial;
+        self.next_request_serial += 1;
+        let shared = StreamShared::new(self.settings.max_body_buffer_bytes);
+        let mut log = AccessInfo {
+            request_id: serial,
+            started: Some(now),
+            ..Default::default()
+        };
+        for h in &list {
+            match h.name() {
+                b":method" => log.method = String::from_utf8_lossy(h.value()).into_owned(),
+                b":authority" => log.authority = String::from_utf8_lossy(h.value()).into_owned(),
+                b":path" => log.path = String::from_utf8_lossy(h.value()).into_owned(),
+                _ => {}
+            }
+        }
+        let built = router::build_envelope(
+            &list,
+            more_frames,
+            client,
+            serial,
+            self.settings.max_request_header_bytes,
+            now,
+        );
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut req = Request {
+            serial,
+            conn: ci,
+            stream_id: sid,
+            shared: shared.clone(),
+            body_tx: Some(tx),
+            req_data_pending: false,
+            req_finished: !more_frames,
+            resp: RespSide::default(),
+            log,
+            body_seen: 0,
+            content_length: None,
+        };
+        self.metrics.requests_in_flight.fetch_add(1, Ordering::Relaxed);
+        match built {
+            Ok(env) => {
+                req.log.trace_id = env.trace.trace_id_hex();
+                req.content_length = env.content_length;
+                let slot = self.requests.insert(req);
+                conn.streams.insert(sid, slot);
+                let side = UpstreamSide {
+                    shared,
+                    body: rx,
+                    edge: EdgeSender {
+                        key: RequestKey { slot, serial },
+                        tx: self.to_edge.clone(),
+                    },
+                    budget: self.settings.max_body_buffer_bytes.max(1),
+                };
+                if !more_frames {
+                    if let Some(r) = self.requests.get_mut(slot) {
+                        if let Some(tx) = r.body_tx.take() {
+                            let _ = tx.send(ToUpstream::End);
+                        }
+                    }
+                }
+                self.events.push_back(EdgeEvent::Request {
+                    envelope: Box::new(env),
+                    side,
+                });
+            }
+            Err(RequestError::Malformed(why)) => {
+                tracing::debug!(stream = sid, %why, "malformed request");
+                WorkerMetrics::inc(&self.metrics.malformed_requests);
+                req.log.error = Some(why);
+                let slot = self.requests.insert(req);
+                conn.streams.insert(sid, slot);
+                self.reset_stream(slot, h3_code::MESSAGE_ERROR);
+            }
+            Err(RequestError::Refused { status, reason }) => {
+                tracing::debug!(stream = sid, status, %reason, "request refused");
+                req.log.error = Some(reason);
+                req.synthesize(status);
+                let slot = self.requests.insert(req);
+                conn.streams.insert(sid, slot);
+                self.flush_response(slot);
+            }
+        }
+    }
+
+    fn request_trailers(&mut self, slot: usize, list: &[h3::Header]) {
+        match router::headers::trailers_from_h3(list) {
+            Ok(map) => {
+                if let Some(req) = self.requests.get_mut(slot) {
+                    if let Some(tx) = req.body_tx.as_ref() {
+                        let _ = tx.send(ToUpstream::Trailers(map));
+                    }
+                }
+            }
+            Err(_) => {
+                WorkerMetrics::inc(&self.metrics.malformed_requests);
+                self.reset_stream(slot, h3_code::MESSAGE_ERROR);
+            }
+        }
+    }
+
+    /// Reads request body bytes while the request budget allows.
+    pub(super) fn read_request_body(&mut self, slot: usize) {
+        let Some(req) = self.requests.get_mut(slot) else {
+            return;
+        };
+        let Some(conn) = self.conns.get_mut(req.conn) else {
+            return;
+        };
+        let Some(h3c) = conn.h3.as_mut() else {
+            return;
+        };
+        let mut malformed = false;
+        let mut gone = None;
+        loop {
+            let avail = req.shared.req_budget.available_permits();
+            if avail == 0 {
+                req.req_data_pending = true;
+                break;
+            }
+            let n = avail.min(self.scratch.len());
+            match h3c.recv_body(&mut conn.quic, req.stream_id, &mut self.scratch[..n]) {
+                Ok(got) => {
+                    req.body_seen += got as u64;
+                    if req.content_length.is_some_and(|cl| req.body_seen > cl) {
+                        malformed = true;
+                        break;
+                    }
+                    let chunk = Bytes::copy_from_slice(&self.scratch[..got]);
+                    match req.body_tx.as_ref() {
+                        Some(tx) => {
+                            if let Ok(p) = req.shared.req_budget.try_acquire_many(got as u32) {
+                                p.forget();
+                            }
+                            req.shared.bytes_up.fetch_add(got as u64, Ordering::Relaxed);
+                            if tx.send(ToUpstream::Data(chunk)).is_err() {
+                                // Upstream no longer reads the body (it already
+                                // answered): tell the client to stop sending.
+                                req.body_tx = None;
+                                let _ = conn.quic.stream_shutdown(
+                                    req.stream_id,
+                                    quiche::Shutdown::Read,
+                                    h3_code::NO_ERROR,
+                                );
+                                break;
+                            }
+                        }
+                        None => {} // discard
+                    }
+                }
+                Err(h3::Error::Done) => {
+                    req.req_data_pending = false;
+                    break;
+                }
+                Err(e) => {
+                    gone = Some(is_stream_gone(&e).unwrap_or(h3_code::INTERNAL_ERROR));
+                    break;
+                }
+            }
+        }
+        if malformed {
+            WorkerMetrics::inc(&self.metrics.malformed_requests);
+            self.reset_stream(slot, h3_code::MESSAGE_ERROR);
+        } else if let Some(code) = gone {
+            self.client_cancelled(slot, code);
+        }
+    }
+
+    fn discard_body(&mut self, ci: usize, sid: u64) {
+        let Some(conn) = self.conns.get_mut(ci) else {
+            return;
+        };
+        let Some(h3c) = conn.h3.as_mut() else {
+            return;
+        };
+        while let Ok(n) = h3c.recv_body(&mut conn.quic, sid, &mut self.scratch) {
+            if n == 0 {
+                break;
+            }
+        }
+    }
+
+    fn request_finished(&mut self, slot: usize) {
+        let Some(req) = self.requests.get_mut(slot) else {
+            return;
+        };
+        req.req_finished = true;
+        if req.content_length.is_some_and(|cl| cl != req.body_seen) {
+            WorkerMetrics::inc(&self.metrics.malformed_requests);
+            req.log.error = Some("body length differs from content-length".into());
+            self.reset_stream(slot, h3_code::MESSAGE_ERROR);
+            return;
+        }
+        if let Some(tx) = req.body_tx.take() {
+            let _ = tx.send(ToUpstream::End);
+        }
+        if req.resp.fin_sent {
+            self.finish_request(slot, "ok");
+        }
+    }
+
+    /// The client reset its stream or stopped reading: cancel upstream.
+    fn client_cancelled(&mut self, slot: usize, code: u64) {
+        let Some(req) = self.requests.get_mut(slot) else {
+            return;
+        };
+        req.shared.cancel_with(code);
+        WorkerMetrics::inc(&self.metrics.client_cancels);
+        if let Some(conn) = self.conns.get_mut(req.conn) {
+            let _ = conn.quic.stream_shutdown(
+                req.stream_id,
+                quiche::Shutdown::Write,
+                h3_code::REQUEST_CANCELLED,
+            );
+            let _ = conn.quic.stream_shutdown(
+                req.stream_id,
+                quiche::Shutdown::Read,
+                h3_code::REQUEST_CANCELLED,
+            );
+        }
+        req.log.error = Some(format!("client cancelled (0x{code:x})"));
+        self.finish_request(slot, "client_cancelled");
+    }
+
+    /// Resets the client stream both ways with an HTTP/3 error code and
+    /// cancels the upstream side.
+    pub(super) fn reset_stream(&mut self, slot: usize, code: u64) {
+        let Some(req) = self.requests.get_mut(slot) else {
+            return;
+        };
+        req.shared.cancel_with(code);
+        if let Some(conn) = self.conns.get_mut(req.conn) {
+            let _ = conn.quic.stream_shutdown(req.stream_id, quiche::Shutdown::Write, code);
+            if !req.req_finished {
+                let _ = conn.quic.stream_shutdown(req.stream_id, quiche::Shutdown::Read, code);
+            }
+        }
+        self.finish_request(slot, "reset");
+    }
+
+    /// Writes as much of the pending response as quiche accepts.
+    pub(super) fn flush_response(&mut self, slot: usize) {
+        let Some(req) = self.requests.get_mut(slot) else {
+            return;
+        };
+        let Some(conn) = self.conns.get_mut(req.conn) else {
+            return;
+        };
+        let Some(h3c) = conn.h3.as_mut() else {
+            return;
+        };
+        let sid = req.stream_id;
+        let resp = &mut req.resp;
+        let mut gone = None;
+        'write: {
+            if let Some(head) = resp.head.take() {
+                let fin = resp.end && resp.chunks.is_empty() && resp.trailers.is_none();
+                match h3c.send_response(&mut conn.quic, sid, &head, fin) {
+                    Ok(()) => {
+                        resp.head_sent = true;
+                        resp.fin_sent = fin;
+                    }
+                    Err(h3::Error::StreamBlocked) | Err(h3::Error::Done) => {
+                        resp.head = Some(head);
+                        break 'write;
+                    }
+                    Err(e) => {
+                        gone = Some(is_stream_gone(&e).unwrap_or(h3_code::INTERNAL_ERROR));
+                        break 'write;
+                    }
+                }
+            }
+            if !resp.head_sent || resp.fin_sent {
+                break 'write;
+            }
+            while let Some((chunk, budgeted)) = resp.chunks.front_mut() {
+                match h3c.send_body(&mut conn.quic, sid, chunk, false) {
+                    Ok(n) => {
+                        if *budgeted {
+                            req.shared.resp_budget.add_permits(n);
+                        }
+                        req.shared.bytes_down.fetch_add(n as u64, Ordering::Relaxed);
+                        chunk.advance(n);
+                        if chunk.is_empty() {
+                            resp.chunks.pop_front();
+                        } else {
+                            break 'write; // partial write: wait for writable
+                        }
+                    }
+                    Err(h3::Error::Done) | Err(h3::Error::StreamBlocked) => break 'write,
+                    Err(e) => {
+                        gone = Some(is_stream_gone(&e).unwrap_or(h3_code::INTERNAL_ERROR));
+                        break 'write;
+                    }
+                }
+            }
+            if resp.end {
+                let res = match resp.trailers.take() {
+                    Some(t) => {
+                        let r = h3c.send_additional_headers(&mut conn.quic, sid, &t, true, true);
+                        if matches!(r, Err(h3::Error::StreamBlocked)) {
+                            resp.trailers = Some(t);
+                        }
+                        r
+                    }
+                    None => h3c.send_body(&mut conn.quic, sid, &[], true).map(|_| ()),
+                };
+                match res {
+                    Ok(()) => resp.fin_sent = true,
+                    Err(h3::Error::Done) | Err(h3::Error::StreamBlocked) => {}
+                    Err(e) => gone = Some(is_stream_gone(&e).unwrap_or(h3_code::INTERNAL_ERROR)),
+                }
+            }
+        }
+        if let Some(code) = gone {
+            self.client_cancelled(slot, code);
+            return;
+        }
+        if req.resp.fin_sent {
+            if !req.req_finished {
+                // Complete response before the full request: ask the client to
+                // stop sending (RFC 9114 §4.1, H3_NO_ERROR).
+                let _ = conn.quic.stream_shutdown(sid, quiche::Shutdown::Read, h3_code::NO_ERROR);
+            }
+            self.finish_request(slot, "ok");
+        }
+    }
+
+    /// Removes a request from the tables, counting and logging it once.
+    pub(super) fn finish_request(&mut self, slot: usize, outcome: &str) {
+        let Some(req) = self.requests.try_remove(slot) else {
+            return;
+        };
+        if let Some(conn) = self.conns.get_mut(req.conn) {
+            conn.streams.remove(&req.stream_id);
+        }
+        // Returning the remaining permits is unnecessary: the upstream task
+        // sees the cancellation and stops.
+        req.shared.cancel.cancel();
+        self.metrics.requests_in_flight.fetch_sub(1, Ordering::Relaxed);
+        let status = if outcome == "ok" { req.log.status } else { 0 };
+        self.metrics.request_done(status);
+        req.log_access(self.settings.access_log, outcome);
+    }
+}

@@ -1,0 +1,183 @@
+//! The stream router: turns an HTTP/3 request header section into a
+//! normalised [`Envelope`] (RFC 9114 §4 in, RFC 9113 §8 out), maps HTTP/2
+//! response headers back to HTTP/3, and picks an upstream by host and path.
+//!
+//! Pure functions and plain data: no sockets, no clocks beyond the `now`
+//! passed in, so every rule here is unit-tested in isolation.
+
+pub mod bridge;
+pub mod headers;
+pub mod routes;
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+pub use headers::{build_envelope, response_headers, trailers_from_h2, trailers_to_h3};
+pub use routes::RouteTable;
+
+/// Why a request could not become an envelope.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    /// Malformed per RFC 9114 §4.1.2: the stream is reset with H3_MESSAGE_ERROR.
+    #[error("malformed request: {0}")]
+    Malformed(String),
+    /// Well-formed but refused with an HTTP status (431, 400 …).
+    #[error("request refused with {status}: {reason}")]
+    Refused { status: u16, reason: String },
+}
+
+/// W3C trace context carried with a request (taken from the client's
+/// `traceparent` or created here) so one request can be followed end to end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TraceContext {
+    pub trace_id: [u8; 16],
+    pub parent_id: [u8; 8],
+    pub flags: u8,
+}
+
+impl TraceContext {
+    /// Parses a `traceparent` value (version 00 layout); `None` if invalid.
+    pub fn parse(value: &str) -> Option<Self> {
+        let parts: Vec<&str> = value.trim().split('-').collect();
+        if parts.len() < 4 || parts[0].len() != 2 || parts[0] == "ff" {
+            return None;
+        }
+        let mut trace_id = [0u8; 16];
+        let mut parent_id = [0u8; 8];
+        let mut flags = [0u8; 1];
+        hex::decode_to_slice(parts[1], &mut trace_id).ok()?;
+        hex::decode_to_slice(parts[2], &mut parent_id).ok()?;
+        hex::decode_to_slice(parts[3], &mut flags).ok()?;
+        if trace_id == [0; 16] || parent_id == [0; 8] {
+            return None;
+        }
+        Some(Self {
+            trace_id,
+            parent_id,
+            flags: flags[0],
+        })
+    }
+
+    /// A fresh, sampled context.
+    pub fn generate() -> Self {
+        use rand::RngCore;
+        let mut rng = rand::thread_rng();
+        let mut trace_id = [0u8; 16];
+        let mut parent_id = [0u8; 8];
+        rng.fill_bytes(&mut trace_id);
+        rng.fill_bytes(&mut parent_id);
+        trace_id[0] |= 1; // never all-zero
+        parent_id[0] |= 1;
+        Self {
+            trace_id,
+            parent_id,
+            flags: 1,
+        }
+    }
+
+    /// The `traceparent` to send upstream: same trace, spooky's own span as parent.
+    pub fn child(&self) -> Self {
+        let mut next = Self::generate();
+        next.trace_id = self.trace_id;
+        next.flags = self.flags;
+        next
+    }
+
+    pub fn trace_id_hex(&self) -> String {
+        hex::encode(self.trace_id)
+    }
+
+    pub fn to_header(&self) -> String {
+        format!(
+            "00-{}-{}-{:02x}",
+            hex::encode(self.trace_id),
+            hex::encode(self.parent_id),
+            self.flags
+        )
+    }
+}
+
+/// One request as the rest of spooky sees it, independent of HTTP version.
+#[derive(Debug, Clone)]
+pub struct Envelope {
+    /// Process-unique id, logged with every line about this request.
+    pub request_id: u64,
+    pub method: http::Method,
+    pub scheme: String,
+    /// Host (and port if given), lowercased, from `:authority` or `host`.
+    pub authority: String,
+    pub path: String,
+    /// Regular headers to forward (pseudo-headers and hop-by-hop fields removed,
+    /// forwarding headers added).
+    pub headers: http::HeaderMap,
+    pub client: SocketAddr,
+    /// Declared request body length, checked against what arrives.
+    pub content_length: Option<u64>,
+    /// The client will send a body (the HEADERS frame did not end the stream).
+    pub has_body: bool,
+    /// Safe to replay (RFC 9110 §9.2.2); the retry logic reads only this.
+    pub idempotent: bool,
+    pub trace: TraceContext,
+    pub received_at: Instant,
+}
+
+impl Envelope {
+    /// Host without port, for route matching.
+    pub fn host(&self) -> &str {
+        host_without_port(&self.authority)
+    }
+}
+
+fn host_without_port(authority: &str) -> &str {
+    if let Some(rest) = authority.strip_prefix('[') {
+        // [v6]:port
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    authority.rsplit_once(':').map(|(h, _)| h).unwrap_or(authority)
+}
+
+/// RFC 9110 §9.2.2 idempotent methods.
+pub fn is_idempotent(method: &http::Method) -> bool {
+    matches!(
+        *method,
+        http::Method::GET
+            | http::Method::HEAD
+            | http::Method::OPTIONS
+            | http::Method::TRACE
+            | http::Method::PUT
+            | http::Method::DELETE
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparent_round_trip_and_rejects_garbage() {
+        let v = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let t = TraceContext::parse(v).expect("valid");
+        assert_eq!(t.to_header(), v);
+        assert_eq!(t.child().trace_id, t.trace_id);
+        assert_ne!(t.child().parent_id, t.parent_id);
+        assert!(TraceContext::parse("00-0000-00f067aa0ba902b7-01").is_none());
+        assert!(TraceContext::parse("ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").is_none());
+        assert!(TraceContext::parse("00-00000000000000000000000000000000-00f067aa0ba902b7-01").is_none());
+        assert!(TraceContext::parse("garbage").is_none());
+    }
+
+    #[test]
+    fn host_strips_port() {
+        assert_eq!(host_without_port("example.com:443"), "example.com");
+        assert_eq!(host_without_port("example.com"), "example.com");
+        assert_eq!(host_without_port("[::1]:8443"), "::1");
+    }
+
+    #[test]
+    fn idempotency() {
+        assert!(is_idempotent(&http::Method::GET));
+        assert!(is_idempotent(&http::Method::PUT));
+        assert!(!is_idempotent(&http::Method::POST));
+        assert!(!is_idempotent(&http::Method::PATCH));
+    }
+}

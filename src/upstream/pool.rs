@@ -1,0 +1,309 @@
+//! HTTP/2 connection pool for one backend (per worker).
+//!
+//! `connections_per_backend` h2c connections are opened in the background and
+//! shared by requests: each request takes the connection with the fewest
+//! streams in flight below `max_concurrent_streams` (and h2 itself enforces
+//! the backend's SETTINGS_MAX_CONCURRENT_STREAMS in `ready()`). A connection
+//! that closes or receives GOAWAY empties its slot and is reopened on demand;
+//! failed connects back off exponentially, during which the backend is
+//! reported unavailable to the balancer.
+
+use std::cell::{Cell, RefCell};
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use h2::client::SendRequest;
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+
+use super::UpstreamError;
+
+/// Pool tuning from the upstream's config.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolSettings {
+    pub connections: usize,
+    pub max_streams: u32,
+    pub connect_timeout: Duration,
+}
+
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// h2 receive windows: large enough for bulk transfers on a LAN.
+const STREAM_WINDOW: u32 = 1024 * 1024;
+const CONN_WINDOW: u32 = 16 * 1024 * 1024;
+
+enum Slot {
+    Empty,
+    Connecting,
+    Ready {
+        sr: SendRequest<Bytes>,
+        generation: u64,
+        in_flight: Rc<Cell<u32>>,
+    },
+}
+
+/// Keeps a stream count on its connection while a request uses it.
+#[derive(Debug)]
+pub struct StreamGuard {
+    in_flight: Rc<Cell<u32>>,
+    pool: Rc<BackendPool>,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.in_flight.set(self.in_flight.get().saturating_sub(1));
+        self.pool.in_flight.set(self.pool.in_flight.get().saturating_sub(1));
+        self.pool.notify.notify_waiters();
+    }
+}
+
+/// One backend's connections.
+pub struct BackendPool {
+    pub address: SocketAddr,
+    pub weight: u32,
+    settings: PoolSettings,
+    slots: RefCell<Vec<Slot>>,
+    generation: Cell<u64>,
+    failures: Cell<u32>,
+    backoff_until: Cell<Option<Instant>>,
+    last_error: RefCell<Option<String>>,
+    in_flight: Cell<u32>,
+    notify: Notify,
+}
+
+impl std::fmt::Debug for BackendPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackendPool")
+            .field("address", &self.address)
+            .field("in_flight", &self.in_flight.get())
+            .finish()
+    }
+}
+
+impl BackendPool {
+    pub fn new(address: SocketAddr, weight: u32, settings: PoolSettings) -> Rc<Self> {
+        let n = settings.connections.max(1);
+        Rc::new(Self {
+            address,
+            weight,
+            settings,
+            slots: RefCell::new((0..n).map(|_| Slot::Empty).collect()),
+            generation: Cell::new(0),
+            failures: Cell::new(0),
+            backoff_until: Cell::new(None),
+            last_error: RefCell::new(None),
+            in_flight: Cell::new(0),
+            notify: Notify::new(),
+        })
+    }
+
+    /// False while connects to this backend are failing and backing off.
+    pub fn available(&self) -> bool {
+        match self.backoff_until.get() {
+            Some(t) => Instant::now() >= t,
+            None => true,
+        }
+    }
+
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.get()
+    }
+
+    /// Opens every empty slot in the background (warm pool).
+    pub fn warm(self: &Rc<Self>) {
+        let n = self.slots.borrow().len();
+        for i in 0..n {
+            self.start_connect(i);
+        }
+    }
+
+    fn start_connect(self: &Rc<Self>, idx: usize) {
+        {
+            let mut slots = self.slots.borrow_mut();
+            match slots.get(idx) {
+                Some(Slot::Empty) => slots[idx] = Slot::Connecting,
+                _ => return,
+            }
+        }
+        let pool = self.clone();
+        tokio::task::spawn_local(async move {
+            let res = pool.connect().await;
+            match res {
+                Ok((sr, conn)) => {
+                    let generation = pool.generation.get() + 1;
+                    pool.generation.set(generation);
+                    pool.failures.set(0);
+                    pool.backoff_until.set(None);
+                    if let Some(s) = pool.slots.borrow_mut().get_mut(idx) {
+                        *s = Slot::Ready {
+                            sr,
+                            generation,
+                            in_flight: Rc::new(Cell::new(0)),
+                        };
+                    }
+                    pool.notify.notify_waiters();
+                    tracing::debug!(backend = %pool.address, slot = idx, "h2 connection up");
+                    // Drive the connection until it closes (GOAWAY, error, EOF).
+                    if let Err(e) = conn.await {
+                        tracing::debug!(backend = %pool.address, error = %e, "h2 connection ended");
+                    }
+                    pool.clear_slot(idx, generation);
+                }
+                Err(e) => {
+                    let failures = pool.failures.get() + 1;
+                    pool.failures.set(failures);
+                    let backoff = BACKOFF_MIN
+                        .saturating_mul(1u32 << (failures - 1).min(8))
+                        .min(BACKOFF_MAX);
+                    pool.backoff_until.set(Some(Instant::now() + backoff));
+                    if failures == 1 || failures.is_power_of_two() {
+                        tracing::warn!(backend = %pool.address, error = %e, failures, "backend connect failed");
+                    }
+                    *pool.last_error.borrow_mut() = Some(e.to_string());
+                    if let Some(s) = pool.slots.borrow_mut().get_mut(idx) {
+                        *s = Slot::Empty;
+                    }
+                    pool.notify.notify_waiters();
+                }
+            }
+        });
+    }
+
+    fn clear_slot(&self, idx: usize, generation: u64) {
+        let mut slots = self.slots.borrow_mut();
+        if let Some(s) = slots.get_mut(idx) {
+            if matches!(s, Slot::Ready { generation: g, .. } if *g == generation) {
+                *s = Slot::Empty;
+            }
+        }
+        drop(slots);
+        self.notify.notify_waiters();
+    }
+
+    async fn connect(
+        &self,
+    ) -> Result<
+        (
+            SendRequest<Bytes>,
+            h2::client::Connection<TcpStream, Bytes>,
+        ),
+        UpstreamError,
+    > {
+        let addr = self.address;
+        let tcp = tokio::time::timeout(self.settings.connect_timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| UpstreamError::ConnectTimeout { backend: addr })?
+            .map_err(|e| UpstreamError::Connect {
+                backend: addr,
+                error: e.to_string(),
+            })?;
+        let _ = tcp.set_nodelay(true);
+        let handshake = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONN_WINDOW)
+            .max_frame_size(64 * 1024)
+            .enable_push(false)
+            .handshake::<_, Bytes>(tcp);
+        let (sr, conn) = tokio::time::timeout(self.settings.connect_timeout, handshake)
+            .await
+            .map_err(|_| UpstreamError::ConnectTimeout { backend: addr })?
+            .map_err(|e| UpstreamError::Connect {
+                backend: addr,
+                error: format!("h2 handshake: {e}"),
+            })?;
+        Ok((sr, conn))
+    }
+
+    /// Gets a connection with a free stream, opening one if needed, before `deadline`.
+    pub async fn acquire(
+        self: &Rc<Self>,
+        deadline: Instant,
+    ) -> Result<(SendRequest<Bytes>, StreamGuard), UpstreamError> {
+        let mut stale_retries = 0;
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+
+            // Pick the ready connection with the fewest streams below the cap.
+            let mut best: Option<(usize, u32)> = None;
+            let mut connecting = false;
+            let mut empty = None;
+            for (i, s) in self.slots.borrow().iter().enumerate() {
+                match s {
+                    Slot::Ready { in_flight, .. } => {
+                        let n = in_flight.get();
+                        if n < self.settings.max_streams && best.is_none_or(|(_, b)| n < b) {
+                            best = Some((i, n));
+                        }
+                    }
+                    Slot::Connecting => connecting = true,
+                    Slot::Empty => {
+                        if empty.is_none() {
+                            empty = Some(i);
+                        }
+                    }
+                }
+            }
+            // Keep the pool at full size in the background.
+            if let Some(i) = empty {
+                if self.available() {
+                    self.start_connect(i);
+                    connecting = true;
+                }
+            }
+            if let Some((i, _)) = best {
+                let (sr, generation, in_flight) = match &self.slots.borrow()[i] {
+                    Slot::Ready {
+                        sr,
+                        generation,
+                        in_flight,
+                    } => (sr.clone(), *generation, in_flight.clone()),
+                    _ => continue,
+                };
+                in_flight.set(in_flight.get() + 1);
+                self.in_flight.set(self.in_flight.get() + 1);
+                let guard = StreamGuard {
+                    in_flight,
+                    pool: self.clone(),
+                };
+                match tokio::time::timeout_at(deadline.into(), sr.ready()).await {
+                    Ok(Ok(sr)) => return Ok((sr, guard)),
+                    Ok(Err(e)) => {
+                        // GOAWAY or a dead connection: nothing was sent, so
+                        // trying another connection is safe for any method.
+                        drop(guard);
+                        self.clear_slot(i, generation);
+                        stale_retries += 1;
+                        if stale_retries > 3 {
+                            return Err(UpstreamError::Connect {
+                                backend: self.address,
+                                error: format!("h2 connection unusable: {e}"),
+                            });
+                        }
+                        continue;
+                    }
+                    Err(_) => return Err(UpstreamError::PoolTimeout { backend: self.address }),
+                }
+            }
+            if !connecting {
+                let err = self
+                    .last_error
+                    .borrow()
+                    .clone()
+                    .unwrap_or_else(|| "no connection".into());
+                return Err(UpstreamError::Connect {
+                    backend: self.address,
+                    error: err,
+                });
+            }
+            if tokio::time::timeout_at(deadline.into(), notified).await.is_err() {
+                return Err(UpstreamError::ConnectTimeout {
+                    backend: self.address,
+                });
+            }
+        }
+    }
+}
