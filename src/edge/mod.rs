@@ -327,12 +327,15 @@ impl Edge {
             quic,
             h3: None,
             streams: HashMap::new(),
-            cids: vec![new_scid.clone()],
+            // The client's chosen DCID also maps here until it switches to
+            // ours, so retransmitted Initials find this connection.
+            cids: vec![new_scid.clone(), dcid.clone()],
             timer: None,
             dirty: false,
             established: false,
         });
         self.by_cid.insert(new_scid, ci);
+        self.by_cid.insert(dcid.clone(), ci);
         WorkerMetrics::inc(&self.metrics.conns_opened);
         self.metrics.conns_active.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(%from, conn = ci, "connection accepted");

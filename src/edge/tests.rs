@@ -1,0 +1,281 @@
+//! Sans-IO tests: a quiche HTTP/3 client and an [`Edge`] exchange packets in
+//! memory, with no sockets and no upstream tasks; the test plays the
+//! upstream side through the bridge channels.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use quiche::h3::{self, NameValue};
+use tokio::sync::mpsc;
+
+use super::*;
+use crate::config::{Backend, Upstream};
+use crate::router::bridge::{ToEdge, ToUpstream, UpstreamSide};
+
+struct Pair {
+    edge: Edge,
+    rx: mpsc::UnboundedReceiver<(RequestKey, ToEdge)>,
+    client: quiche::Connection,
+    h3: Option<h3::Connection>,
+    client_addr: SocketAddr,
+    server_addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+fn config(dir: &std::path::Path, budget: usize) -> Config {
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    std::fs::write(dir.join("cert.pem"), ck.cert.pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), ck.key_pair.serialize_pem()).unwrap();
+    let mut cfg = Config::minimal(vec![Upstream::new(
+        "app",
+        vec![Backend::new(SocketAddr::from(([127, 0, 0, 1], 9)))],
+    )]);
+    cfg.listen.tls.cert = dir.join("cert.pem");
+    cfg.listen.tls.key = dir.join("key.pem");
+    cfg.limits.max_body_buffer_bytes = budget;
+    cfg
+}
+
+impl Pair {
+    fn new(budget: usize) -> Pair {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path(), budget);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let edge = Edge::new(&cfg, tx, Arc::new(WorkerMetrics::default())).unwrap();
+        let mut cc = quiche::Config::new(quiche::PROTOCOL_VERSION).unwrap();
+        cc.verify_peer(false);
+        cc.set_application_protos(&[b"h3"]).unwrap();
+        cc.set_initial_max_data(16 << 20);
+        cc.set_initial_max_stream_data_bidi_local(4 << 20);
+        cc.set_initial_max_stream_data_bidi_remote(4 << 20);
+        cc.set_initial_max_stream_data_uni(1 << 20);
+        cc.set_initial_max_streams_bidi(100);
+        cc.set_initial_max_streams_uni(100);
+        cc.set_max_idle_timeout(5000);
+        let client_addr: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        let server_addr: SocketAddr = "127.0.0.1:4433".parse().unwrap();
+        let scid = quiche::ConnectionId::from_vec(vec![7; 16]);
+        let client =
+            quiche::connect(Some("localhost"), &scid, client_addr, server_addr, &mut cc).unwrap();
+        let mut p = Pair {
+            edge,
+            rx,
+            client,
+            h3: None,
+            client_addr,
+            server_addr,
+            _dir: dir,
+        };
+        for _ in 0..20 {
+            p.exchange();
+            if p.client.is_established() {
+                break;
+            }
+        }
+        assert!(p.client.is_established(), "client: local {:?} peer {:?} closed {} conns {}", p.client.local_error(), p.client.peer_error(), p.client.is_closed(), p.edge.connections());
+        p.h3 = Some(h3::Connection::with_transport(&mut p.client, &h3::Config::new().unwrap()).unwrap());
+        p.exchange();
+        p
+    }
+
+    /// Moves packets both ways until both sides are quiet.
+    fn exchange(&mut self) {
+        let mut buf = vec![0u8; 65536];
+        for _ in 0..200 {
+            let mut moved = false;
+            loop {
+                match self.client.send(&mut buf) {
+                    Ok((n, info)) => {
+                        self.edge
+                            .handle_datagram(Instant::now(), &mut buf[..n], info.from, info.to);
+                        moved = true;
+                    }
+                    Err(quiche::Error::Done) => break,
+                    Err(e) => panic!("client send: {e}"),
+                }
+            }
+            while let Some(t) = self.edge.poll_transmit(&mut buf, 1) {
+                let info = quiche::RecvInfo {
+                    from: t.from,
+                    to: t.to,
+                };
+                assert_eq!(t.to, self.client_addr);
+                assert_eq!(t.from, self.server_addr);
+                let _ = self.client.recv(&mut buf[..t.len], info);
+                moved = true;
+            }
+            if !moved {
+                break;
+            }
+        }
+    }
+
+    fn request(&mut self, method: &str, path: &str, fin: bool) -> u64 {
+        let hdrs = vec![
+            h3::Header::new(b":method", method.as_bytes()),
+            h3::Header::new(b":scheme", b"https"),
+            h3::Header::new(b":authority", b"localhost"),
+            h3::Header::new(b":path", path.as_bytes()),
+        ];
+        let h3c = self.h3.as_mut().unwrap();
+        let sid = h3c.send_request(&mut self.client, &hdrs, fin).unwrap();
+        self.exchange();
+        sid
+    }
+
+    fn take_request(&mut self) -> (Box<Envelope>, UpstreamSide) {
+        match self.edge.poll_event() {
+            Some(EdgeEvent::Request { envelope, side }) => (envelope, side),
+            None => panic!("no request event"),
+        }
+    }
+
+    fn deliver(&mut self) {
+        while let Ok((k, m)) = self.rx.try_recv() {
+            self.edge.handle_upstream(Instant::now(), k, m);
+        }
+        self.exchange();
+    }
+
+    /// Reads client-side events: (status, body bytes, finished, reset code).
+    fn client_events(&mut self) -> (Option<String>, Vec<u8>, bool, Option<u64>) {
+        let mut status = None;
+        let mut body = Vec::new();
+        let mut fin = false;
+        let mut reset = None;
+        let h3c = self.h3.as_mut().unwrap();
+        let mut buf = vec![0u8; 65536];
+        loop {
+            match h3c.poll(&mut self.client) {
+                Ok((_, h3::Event::Headers { list, .. })) => {
+                    for h in list {
+                        if h.name() == b":status" {
+                            status = Some(String::from_utf8_lossy(h.value()).into_owned());
+                        }
+                    }
+                }
+                Ok((sid, h3::Event::Data)) => {
+                    while let Ok(n) = h3c.recv_body(&mut self.client, sid, &mut buf) {
+                        body.extend_from_slice(&buf[..n]);
+                    }
+                }
+                Ok((_, h3::Event::Finished)) => fin = true,
+                Ok((_, h3::Event::Reset(c))) => reset = Some(c),
+                Ok(_) => {}
+                Err(h3::Error::Done) => break,
+                Err(e) => panic!("client h3: {e}"),
+            }
+        }
+        (status, body, fin, reset)
+    }
+}
+
+#[test]
+fn request_becomes_envelope_and_response_flows_back() {
+    let mut p = Pair::new(64 * 1024);
+    p.request("GET", "/hello", true);
+    let (env, side) = p.take_request();
+    assert_eq!(env.path, "/hello");
+    assert_eq!(env.authority, "localhost");
+    assert!(!env.has_body);
+    let edge_tx = side.edge.clone();
+    edge_tx.send(ToEdge::Headers(vec![h3::Header::new(b":status", b"200")]));
+    edge_tx.send(ToEdge::Data(Bytes::from_static(b"hi there")));
+    edge_tx.send(ToEdge::End);
+    p.deliver();
+    let (status, body, fin, reset) = p.client_events();
+    assert_eq!(status.as_deref(), Some("200"));
+    assert_eq!(body, b"hi there");
+    assert!(fin);
+    assert_eq!(reset, None);
+    assert_eq!(p.edge.requests_in_flight(), 0);
+}
+
+#[test]
+fn request_body_is_read_only_within_the_budget() {
+    let budget = 4096;
+    let mut p = Pair::new(budget);
+    let sid = p.request("POST", "/echo", false);
+    let payload = vec![0xabu8; 100_000];
+    let mut sent = 0;
+    // Push as much as the client's flow control allows.
+    for _ in 0..50 {
+        let h3c = p.h3.as_mut().unwrap();
+        if sent < payload.len() {
+            if let Ok(n) = h3c.send_body(&mut p.client, sid, &payload[sent..], false) {
+                sent += n;
+            }
+        }
+        p.exchange();
+    }
+    let (_env, mut side) = p.take_request();
+    let mut received = 0usize;
+    while let Ok(ToUpstream::Data(b)) = side.body.try_recv() {
+        received += b.len();
+    }
+    assert!(received > 0);
+    assert!(received <= budget, "edge read {received} bytes past a {budget} budget");
+    // Returning the budget lets more through.
+    side.shared.req_budget.add_permits(received);
+    side.edge.send(ToEdge::RequestCredit);
+    p.deliver();
+    let mut more = 0usize;
+    while let Ok(ToUpstream::Data(b)) = side.body.try_recv() {
+        more += b.len();
+    }
+    assert!(more > 0 && more <= budget, "after credit: {more}");
+}
+
+#[test]
+fn upstream_reset_after_head_resets_the_client_stream() {
+    let mut p = Pair::new(64 * 1024);
+    p.request("GET", "/big", true);
+    let (_env, side) = p.take_request();
+    side.edge.send(ToEdge::Headers(vec![h3::Header::new(b":status", b"200")]));
+    side.edge.send(ToEdge::Data(Bytes::from(vec![1u8; 1000])));
+    p.deliver();
+    let (status, body, _, _) = p.client_events();
+    assert_eq!(status.as_deref(), Some("200"));
+    assert_eq!(body.len(), 1000);
+    side.edge.send(ToEdge::Reset {
+        code: h3_code::INTERNAL_ERROR,
+    });
+    p.deliver();
+    let (_, _body, fin, reset) = p.client_events();
+    assert!(!fin, "a reset response must not end cleanly");
+    assert_eq!(reset, Some(h3_code::INTERNAL_ERROR));
+    assert!(side.shared.cancel.is_cancelled());
+}
+
+#[test]
+fn failure_before_head_becomes_a_status() {
+    let mut p = Pair::new(64 * 1024);
+    p.request("GET", "/", true);
+    let (_env, side) = p.take_request();
+    side.edge.send(ToEdge::Fail {
+        status: 504,
+        reason: "timeout".into(),
+    });
+    p.deliver();
+    let (status, body, fin, _) = p.client_events();
+    assert_eq!(status.as_deref(), Some("504"));
+    assert!(String::from_utf8_lossy(&body).contains("504"));
+    assert!(fin);
+}
+
+#[test]
+fn garbage_is_counted_not_fatal() {
+    let mut p = Pair::new(64 * 1024);
+    let from = p.client_addr;
+    let to = p.server_addr;
+    for junk in [&b""[..], b"\x00", b"\xff\xff\xff\xff", &[0x40u8; 30][..]] {
+        let mut j = junk.to_vec();
+        p.edge.handle_datagram(Instant::now(), &mut j, from, to);
+    }
+    p.request("GET", "/still-works", true);
+    let (env, _side) = p.take_request();
+    assert_eq!(env.path, "/still-works");
+}

@@ -69,8 +69,8 @@ mod tests {
     fn cfg(routes: Vec<Route>) -> Config {
         let b = |p: u16| Backend::new(std::net::SocketAddr::from(([127, 0, 0, 1], p)));
         let mut c = Config::minimal(vec![
-            Upstream::new("a".into(), vec![b(1)]),
-            Upstream::new("b".into(), vec![b(2)]),
+            Upstream::new("a", vec![b(1)]),
+            Upstream::new("b", vec![b(2)]),
         ]);
         c.routes = routes;
         c

@@ -1,0 +1,312 @@
+//! Shared helpers for the end-to-end tests: real processes (spooky, demo
+//! backends), real sockets, real files. Everything is torn down on drop.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+pub mod h3client;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub use h3client::{Body, H3Client, Request};
+
+pub const SPOOKY: &str = env!("CARGO_BIN_EXE_spooky");
+
+/// A free TCP port on loopback (bound then released).
+pub fn free_tcp_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A free UDP port on loopback.
+pub fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Writes a self-signed localhost certificate pair into `dir`.
+pub fn write_certs(dir: &Path) -> (PathBuf, PathBuf) {
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])
+        .expect("rcgen");
+    let cert = dir.join("cert.pem");
+    let key = dir.join("key.pem");
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.key_pair.serialize_pem()).unwrap();
+    (cert, key)
+}
+
+/// A `spooky demo-backend` process.
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub name: String,
+    child: Child,
+}
+
+impl Backend {
+    pub fn start(name: &str) -> Backend {
+        Self::start_on(name, SocketAddr::from(([127, 0, 0, 1], free_tcp_port())))
+    }
+
+    pub fn start_on(name: &str, addr: SocketAddr) -> Backend {
+        let mut child = Command::new(SPOOKY)
+            .args(["demo-backend", "--listen", &addr.to_string(), "--name", name])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn demo backend");
+        let stdout = child.stdout.take().unwrap();
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).unwrap();
+        assert!(line.contains("listening"), "backend {name} did not start: {line:?}");
+        Backend {
+            addr,
+            name: name.into(),
+            child,
+        }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// GET on the backend directly over h2c; returns (status, body).
+    pub fn get(&self, path: &str) -> (u16, String) {
+        h2_get(self.addr, path)
+    }
+
+    /// The backend's `/stats` counter `key`.
+    pub fn stat(&self, key: &str) -> u64 {
+        let (_, body) = self.get("/stats");
+        let needle = format!("\"{key}\":");
+        let start = body.find(&needle).unwrap_or_else(|| panic!("no {key} in {body}")) + needle.len();
+        body[start..]
+            .chars()
+            .take_while(|c| c.is_ascii_digit())
+            .collect::<String>()
+            .parse()
+            .unwrap()
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A plain h2c GET with the `h2` crate (test-side only).
+pub fn h2_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async move {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut client, conn) = h2::client::handshake(tcp).await.unwrap();
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let req = http::Request::get(format!("http://{addr}{path}")).body(()).unwrap();
+        let (resp, _) = client.send_request(req, true).unwrap();
+        let resp = resp.await.unwrap();
+        let status = resp.status().as_u16();
+        let mut body = resp.into_body();
+        let mut out = Vec::new();
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.unwrap();
+            let _ = body.flow_control().release_capacity(chunk.len());
+            out.extend_from_slice(&chunk);
+        }
+        (status, String::from_utf8_lossy(&out).into_owned())
+    })
+}
+
+/// A running spooky with its own config, certs and log file in a temp dir.
+pub struct Spooky {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+    child: Option<Child>,
+}
+
+/// Knobs for [`Spooky::start_with`].
+#[derive(Clone)]
+pub struct Options {
+    pub backends: Vec<SocketAddr>,
+    pub connect_ms: u64,
+    pub request_ms: u64,
+    pub idle_ms: u64,
+    pub max_body_buffer_bytes: usize,
+    pub max_request_header_bytes: usize,
+    pub retry: bool,
+    /// Extra YAML appended at top level (e.g. routes).
+    pub extra: String,
+    /// Replaces the whole `upstreams:` section when set.
+    pub upstreams_yaml: Option<String>,
+}
+
+impl Options {
+    pub fn new(backends: &[&Backend]) -> Self {
+        Self {
+            backends: backends.iter().map(|b| b.addr).collect(),
+            connect_ms: 1000,
+            request_ms: 10_000,
+            idle_ms: 30_000,
+            max_body_buffer_bytes: 256 * 1024,
+            max_request_header_bytes: 16 * 1024,
+            retry: false,
+            extra: String::new(),
+            upstreams_yaml: None,
+        }
+    }
+}
+
+impl Spooky {
+    pub fn start(backends: &[&Backend]) -> Spooky {
+        Self::start_with(Options::new(backends))
+    }
+
+    pub fn config_yaml(o: &Options, port: u16, admin: u16) -> String {
+        let backends: String = o
+            .backends
+            .iter()
+            .map(|b| format!("      - {{ address: \"{b}\", weight: 1 }}\n"))
+            .collect();
+        let upstreams = o.upstreams_yaml.clone().unwrap_or_else(|| {
+            format!(
+                "upstreams:\n  - name: app\n    backends:\n{backends}    pool: {{ connections_per_backend: 2, max_concurrent_streams: 100 }}\n    timeouts: {{ connect_ms: {}, request_ms: {}, idle_ms: {} }}\n",
+                o.connect_ms, o.request_ms, o.idle_ms
+            )
+        });
+        format!(
+            "listen:\n  address: \"127.0.0.1:{port}\"\n  tls: {{ cert: cert.pem, key: key.pem }}\nquic:\n  retry: {}\n  idle_timeout_ms: 10000\n{upstreams}limits: {{ max_body_buffer_bytes: {}, max_request_header_bytes: {} }}\nadmin: {{ address: \"127.0.0.1:{admin}\" }}\ntelemetry: {{ log: \"info\", log_format: text, access_log: true }}\n{}",
+            o.retry, o.max_body_buffer_bytes, o.max_request_header_bytes, o.extra
+        )
+    }
+
+    pub fn start_with(o: Options) -> Spooky {
+        let dir = tempfile::tempdir().unwrap();
+        write_certs(dir.path());
+        let port = free_udp_port();
+        let admin = free_tcp_port();
+        let config_path = dir.path().join("config.yaml");
+        std::fs::write(&config_path, Self::config_yaml(&o, port, admin)).unwrap();
+        let log = std::fs::File::create(dir.path().join("spooky.log")).unwrap();
+        let child = Command::new(SPOOKY)
+            .arg("--config")
+            .arg(&config_path)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn spooky");
+        let s = Spooky {
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            admin: SocketAddr::from(([127, 0, 0, 1], admin)),
+            dir,
+            config_path,
+            child: Some(child),
+        };
+        s.wait_ready();
+        s
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Some((200, _)) = http1_get(self.admin, "/ready") {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("spooky did not become ready; log:\n{}", self.log());
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("spooky.log")).unwrap_or_default()
+    }
+
+    pub fn client(&self) -> H3Client {
+        H3Client::connect(self.addr, "localhost").unwrap_or_else(|e| {
+            panic!("connect to spooky failed: {e}; log:\n{}", self.log())
+        })
+    }
+
+    /// Sum of all samples of an OpenMetrics family (any labels) whose
+    /// line starts with `name` and contains every string in `labels`.
+    pub fn metric(&self, name: &str, labels: &[&str]) -> f64 {
+        let (status, body) = http1_get(self.admin, "/metrics").expect("metrics");
+        assert_eq!(status, 200);
+        body.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter(|l| l.starts_with(name) && (l.as_bytes().get(name.len()) == Some(&b' ') || l.as_bytes().get(name.len()) == Some(&b'{')))
+            .filter(|l| labels.iter().all(|x| l.contains(x)))
+            .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+            .sum()
+    }
+
+    /// Sends SIGTERM and waits for exit; returns the exit code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        let child = self.child.as_mut()?;
+        unsafe_kill(child.id(), 15);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(st)) = child.try_wait() {
+                self.child = None;
+                return st.code();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+}
+
+fn unsafe_kill(pid: u32, sig: i32) {
+    let _ = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status();
+}
+
+impl Drop for Spooky {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("---- spooky log ----\n{}", self.log());
+        }
+    }
+}
+
+/// Minimal HTTP/1.1 GET for the admin API; `None` when unreachable.
+pub fn http1_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").ok()?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).ok()?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text.split(' ').nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Some((status, body))
+}
+
+/// Runs `spooky check` on a config text; returns (exit code, stdout, stderr).
+pub fn spooky_check(dir: &Path, yaml: &str) -> (i32, String, String) {
+    let path = dir.join("check.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let out = Command::new(SPOOKY)
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

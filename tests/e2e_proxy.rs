@@ -1,0 +1,171 @@
+//! The data path: GETs through spooky, round robin, bodies both ways,
+//! concurrency.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use crate::common::h3client::{pattern_sha256, Body, Request};
+use crate::common::{Backend, Spooky};
+
+#[test]
+fn get_alternates_backends_round_robin() {
+    let a = Backend::start("alpha");
+    let b = Backend::start("beta");
+    let spooky = Spooky::start(&[&a, &b]);
+    let mut c = spooky.client();
+    let mut names = Vec::new();
+    for _ in 0..6 {
+        let r = c.get("/id").unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("x-backend"), Some(r.text().as_str()));
+        names.push(r.text());
+    }
+    for pair in names.windows(2) {
+        assert_ne!(pair[0], pair[1], "round robin must alternate: {names:?}");
+    }
+    assert_eq!(names.iter().filter(|n| *n == "alpha").count(), 3);
+    let r = c.get("/").unwrap();
+    assert!(r.text().starts_with("hello from "));
+    assert!(r.header("via").unwrap_or_default().contains("spooky"));
+}
+
+#[test]
+fn forwarding_headers_and_trace_context_reach_the_backend() {
+    let a = Backend::start("alpha");
+    let spooky = Spooky::start(&[&a]);
+    let mut c = spooky.client();
+    let trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let r = c
+        .send(Request {
+            method: "GET".into(),
+            path: "/headers".into(),
+            headers: vec![("traceparent".into(), trace.into())],
+            body: Body::Empty,
+        })
+        .unwrap();
+    assert_eq!(r.status, 200);
+    let body = r.text();
+    assert!(body.contains("\"x-forwarded-for\":\"127.0.0.1\""), "{body}");
+    assert!(body.contains("\"x-forwarded-proto\":\"https\""), "{body}");
+    assert!(body.contains("3 spooky"), "{body}");
+    assert!(body.contains("4bf92f3577b34da6a3ce929d0e0e4736"), "{body}");
+    assert!(!body.contains("00f067aa0ba902b7"), "spooky must send its own span id: {body}");
+    assert!(body.contains("\":authority\":\"localhost"), "{body}");
+}
+
+#[test]
+fn trailers_flow_back_to_the_client() {
+    let a = Backend::start("alpha");
+    let spooky = Spooky::start(&[&a]);
+    let mut c = spooky.client();
+    let r = c.get("/trailers").unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "with trailers\n");
+    assert!(
+        r.trailers.iter().any(|(k, v)| k == "x-checksum" && v == "abc"),
+        "trailers: {:?}",
+        r.trailers
+    );
+}
+
+#[test]
+fn download_64_mib_sha256_matches() {
+    let a = Backend::start("alpha");
+    let spooky = Spooky::start(&[&a]);
+    let mut c = spooky.client();
+    let n: u64 = 64 * 1024 * 1024;
+    let started = std::time::Instant::now();
+    let r = c
+        .send_digest(Request {
+            method: "GET".into(),
+            path: format!("/bytes/{n}"),
+            headers: vec![],
+            body: Body::Empty,
+        })
+        .unwrap();
+    let secs = started.elapsed().as_secs_f64();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.len, n);
+    assert_eq!(r.sha256, pattern_sha256(n));
+    eprintln!("64 MiB download through spooky: {:.1} MiB/s", 64.0 / secs);
+}
+
+#[test]
+fn upload_64_mib_sha256_matches() {
+    let a = Backend::start("alpha");
+    let spooky = Spooky::start(&[&a]);
+    let mut c = spooky.client();
+    let n: u64 = 64 * 1024 * 1024;
+    let started = std::time::Instant::now();
+    let r = c
+        .send(Request {
+            method: "POST".into(),
+            path: "/echo".into(),
+            headers: vec![("content-length".into(), n.to_string())],
+            body: Body::Pattern(n),
+        })
+        .unwrap();
+    let secs = started.elapsed().as_secs_f64();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let body = r.text();
+    assert!(body.contains(&format!("\"length\":{n}")), "{body}");
+    assert!(body.contains(&pattern_sha256(n)), "{body}");
+    eprintln!("64 MiB upload through spooky: {:.1} MiB/s", 64.0 / secs);
+}
+
+#[test]
+fn two_hundred_concurrent_streams_on_one_connection() {
+    let a = Backend::start("alpha");
+    let b = Backend::start("beta");
+    let spooky = Spooky::start(&[&a, &b]);
+    let mut c = spooky.client();
+    let reqs: Vec<Request> = (0..200)
+        .map(|i| Request {
+            method: "GET".into(),
+            path: format!("/bytes/{}", 1000 + i),
+            headers: vec![],
+            body: Body::Empty,
+        })
+        .collect();
+    let results = c.send_many(reqs);
+    assert_eq!(results.len(), 200);
+    for (i, r) in results.into_iter().enumerate() {
+        let r = r.unwrap_or_else(|e| panic!("stream {i}: {e}"));
+        assert_eq!(r.status, 200);
+        assert_eq!(r.body.len(), 1000 + i);
+    }
+}
+
+#[test]
+fn twenty_connections_at_once() {
+    let a = Backend::start("alpha");
+    let b = Backend::start("beta");
+    let spooky = Spooky::start(&[&a, &b]);
+    let addr = spooky.addr;
+    let handles: Vec<_> = (0..20)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let mut c = crate::common::H3Client::connect(addr, "localhost").unwrap();
+                for _ in 0..5 {
+                    let r = c.get(&format!("/bytes/{}", 10_000 + i)).unwrap();
+                    assert_eq!(r.status, 200);
+                    assert_eq!(r.body.len(), 10_000 + i);
+                }
+                c.close().unwrap();
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    assert!(spooky.metric("spooky_quic_connections_opened_total", &[]) >= 20.0);
+}
+
+#[test]
+fn retry_enabled_still_serves() {
+    let a = Backend::start("alpha");
+    let mut o = crate::common::Options::new(&[&a]);
+    o.retry = true;
+    let spooky = Spooky::start_with(o);
+    let mut c = spooky.client();
+    assert_eq!(c.get("/id").unwrap().text(), "alpha");
+    assert!(spooky.metric("spooky_quic_retries_sent_total", &[]) >= 1.0);
+}

@@ -1,0 +1,9 @@
+//! End-to-end tests: one binary (one link) with a module per area.
+//! Every test runs real processes over real sockets.
+
+mod common;
+
+mod e2e_config;
+mod e2e_failures;
+mod e2e_peers;
+mod e2e_proxy;
