@@ -18,8 +18,9 @@ cat <<MSG
   spooky is starting on UDP :8443 (HTTP/3), admin on http://127.0.0.1:9901
   Try, in another terminal:
 
-    gtlsclient --exit-on-all-streams-close -q 127.0.0.1 8443 https://localhost:8443/
-    gtlsclient --exit-on-all-streams-close -q 127.0.0.1 8443 https://localhost:8443/id
+    gtlsclient -q --exit-on-all-streams-close --download=/tmp/spooky-demo \\
+        127.0.0.1 8443 https://localhost:8443/ https://localhost:8443/id
+    cat /tmp/spooky-demo/index.html /tmp/spooky-demo/id
     curl -s http://127.0.0.1:9901/metrics | grep spooky_requests
 
   Ctrl-C stops spooky and the demo backends.

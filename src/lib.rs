@@ -10,8 +10,8 @@
 
 pub mod balancer;
 pub mod config;
-//pub mod control;
-//pub mod demo_backend;
+pub mod control;
+pub mod demo_backend;
 pub mod edge;
 pub mod router;
 pub mod runtime;

@@ -1,1 +1,238 @@
-fn main(){}
+//! The `spooky` command: run the load balancer, check a config, or run the
+//! bundled demo backend.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use spooky::config::{self, Config};
+use spooky::control::admin::{self, AdminState};
+use spooky::telemetry::{self, MetricsRegistry};
+use spooky_uring::epoll::{EpollUdp, SocketOptions};
+
+#[derive(Parser)]
+#[command(
+    name = "spooky",
+    version,
+    about = "HTTP/3 load balancer: QUIC in front, HTTP/2 backends behind"
+)]
+struct Cli {
+    /// Config file to run with.
+    #[arg(long, short, global = true, default_value = "config.yaml")]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate the config and print the effective config, or the errors.
+    Check,
+    /// Run the bundled h2c demo backend.
+    DemoBackend {
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        #[arg(long)]
+        name: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Check) => check(&cli.config),
+        Some(Command::DemoBackend { listen, name }) => demo_backend(listen, name),
+        None => run(&cli.config),
+    }
+}
+
+fn load_or_report(path: &std::path::Path) -> Option<Config> {
+    match config::load(path) {
+        Ok(c) => Some(c),
+        Err(errs) => {
+            eprintln!("{errs}");
+            eprintln!("spooky: {} error(s) in {}", errs.0.len(), path.display());
+            None
+        }
+    }
+}
+
+fn check(path: &std::path::Path) -> ExitCode {
+    let Some(cfg) = load_or_report(path) else {
+        return ExitCode::from(2);
+    };
+    print!("{}", cfg.to_yaml());
+    let inactive = cfg.not_yet_active();
+    if !inactive.is_empty() {
+        println!("# parsed and validated, not yet active:");
+        for line in inactive {
+            println!("#   {line}");
+        }
+    }
+    eprintln!("spooky: {} is valid", path.display());
+    ExitCode::SUCCESS
+}
+
+fn demo_backend(listen: std::net::SocketAddr, name: String) -> ExitCode {
+    init_plain_logging();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("spooky demo-backend: runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(spooky::demo_backend::run(listen, name)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("spooky demo-backend: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_plain_logging() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn run(path: &std::path::Path) -> ExitCode {
+    let Some(cfg) = load_or_report(path) else {
+        return ExitCode::from(2);
+    };
+    telemetry::init_logging(&cfg.telemetry);
+    for line in cfg.not_yet_active() {
+        tracing::warn!(setting = %line, "parsed but not yet active");
+    }
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), config = %path.display(), "spooky starting");
+
+    let registry = MetricsRegistry::new();
+    let admin_state = Arc::new(AdminState {
+        metrics: registry.clone(),
+        ready: std::sync::atomic::AtomicBool::new(false),
+    });
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+
+    // Admin server on its own thread: the data plane never waits on it.
+    let admin_addr = cfg.admin.address;
+    let admin_listener = match std::net::TcpListener::bind(admin_addr) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(address = %admin_addr, error = %e, "cannot bind admin address");
+            return ExitCode::FAILURE;
+        }
+    };
+    let _ = admin_listener.set_nonblocking(true);
+    let admin_thread = {
+        let state = admin_state.clone();
+        let mut rx = shutdown_rx.clone();
+        std::thread::Builder::new()
+            .name("spooky-admin".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        tracing::error!(error = %e, "admin runtime");
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    let listener = match tokio::net::TcpListener::from_std(admin_listener) {
+                        Ok(l) => l,
+                        Err(e) => {
+                            tracing::error!(error = %e, "admin listener");
+                            return;
+                        }
+                    };
+                    tracing::info!(address = %admin_addr, "admin listening");
+                    admin::serve(listener, state, async move {
+                        let _ = rx.wait_for(|v| *v).await;
+                    })
+                    .await;
+                });
+            })
+    };
+
+    let opts = SocketOptions {
+        gso: cfg.io.gso,
+        gro: cfg.io.gro,
+        ..SocketOptions::default()
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    let local = tokio::task::LocalSet::new();
+    let metrics = registry.add_worker();
+    let result = local.block_on(&rt, async {
+        let io = EpollUdp::bind(cfg.listen.address, &opts).map_err(|e| {
+            tracing::error!(address = %cfg.listen.address, error = %e, "cannot bind UDP listener");
+            e
+        })?;
+        admin_state
+            .ready
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        tokio::task::spawn_local(async move {
+            wait_for_signal().await;
+            let _ = shutdown_tx.send(true);
+        });
+        spooky::runtime::run_worker(&cfg, io, metrics, shutdown_rx).await
+    });
+    // Dropping the local set drops the signal task and its shutdown sender,
+    // which stops the admin server even when the worker failed early.
+    drop(local);
+    if let Ok(t) = admin_thread {
+        let _ = t.join();
+    }
+    match result {
+        Ok(()) => {
+            tracing::info!("spooky stopped");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "spooky failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot install SIGTERM handler");
+            std::future::pending::<()>().await;
+            return;
+        }
+    };
+    let mut int = match signal(SignalKind::interrupt()) {
+        Ok(s) => s,
+        Err(_) => {
+            term.recv().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+}

@@ -32,9 +32,7 @@ fn assert_error(yaml: &str, line: usize, key: &str) {
     let (code, _out, err) = check(yaml);
     assert_ne!(code, 0, "expected failure for:\n{yaml}");
     let want = format!("check.yaml:{line}:");
-    let hit = err
-        .lines()
-        .any(|l| l.contains(&want) && l.contains(key));
+    let hit = err.lines().any(|l| l.contains(&want) && l.contains(key));
     assert!(hit, "expected `{want}..{key}` in:\n{err}");
 }
 
@@ -46,17 +44,29 @@ fn unknown_key() {
 
 #[test]
 fn bad_address() {
-    assert_error(&GOOD.replace("127.0.0.1:9001", "not-an-address"), 7, "address");
+    assert_error(
+        &GOOD.replace("127.0.0.1:9001", "not-an-address"),
+        7,
+        "address",
+    );
 }
 
 #[test]
 fn zero_weight() {
-    assert_error(&GOOD.replace("\"127.0.0.1:9001\" }", "\"127.0.0.1:9001\", weight: 0 }"), 7, "weight");
+    assert_error(
+        &GOOD.replace("\"127.0.0.1:9001\" }", "\"127.0.0.1:9001\", weight: 0 }"),
+        7,
+        "weight",
+    );
 }
 
 #[test]
 fn unknown_policy() {
-    assert_error(&GOOD.replace("    backends:", "    policy: fastest\n    backends:"), 6, "policy");
+    assert_error(
+        &GOOD.replace("    backends:", "    policy: fastest\n    backends:"),
+        6,
+        "policy",
+    );
 }
 
 #[test]
@@ -67,7 +77,8 @@ fn empty_backends() {
 
 #[test]
 fn duplicate_upstream_names() {
-    let yaml = format!("{GOOD}  - name: app\n    backends:\n      - {{ address: \"127.0.0.1:9002\" }}\n");
+    let yaml =
+        format!("{GOOD}  - name: app\n    backends:\n      - {{ address: \"127.0.0.1:9002\" }}\n");
     assert_error(&yaml, 8, "name");
 }
 
@@ -79,7 +90,11 @@ fn route_to_missing_upstream() {
 
 #[test]
 fn missing_cert_file() {
-    assert_error(&GOOD.replace("cert: cert.pem", "cert: missing.pem"), 3, "cert");
+    assert_error(
+        &GOOD.replace("cert: cert.pem", "cert: missing.pem"),
+        3,
+        "cert",
+    );
 }
 
 #[test]
@@ -96,7 +111,8 @@ fn shipped_config_yaml_is_valid() {
     std::fs::create_dir_all(dir.path().join("certs")).unwrap();
     let certs = dir.path().join("certs");
     write_certs(&certs);
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.yaml")).unwrap();
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.yaml")).unwrap();
     let (code, _out, err) = spooky_check(dir.path(), &text);
     assert_eq!(code, 0, "{err}");
 }

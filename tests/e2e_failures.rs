@@ -8,15 +8,6 @@ use std::time::{Duration, Instant};
 use crate::common::h3client::{raw_socket_send, Body, ClientError, Request};
 use crate::common::{free_tcp_port, Backend, Options, Spooky};
 
-fn get(path: &str) -> Request {
-    Request {
-        method: "GET".into(),
-        path: path.into(),
-        headers: vec![],
-        body: Body::Empty,
-    }
-}
-
 #[test]
 fn backend_down_gives_502_within_connect_timeout() {
     let dead = SocketAddr::from(([127, 0, 0, 1], free_tcp_port()));
@@ -34,7 +25,11 @@ fn backend_down_gives_502_within_connect_timeout() {
             r.status,
             r.text()
         );
-        assert!(started.elapsed() < Duration::from_millis(1500), "took {:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_millis(1500),
+            "took {:?}",
+            started.elapsed()
+        );
     }
     assert!(spooky.metric("spooky_requests_total", &["5xx"]) >= 3.0);
 }
@@ -85,7 +80,11 @@ fn upstream_reset_mid_body_resets_the_client_stream() {
     let mut c = spooky.client();
     match c.get("/reset") {
         Err(ClientError::StreamReset { .. }) => {}
-        Ok(r) => panic!("expected a stream reset, got status {} with {} bytes", r.status, r.body.len()),
+        Ok(r) => panic!(
+            "expected a stream reset, got status {} with {} bytes",
+            r.status,
+            r.body.len()
+        ),
         Err(e) => panic!("expected a stream reset, got {e}"),
     }
     let r = c.get("/reset-before-headers").unwrap();
@@ -98,13 +97,17 @@ fn upstream_reset_mid_body_resets_the_client_stream() {
 #[test]
 fn oversize_headers_get_431() {
     let a = Backend::start("alpha");
-    let spooky = Spooky::start(&[&a]);
+    let mut o = Options::new(&[&a]);
+    // Small enough that the oversize header block still fits the client's
+    // initial congestion window (quiche sends a header block in one go).
+    o.max_request_header_bytes = 4096;
+    let spooky = Spooky::start_with(o);
     let mut c = spooky.client();
     let r = c
         .send(Request {
             method: "GET".into(),
             path: "/".into(),
-            headers: vec![("x-big".into(), "a".repeat(40 * 1024))],
+            headers: vec![("x-big".into(), "a".repeat(8 * 1024))],
             body: Body::Empty,
         })
         .unwrap();
@@ -135,7 +138,8 @@ fn malformed_request_gets_h3_message_error() {
 fn unknown_route_gets_404() {
     let a = Backend::start("alpha");
     let mut o = Options::new(&[&a]);
-    o.extra = "routes:\n  - { host: \"api.example.com\", path_prefix: \"/\", upstream: app }\n".into();
+    o.extra =
+        "routes:\n  - { host: \"api.example.com\", path_prefix: \"/\", upstream: app }\n".into();
     let spooky = Spooky::start_with(o);
     let mut c = spooky.client();
     assert_eq!(c.get("/").unwrap().status, 404);
@@ -153,7 +157,9 @@ fn garbage_datagrams_are_dropped_and_counted() {
     raw_socket_send(spooky.addr, b"\xff\xff\xff").unwrap();
     raw_socket_send(spooky.addr, &[0xc0, 0, 0, 0, 1, 20]).unwrap();
     raw_socket_send(spooky.addr, &[0x40; 64]).unwrap();
-    let mut initial = vec![0xc0, 0, 0, 0, 1, 8, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0x40, 0x10];
+    let mut initial = vec![
+        0xc0, 0, 0, 0, 1, 8, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0x40, 0x10,
+    ];
     initial.resize(300, 0);
     raw_socket_send(spooky.addr, &initial).unwrap();
     for i in 0..200u32 {

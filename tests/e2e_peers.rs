@@ -37,7 +37,11 @@ fn gtlsclient_fetches_through_spooky_round_robin() {
             .arg(format!("https://localhost:{}/id", spooky.addr.port()))
             .output()
             .unwrap();
-        assert!(out.status.success(), "gtlsclient failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "gtlsclient failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let body = std::fs::read_to_string(dir.path().join("id")).unwrap();
         seen.push(body);
     }

@@ -47,7 +47,10 @@ fn forwarding_headers_and_trace_context_reach_the_backend() {
     assert!(body.contains("\"x-forwarded-proto\":\"https\""), "{body}");
     assert!(body.contains("3 spooky"), "{body}");
     assert!(body.contains("4bf92f3577b34da6a3ce929d0e0e4736"), "{body}");
-    assert!(!body.contains("00f067aa0ba902b7"), "spooky must send its own span id: {body}");
+    assert!(
+        !body.contains("00f067aa0ba902b7"),
+        "spooky must send its own span id: {body}"
+    );
     assert!(body.contains("\":authority\":\"localhost"), "{body}");
 }
 
@@ -60,7 +63,9 @@ fn trailers_flow_back_to_the_client() {
     assert_eq!(r.status, 200);
     assert_eq!(r.text(), "with trailers\n");
     assert!(
-        r.trailers.iter().any(|(k, v)| k == "x-checksum" && v == "abc"),
+        r.trailers
+            .iter()
+            .any(|(k, v)| k == "x-checksum" && v == "abc"),
         "trailers: {:?}",
         r.trailers
     );

@@ -64,6 +64,7 @@ impl Policy for RoundRobin {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

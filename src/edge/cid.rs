@@ -155,6 +155,7 @@ impl RetryTokens {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -173,7 +174,9 @@ mod tests {
             Some(b"odcid-bytes".to_vec())
         );
         assert!(t.validate(&tok, &addr("192.0.2.1:4434"), now).is_none());
-        assert!(t.validate(&tok, &peer, now + Duration::from_secs(60)).is_none());
+        assert!(t
+            .validate(&tok, &peer, now + Duration::from_secs(60))
+            .is_none());
         let mut forged = tok.clone();
         let n = forged.len();
         forged[n - 1] ^= 1;

@@ -29,9 +29,9 @@ use slab::Slab;
 use tokio::sync::mpsc;
 
 use crate::config::{Config, CongestionControl};
+use crate::router::bridge::UpstreamSide;
 use crate::router::bridge::{RequestKey, ToEdge};
 use crate::router::Envelope;
-use crate::router::bridge::UpstreamSide;
 use crate::telemetry::{DropReason, WorkerMetrics};
 use cid::{CidGenerator, RetryTokens, CID_LEN};
 use request::Request;
@@ -218,7 +218,13 @@ impl Edge {
     }
 
     /// Feeds one received datagram (one GRO segment).
-    pub fn handle_datagram(&mut self, now: Instant, buf: &mut [u8], from: SocketAddr, to: SocketAddr) {
+    pub fn handle_datagram(
+        &mut self,
+        now: Instant,
+        buf: &mut [u8],
+        from: SocketAddr,
+        to: SocketAddr,
+    ) {
         WorkerMetrics::inc(&self.metrics.datagrams_in);
         WorkerMetrics::add(&self.metrics.bytes_in, buf.len() as u64);
         let (dcid, ty, version, scid, token) = match quiche::Header::from_slice(buf, CID_LEN) {
@@ -312,7 +318,8 @@ impl Edge {
         } else {
             self.cid_gen.generate()
         };
-        let quic = match quiche::accept(&new_scid, odcid.as_ref(), to, from, &mut self.quic_config) {
+        let quic = match quiche::accept(&new_scid, odcid.as_ref(), to, from, &mut self.quic_config)
+        {
             Ok(c) => c,
             Err(e) => {
                 tracing::debug!(error = %e, %from, "accept failed");
@@ -419,8 +426,11 @@ impl Edge {
 
     /// Feeds an event from an upstream task.
     pub fn handle_upstream(&mut self, now: Instant, key: RequestKey, msg: ToEdge) {
-        let _ = now;
-        let Some(req) = self.requests.get_mut(key.slot).filter(|r| r.serial == key.serial) else {
+        let Some(req) = self
+            .requests
+            .get_mut(key.slot)
+            .filter(|r| r.serial == key.serial)
+        else {
             return; // the stream is gone; its upstream task was cancelled
         };
         let ci = req.conn;
@@ -449,6 +459,10 @@ impl Edge {
             ToEdge::RequestCredit => {
                 if req.req_data_pending {
                     self.read_request_body(key.slot);
+                    // Draining the last bytes queues quiche's Finished event
+                    // (and maybe others): deliver them now, not at the next
+                    // packet, which may never come while the client waits.
+                    self.poll_h3(ci, now);
                 }
                 self.mark_dirty(ci);
                 self.update_timer(ci);
@@ -618,7 +632,9 @@ impl Edge {
         for (_, slot) in conn.streams.iter() {
             if let Some(req) = self.requests.try_remove(*slot) {
                 req.shared.cancel_with(h3_code::REQUEST_CANCELLED);
-                self.metrics.requests_in_flight.fetch_sub(1, Ordering::Relaxed);
+                self.metrics
+                    .requests_in_flight
+                    .fetch_sub(1, Ordering::Relaxed);
                 WorkerMetrics::inc(&self.metrics.client_cancels);
                 self.metrics.request_done(0);
                 req.log_access(self.settings.access_log, "connection_closed");

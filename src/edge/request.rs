@@ -243,7 +243,9 @@ impl Edge {
             body_seen: 0,
             content_length: None,
         };
-        self.metrics.requests_in_flight.fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .requests_in_flight
+            .fetch_add(1, Ordering::Relaxed);
         match built {
             Ok(env) => {
                 req.log.trace_id = env.trace.trace_id_hex();
@@ -322,6 +324,11 @@ impl Edge {
         loop {
             let avail = req.shared.req_budget.available_permits();
             if avail == 0 {
+                tracing::trace!(
+                    stream = req.stream_id,
+                    seen = req.body_seen,
+                    "request body paused: budget exhausted"
+                );
                 req.req_data_pending = true;
                 break;
             }
@@ -334,28 +341,32 @@ impl Edge {
                         break;
                     }
                     let chunk = Bytes::copy_from_slice(&self.scratch[..got]);
-                    match req.body_tx.as_ref() {
-                        Some(tx) => {
-                            if let Ok(p) = req.shared.req_budget.try_acquire_many(got as u32) {
-                                p.forget();
-                            }
-                            req.shared.bytes_up.fetch_add(got as u64, Ordering::Relaxed);
-                            if tx.send(ToUpstream::Data(chunk)).is_err() {
-                                // Upstream no longer reads the body (it already
-                                // answered): tell the client to stop sending.
-                                req.body_tx = None;
-                                let _ = conn.quic.stream_shutdown(
-                                    req.stream_id,
-                                    quiche::Shutdown::Read,
-                                    h3_code::NO_ERROR,
-                                );
-                                break;
-                            }
+                    // Without a body channel the bytes are discarded.
+                    if let Some(tx) = req.body_tx.as_ref() {
+                        if let Ok(p) = req.shared.req_budget.try_acquire_many(got as u32) {
+                            p.forget();
                         }
-                        None => {} // discard
+                        req.shared.bytes_up.fetch_add(got as u64, Ordering::Relaxed);
+                        if tx.send(ToUpstream::Data(chunk)).is_err() {
+                            // Upstream no longer reads the body (it already
+                            // answered): tell the client to stop sending.
+                            req.body_tx = None;
+                            let _ = conn.quic.stream_shutdown(
+                                req.stream_id,
+                                quiche::Shutdown::Read,
+                                h3_code::NO_ERROR,
+                            );
+                            break;
+                        }
                     }
                 }
                 Err(h3::Error::Done) => {
+                    tracing::trace!(
+                        stream = req.stream_id,
+                        seen = req.body_seen,
+                        avail,
+                        "request body drained"
+                    );
                     req.req_data_pending = false;
                     break;
                 }
@@ -437,9 +448,13 @@ impl Edge {
         };
         req.shared.cancel_with(code);
         if let Some(conn) = self.conns.get_mut(req.conn) {
-            let _ = conn.quic.stream_shutdown(req.stream_id, quiche::Shutdown::Write, code);
+            let _ = conn
+                .quic
+                .stream_shutdown(req.stream_id, quiche::Shutdown::Write, code);
             if !req.req_finished {
-                let _ = conn.quic.stream_shutdown(req.stream_id, quiche::Shutdown::Read, code);
+                let _ = conn
+                    .quic
+                    .stream_shutdown(req.stream_id, quiche::Shutdown::Read, code);
             }
         }
         self.finish_request(slot, "reset");
@@ -527,7 +542,9 @@ impl Edge {
             if !req.req_finished {
                 // Complete response before the full request: ask the client to
                 // stop sending (RFC 9114 §4.1, H3_NO_ERROR).
-                let _ = conn.quic.stream_shutdown(sid, quiche::Shutdown::Read, h3_code::NO_ERROR);
+                let _ = conn
+                    .quic
+                    .stream_shutdown(sid, quiche::Shutdown::Read, h3_code::NO_ERROR);
             }
             self.finish_request(slot, "ok");
         }
@@ -544,7 +561,9 @@ impl Edge {
         // Returning the remaining permits is unnecessary: the upstream task
         // sees the cancellation and stops.
         req.shared.cancel.cancel();
-        self.metrics.requests_in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.metrics
+            .requests_in_flight
+            .fetch_sub(1, Ordering::Relaxed);
         let status = if outcome == "ok" { req.log.status } else { 0 };
         self.metrics.request_done(status);
         req.log_access(self.settings.access_log, outcome);

@@ -75,8 +75,17 @@ impl Pair {
                 break;
             }
         }
-        assert!(p.client.is_established(), "client: local {:?} peer {:?} closed {} conns {}", p.client.local_error(), p.client.peer_error(), p.client.is_closed(), p.edge.connections());
-        p.h3 = Some(h3::Connection::with_transport(&mut p.client, &h3::Config::new().unwrap()).unwrap());
+        assert!(
+            p.client.is_established(),
+            "client: local {:?} peer {:?} closed {} conns {}",
+            p.client.local_error(),
+            p.client.peer_error(),
+            p.client.is_closed(),
+            p.edge.connections()
+        );
+        p.h3 = Some(
+            h3::Connection::with_transport(&mut p.client, &h3::Config::new().unwrap()).unwrap(),
+        );
         p.exchange();
         p
     }
@@ -89,8 +98,12 @@ impl Pair {
             loop {
                 match self.client.send(&mut buf) {
                     Ok((n, info)) => {
-                        self.edge
-                            .handle_datagram(Instant::now(), &mut buf[..n], info.from, info.to);
+                        self.edge.handle_datagram(
+                            Instant::now(),
+                            &mut buf[..n],
+                            info.from,
+                            info.to,
+                        );
                         moved = true;
                     }
                     Err(quiche::Error::Done) => break,
@@ -217,7 +230,10 @@ fn request_body_is_read_only_within_the_budget() {
         received += b.len();
     }
     assert!(received > 0);
-    assert!(received <= budget, "edge read {received} bytes past a {budget} budget");
+    assert!(
+        received <= budget,
+        "edge read {received} bytes past a {budget} budget"
+    );
     // Returning the budget lets more through.
     side.shared.req_budget.add_permits(received);
     side.edge.send(ToEdge::RequestCredit);
@@ -234,7 +250,8 @@ fn upstream_reset_after_head_resets_the_client_stream() {
     let mut p = Pair::new(64 * 1024);
     p.request("GET", "/big", true);
     let (_env, side) = p.take_request();
-    side.edge.send(ToEdge::Headers(vec![h3::Header::new(b":status", b"200")]));
+    side.edge
+        .send(ToEdge::Headers(vec![h3::Header::new(b":status", b"200")]));
     side.edge.send(ToEdge::Data(Bytes::from(vec![1u8; 1000])));
     p.deliver();
     let (status, body, _, _) = p.client_events();

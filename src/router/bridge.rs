@@ -45,14 +45,22 @@ pub enum ToEdge {
     End,
     /// The request failed before a response head was forwarded: the edge
     /// answers with this status.
-    Fail { status: u16, reason: String },
+    Fail {
+        status: u16,
+        reason: String,
+    },
     /// The request failed after the head was forwarded: the edge resets the
     /// client stream with this HTTP/3 error code (never a truncated 200).
-    Reset { code: u64 },
+    Reset {
+        code: u64,
+    },
     /// Request-body permits were returned: the edge may read more.
     RequestCredit,
     /// Which backend serves the request, for the access log.
-    Backend { upstream: String, backend: std::net::SocketAddr },
+    Backend {
+        upstream: String,
+        backend: std::net::SocketAddr,
+    },
 }
 
 /// State both sides of a request hold.

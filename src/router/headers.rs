@@ -110,10 +110,8 @@ pub fn build_envelope(
             return Err(malformed(format!("connection-specific header {n}")));
         }
         match n {
-            "te" => {
-                if !value.eq_ignore_ascii_case(b"trailers") {
-                    return Err(malformed("te other than trailers"));
-                }
+            "te" if !value.eq_ignore_ascii_case(b"trailers") => {
+                return Err(malformed("te other than trailers"));
             }
             "host" => {
                 let v = hvalue
@@ -134,7 +132,9 @@ pub fn build_envelope(
                 content_length = Some(v);
             }
             "traceparent" => {
-                trace = std::str::from_utf8(value).ok().and_then(TraceContext::parse);
+                trace = std::str::from_utf8(value)
+                    .ok()
+                    .and_then(TraceContext::parse);
                 continue; // re-added below with spooky's span as parent
             }
             _ => {}
@@ -143,8 +143,8 @@ pub fn build_envelope(
     }
 
     let method = method.ok_or_else(|| malformed("missing :method"))?;
-    let method = http::Method::from_bytes(method.as_bytes())
-        .map_err(|_| malformed("invalid :method"))?;
+    let method =
+        http::Method::from_bytes(method.as_bytes()).map_err(|_| malformed("invalid :method"))?;
     if method == http::Method::CONNECT || protocol {
         return Err(RequestError::Refused {
             status: 501,
@@ -156,7 +156,9 @@ pub fn build_envelope(
         return Err(malformed("unsupported :scheme"));
     }
     let path = path.ok_or_else(|| malformed("missing :path"))?;
-    if path.is_empty() || !(path.starts_with('/') || (path == "*" && method == http::Method::OPTIONS)) {
+    if path.is_empty()
+        || !(path.starts_with('/') || (path == "*" && method == http::Method::OPTIONS))
+    {
         return Err(malformed("invalid :path"));
     }
     let authority = match (authority.map(|a| a.to_ascii_lowercase()), host_header) {
@@ -165,7 +167,10 @@ pub fn build_envelope(
         (None, Some(h)) => h,
         (None, None) => return Err(malformed("missing :authority and host")),
     };
-    if authority.is_empty() || authority.contains('@') || http::uri::Authority::try_from(authority.as_str()).is_err() {
+    if authority.is_empty()
+        || authority.contains('@')
+        || http::uri::Authority::try_from(authority.as_str()).is_err()
+    {
         return Err(malformed("invalid :authority"));
     }
     if content_length.is_some_and(|c| c > 0) && !more_frames {
@@ -272,7 +277,8 @@ pub fn trailers_from_h3(list: &[Header]) -> Result<HeaderMap, RequestError> {
             return Err(malformed("uppercase trailer name"));
         }
         let n = HeaderName::from_bytes(h.name()).map_err(|_| malformed("invalid trailer name"))?;
-        let v = HeaderValue::from_bytes(h.value()).map_err(|_| malformed("invalid trailer value"))?;
+        let v =
+            HeaderValue::from_bytes(h.value()).map_err(|_| malformed("invalid trailer value"))?;
         if CONNECTION_SPECIFIC.contains(&n.as_str()) {
             continue;
         }
@@ -295,6 +301,7 @@ pub fn trailers_from_h2(map: &HeaderMap) -> Vec<Header> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -342,7 +349,10 @@ mod tests {
     fn appends_to_existing_forwarding_headers_and_keeps_client_trace() {
         let mut l = base();
         l.push(h("x-forwarded-for", "10.0.0.1"));
-        l.push(h("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"));
+        l.push(h(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ));
         let env = build(&l).expect("valid");
         assert_eq!(env.headers["x-forwarded-for"], "10.0.0.1, 192.0.2.7");
         assert_eq!(env.trace.trace_id_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
@@ -353,7 +363,11 @@ mod tests {
         let cases: Vec<Vec<Header>> = vec![
             vec![h(":scheme", "https"), h(":authority", "a"), h(":path", "/")],
             vec![h(":method", "GET"), h(":authority", "a"), h(":path", "/")],
-            vec![h(":method", "GET"), h(":scheme", "https"), h(":authority", "a")],
+            vec![
+                h(":method", "GET"),
+                h(":scheme", "https"),
+                h(":authority", "a"),
+            ],
             vec![h(":method", "GET"), h(":scheme", "https"), h(":path", "/")],
             {
                 let mut l = base();
@@ -395,7 +409,12 @@ mod tests {
                 l.push(h("content-length", "abc"));
                 l
             },
-            vec![h(":method", "GET"), h(":scheme", "https"), h(":authority", "a"), h(":path", "nope")],
+            vec![
+                h(":method", "GET"),
+                h(":scheme", "https"),
+                h(":authority", "a"),
+                h(":path", "nope"),
+            ],
         ];
         for (i, l) in cases.iter().enumerate() {
             match build(l) {
@@ -441,7 +460,10 @@ mod tests {
         assert_eq!(out[0].name(), b":status");
         assert_eq!(out[0].value(), b"200");
         assert!(out.iter().all(|h| h.name() != b"connection"));
-        let via = out.iter().find(|h| h.name() == b"via").map(|h| h.value().to_vec());
+        let via = out
+            .iter()
+            .find(|h| h.name() == b"via")
+            .map(|h| h.value().to_vec());
         assert_eq!(via.as_deref(), Some(&b"1.1 backend, 2 spooky"[..]));
     }
 

@@ -133,7 +133,10 @@ fn host_without_port(authority: &str) -> &str {
         // [v6]:port
         return rest.split(']').next().unwrap_or(rest);
     }
-    authority.rsplit_once(':').map(|(h, _)| h).unwrap_or(authority)
+    authority
+        .rsplit_once(':')
+        .map(|(h, _)| h)
+        .unwrap_or(authority)
 }
 
 /// RFC 9110 §9.2.2 idempotent methods.
@@ -150,6 +153,7 @@ pub fn is_idempotent(method: &http::Method) -> bool {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -161,8 +165,14 @@ mod tests {
         assert_eq!(t.child().trace_id, t.trace_id);
         assert_ne!(t.child().parent_id, t.parent_id);
         assert!(TraceContext::parse("00-0000-00f067aa0ba902b7-01").is_none());
-        assert!(TraceContext::parse("ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").is_none());
-        assert!(TraceContext::parse("00-00000000000000000000000000000000-00f067aa0ba902b7-01").is_none());
+        assert!(
+            TraceContext::parse("ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+                .is_none()
+        );
+        assert!(
+            TraceContext::parse("00-00000000000000000000000000000000-00f067aa0ba902b7-01")
+                .is_none()
+        );
         assert!(TraceContext::parse("garbage").is_none());
     }
 

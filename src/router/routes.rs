@@ -62,6 +62,7 @@ impl RouteTable {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::config::{Backend, Upstream};

@@ -51,7 +51,9 @@ pub async fn run_worker<D: DatagramIo>(
     gateway.warm();
 
     let batch = cfg.io.batch.clamp(1, 1024);
-    let mut bufs: Vec<Vec<u8>> = (0..batch.min(64)).map(|_| vec![0u8; MAX_RECV_BUF]).collect();
+    let mut bufs: Vec<Vec<u8>> = (0..batch.min(64))
+        .map(|_| vec![0u8; MAX_RECV_BUF])
+        .collect();
     let mut metas = vec![
         RecvMeta {
             peer: local,
@@ -70,7 +72,12 @@ pub async fn run_worker<D: DatagramIo>(
         while let Some(ev) = edge.poll_event() {
             match ev {
                 EdgeEvent::Request { envelope, side } => {
-                    tokio::task::spawn_local(proxy(gateway.clone(), envelope, side, metrics.clone()));
+                    tokio::task::spawn_local(proxy(
+                        gateway.clone(),
+                        envelope,
+                        side,
+                        metrics.clone(),
+                    ));
                 }
             }
         }

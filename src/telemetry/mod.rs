@@ -3,11 +3,11 @@
 //! Counters live per worker as relaxed atomics (no lock, no shared cache line
 //! with other workers' hot counters) and are summed when scraped.
 
-//pub mod metrics;
+pub mod metrics;
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
-//pub use metrics::MetricsRegistry;
+pub use metrics::MetricsRegistry;
 
 use crate::config::{LogFormat, Telemetry};
 
@@ -18,8 +18,10 @@ pub fn init_logging(t: &Telemetry) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&t.log))
         .unwrap_or_else(|_| EnvFilter::new("info"));
+    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let res = match t.log_format {
         LogFormat::Json => builder.json().with_current_span(false).try_init(),

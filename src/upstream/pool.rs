@@ -54,7 +54,9 @@ pub struct StreamGuard {
 impl Drop for StreamGuard {
     fn drop(&mut self) {
         self.in_flight.set(self.in_flight.get().saturating_sub(1));
-        self.pool.in_flight.set(self.pool.in_flight.get().saturating_sub(1));
+        self.pool
+            .in_flight
+            .set(self.pool.in_flight.get().saturating_sub(1));
         self.pool.notify.notify_waiters();
     }
 }
@@ -184,13 +186,7 @@ impl BackendPool {
 
     async fn connect(
         &self,
-    ) -> Result<
-        (
-            SendRequest<Bytes>,
-            h2::client::Connection<TcpStream, Bytes>,
-        ),
-        UpstreamError,
-    > {
+    ) -> Result<(SendRequest<Bytes>, h2::client::Connection<TcpStream, Bytes>), UpstreamError> {
         let addr = self.address;
         let tcp = tokio::time::timeout(self.settings.connect_timeout, TcpStream::connect(addr))
             .await
@@ -285,7 +281,11 @@ impl BackendPool {
                         }
                         continue;
                     }
-                    Err(_) => return Err(UpstreamError::PoolTimeout { backend: self.address }),
+                    Err(_) => {
+                        return Err(UpstreamError::PoolTimeout {
+                            backend: self.address,
+                        })
+                    }
                 }
             }
             if !connecting {
@@ -299,7 +299,10 @@ impl BackendPool {
                     error: err,
                 });
             }
-            if tokio::time::timeout_at(deadline.into(), notified).await.is_err() {
+            if tokio::time::timeout_at(deadline.into(), notified)
+                .await
+                .is_err()
+            {
                 return Err(UpstreamError::ConnectTimeout {
                     backend: self.address,
                 });

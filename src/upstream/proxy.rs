@@ -15,9 +15,9 @@ use super::{Gateway, UpstreamError};
 use crate::balancer::PickContext;
 use crate::edge::h3_code;
 use crate::router::bridge::{EdgeSender, StreamShared, ToEdge, ToUpstream, UpstreamSide};
-use tokio::sync::mpsc;
 use crate::router::{self, Envelope};
 use crate::telemetry::WorkerMetrics;
+use tokio::sync::mpsc;
 
 /// Carries one request to a backend and its response back to the edge.
 /// Ends early, dropping (and so resetting with CANCEL) the h2 stream, when
@@ -75,9 +75,12 @@ async fn run(
             host: env.host().to_string(),
             path: env.path.clone(),
         })?;
-    let group = gw.upstreams.get(up_idx).ok_or_else(|| UpstreamError::NoBackend {
-        upstream: format!("#{up_idx}"),
-    })?;
+    let group = gw
+        .upstreams
+        .get(up_idx)
+        .ok_or_else(|| UpstreamError::NoBackend {
+            upstream: format!("#{up_idx}"),
+        })?;
     let ctx = PickContext {
         client: env.client,
         path: &env.path,
@@ -214,6 +217,7 @@ async fn pump_request_body(
                 while !b.is_empty() {
                     send.reserve_capacity(b.len());
                     if send.capacity() == 0 {
+                        tracing::trace!(want = b.len(), "waiting for h2 send capacity");
                         loop {
                             match timeout(idle, poll_fn(|cx| send.poll_capacity(cx))).await {
                                 Err(_) => return Err(UpstreamError::Idle(idle)),
@@ -236,6 +240,7 @@ async fn pump_request_body(
                         .map_err(|e| UpstreamError::ResponseReset(e.to_string()))?;
                 }
                 shared.req_budget.add_permits(total);
+                tracing::trace!(total, "request chunk handed to h2");
                 edge.send(ToEdge::RequestCredit);
             }
             ToUpstream::Trailers(t) => {
@@ -294,4 +299,3 @@ async fn pump_response_body(
     edge.send(ToEdge::End);
     Ok(())
 }
-

@@ -10,18 +10,26 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-pub use h3client::{Body, H3Client, Request};
+pub use h3client::H3Client;
 
 pub const SPOOKY: &str = env!("CARGO_BIN_EXE_spooky");
 
 /// A free TCP port on loopback (bound then released).
 pub fn free_tcp_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A free UDP port on loopback.
 pub fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Writes a self-signed localhost certificate pair into `dir`.
@@ -49,7 +57,13 @@ impl Backend {
 
     pub fn start_on(name: &str, addr: SocketAddr) -> Backend {
         let mut child = Command::new(SPOOKY)
-            .args(["demo-backend", "--listen", &addr.to_string(), "--name", name])
+            .args([
+                "demo-backend",
+                "--listen",
+                &addr.to_string(),
+                "--name",
+                name,
+            ])
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -57,7 +71,10 @@ impl Backend {
         let stdout = child.stdout.take().unwrap();
         let mut line = String::new();
         BufReader::new(stdout).read_line(&mut line).unwrap();
-        assert!(line.contains("listening"), "backend {name} did not start: {line:?}");
+        assert!(
+            line.contains("listening"),
+            "backend {name} did not start: {line:?}"
+        );
         Backend {
             addr,
             name: name.into(),
@@ -79,7 +96,10 @@ impl Backend {
     pub fn stat(&self, key: &str) -> u64 {
         let (_, body) = self.get("/stats");
         let needle = format!("\"{key}\":");
-        let start = body.find(&needle).unwrap_or_else(|| panic!("no {key} in {body}")) + needle.len();
+        let start = body
+            .find(&needle)
+            .unwrap_or_else(|| panic!("no {key} in {body}"))
+            + needle.len();
         body[start..]
             .chars()
             .take_while(|c| c.is_ascii_digit())
@@ -97,14 +117,19 @@ impl Drop for Backend {
 
 /// A plain h2c GET with the `h2` crate (test-side only).
 pub fn h2_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async move {
         let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
         let (mut client, conn) = h2::client::handshake(tcp).await.unwrap();
         tokio::spawn(async move {
             let _ = conn.await;
         });
-        let req = http::Request::get(format!("http://{addr}{path}")).body(()).unwrap();
+        let req = http::Request::get(format!("http://{addr}{path}"))
+            .body(())
+            .unwrap();
         let (resp, _) = client.send_request(req, true).unwrap();
         let resp = resp.await.unwrap();
         let status = resp.status().as_u16();
@@ -225,9 +250,8 @@ impl Spooky {
     }
 
     pub fn client(&self) -> H3Client {
-        H3Client::connect(self.addr, "localhost").unwrap_or_else(|e| {
-            panic!("connect to spooky failed: {e}; log:\n{}", self.log())
-        })
+        H3Client::connect(self.addr, "localhost")
+            .unwrap_or_else(|e| panic!("connect to spooky failed: {e}; log:\n{}", self.log()))
     }
 
     /// Sum of all samples of an OpenMetrics family (any labels) whose
@@ -237,7 +261,11 @@ impl Spooky {
         assert_eq!(status, 200);
         body.lines()
             .filter(|l| !l.starts_with('#'))
-            .filter(|l| l.starts_with(name) && (l.as_bytes().get(name.len()) == Some(&b' ') || l.as_bytes().get(name.len()) == Some(&b'{')))
+            .filter(|l| {
+                l.starts_with(name)
+                    && (l.as_bytes().get(name.len()) == Some(&b' ')
+                        || l.as_bytes().get(name.len()) == Some(&b'{'))
+            })
             .filter(|l| labels.iter().all(|x| l.contains(x)))
             .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
             .sum()
@@ -267,7 +295,10 @@ impl Spooky {
 }
 
 fn unsafe_kill(pid: u32, sig: i32) {
-    let _ = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status();
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status();
 }
 
 impl Drop for Spooky {
@@ -286,12 +317,19 @@ impl Drop for Spooky {
 pub fn http1_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut buf = Vec::new();
     s.read_to_end(&mut buf).ok()?;
     let text = String::from_utf8_lossy(&buf).into_owned();
     let status = text.split(' ').nth(1)?.parse().ok()?;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     Some((status, body))
 }
 

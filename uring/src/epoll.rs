@@ -126,13 +126,19 @@ impl DatagramIo for EpollUdp {
         self.socket.writable().await
     }
 
-    fn try_recv_batch(&mut self, bufs: &mut [Vec<u8>], metas: &mut [RecvMeta]) -> io::Result<usize> {
+    fn try_recv_batch(
+        &mut self,
+        bufs: &mut [Vec<u8>],
+        metas: &mut [RecvMeta],
+    ) -> io::Result<usize> {
         let n = bufs.len().min(metas.len());
         if n == 0 {
             return Ok(0);
         }
-        let mut slices: Vec<IoSliceMut<'_>> =
-            bufs[..n].iter_mut().map(|b| IoSliceMut::new(b.as_mut_slice())).collect();
+        let mut slices: Vec<IoSliceMut<'_>> = bufs[..n]
+            .iter_mut()
+            .map(|b| IoSliceMut::new(b.as_mut_slice()))
+            .collect();
         let mut qmeta = vec![quinn_udp::RecvMeta::default(); n];
         let state = &self.state;
         let socket = &self.socket;
@@ -173,10 +179,7 @@ impl DatagramIo for EpollUdp {
             }
             return Ok(());
         }
-        self.send_one(&Transmit {
-            segment_size,
-            ..*t
-        })
+        self.send_one(&Transmit { segment_size, ..*t })
     }
 }
 
@@ -227,6 +230,7 @@ impl EpollUdp {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::MAX_RECV_BUF;
@@ -241,9 +245,11 @@ mod tests {
     #[test]
     fn gso_train_arrives_as_separate_datagrams() {
         rt().block_on(async {
-            let mut tx = EpollUdp::bind("127.0.0.1:0".parse().unwrap(), &SocketOptions::default()).unwrap();
+            let mut tx =
+                EpollUdp::bind("127.0.0.1:0".parse().unwrap(), &SocketOptions::default()).unwrap();
             let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-            rx.set_read_timeout(Some(std::time::Duration::from_secs(2))).unwrap();
+            rx.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+                .unwrap();
             let payload: Vec<u8> = (0..(1200 * 3 + 500)).map(|i| (i % 251) as u8).collect();
             tx.writable().await.unwrap();
             tx.try_send(&Transmit {
@@ -269,7 +275,8 @@ mod tests {
     #[test]
     fn batch_receive_reports_peers_and_lengths() {
         rt().block_on(async {
-            let mut rx = EpollUdp::bind("127.0.0.1:0".parse().unwrap(), &SocketOptions::default()).unwrap();
+            let mut rx =
+                EpollUdp::bind("127.0.0.1:0".parse().unwrap(), &SocketOptions::default()).unwrap();
             let dst = rx.local_addr().unwrap();
             let a = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
             let b = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();

@@ -104,18 +104,24 @@ pub trait DatagramIo {
     async fn writable(&self) -> io::Result<()>;
     /// Receives up to `bufs.len()` datagrams/trains; `metas[i]` describes `bufs[i]`.
     /// Each buffer should be [`MAX_RECV_BUF`] bytes. Returns `WouldBlock` when empty.
-    fn try_recv_batch(&mut self, bufs: &mut [Vec<u8>], metas: &mut [RecvMeta]) -> io::Result<usize>;
+    fn try_recv_batch(&mut self, bufs: &mut [Vec<u8>], metas: &mut [RecvMeta])
+        -> io::Result<usize>;
     /// Sends one transmit (one syscall, many datagrams with GSO).
     fn try_send(&mut self, transmit: &Transmit<'_>) -> io::Result<()>;
 }
 
 /// Splits a received GRO train into its datagrams.
 pub fn split_segments(buf: &[u8], stride: usize) -> impl Iterator<Item = &[u8]> {
-    let stride = if stride == 0 { buf.len().max(1) } else { stride };
+    let stride = if stride == 0 {
+        buf.len().max(1)
+    } else {
+        stride
+    };
     buf.chunks(stride)
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
