@@ -174,3 +174,18 @@ fn garbage_datagrams_are_dropped_and_counted() {
     let mut c2 = spooky.client();
     assert_eq!(c2.get("/id").unwrap().status, 200);
 }
+
+#[test]
+fn sigterm_closes_connections_with_h3_no_error_and_exits_zero() {
+    let a = Backend::start("alpha");
+    let mut spooky = Spooky::start(&[&a]);
+    let mut c = spooky.client();
+    assert_eq!(c.get("/id").unwrap().status, 200);
+    let code = spooky.terminate();
+    assert_eq!(code, Some(0), "spooky must exit 0 on SIGTERM");
+    let _ = c.drive_for(Duration::from_millis(300));
+    let q = c.quic();
+    let err = q.peer_error().expect("the client must see spooky's CONNECTION_CLOSE");
+    assert!(err.is_app, "{err:?}");
+    assert_eq!(err.error_code, 0x100, "H3_NO_ERROR expected: {err:?}");
+}

@@ -174,3 +174,49 @@ fn retry_enabled_still_serves() {
     assert_eq!(c.get("/id").unwrap().text(), "alpha");
     assert!(spooky.metric("spooky_quic_retries_sent_total", &[]) >= 1.0);
 }
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn one_gib_download_keeps_spooky_rss_flat() {
+    let a = Backend::start("alpha");
+    let spooky = Spooky::start(&[&a]);
+    let pid = spooky.pid().unwrap();
+    let addr = spooky.addr;
+    // Warm up (first connection, pools, allocator arenas).
+    let mut warm = spooky.client();
+    assert_eq!(warm.get("/bytes/1048576").unwrap().status, 200);
+    let base = rss_kib(pid);
+    let n: u64 = 1 << 30;
+    let h = std::thread::spawn(move || {
+        let mut c = crate::common::H3Client::connect(addr, "localhost").unwrap();
+        c.timeout = std::time::Duration::from_secs(300);
+        c.send_digest(Request {
+            method: "GET".into(),
+            path: format!("/bytes/{n}"),
+            headers: vec![],
+            body: Body::Empty,
+        })
+    });
+    let mut peak = base;
+    while !h.is_finished() {
+        peak = peak.max(rss_kib(pid));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let r = h.join().unwrap().unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.len, n);
+    assert_eq!(r.sha256, pattern_sha256(n));
+    let growth_mib = (peak.saturating_sub(base)) as f64 / 1024.0;
+    eprintln!("1 GiB download: spooky RSS {} KiB before, {} KiB peak (+{growth_mib:.1} MiB)", base, peak);
+    // Bounded buffers: growth is a few stream budgets and QUIC windows, never the body.
+    assert!(growth_mib < 64.0, "spooky RSS grew {growth_mib:.1} MiB during a 1 GiB download");
+}
