@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the system packages spooky's build and test suite need, only when missing.
 # Build: cmake + clang + libclang-dev (BoringSSL via the `boring` crate, bindgen).
-# Tests/run: gtlsclient (ngtcp2-client), h2load (nghttp2-client), nginx-light (h2c peer), openssl.
+# Tests/run: gtlsclient (ngtcp2-client), h2load (nghttp2-client), nginx-light (h2c peer),
+# openssl (demo certificates), curl (admin API), strace (perf: syscalls per request).
 set -euo pipefail
 
 need=()
@@ -16,6 +17,7 @@ have_cmd h2load || need+=(nghttp2-client)
 have_cmd openssl || need+=(openssl)
 have_cmd nginx || need+=(nginx-light)
 have_cmd strace || need+=(strace)
+have_cmd curl || need+=(curl)
 have_cmd make || need+=(make)
 
 if [ ${#need[@]} -eq 0 ]; then
