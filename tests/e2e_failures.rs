@@ -185,7 +185,9 @@ fn sigterm_closes_connections_with_h3_no_error_and_exits_zero() {
     assert_eq!(code, Some(0), "spooky must exit 0 on SIGTERM");
     let _ = c.drive_for(Duration::from_millis(300));
     let q = c.quic();
-    let err = q.peer_error().expect("the client must see spooky's CONNECTION_CLOSE");
+    let err = q
+        .peer_error()
+        .expect("the client must see spooky's CONNECTION_CLOSE");
     assert!(err.is_app, "{err:?}");
     assert_eq!(err.error_code, 0x100, "H3_NO_ERROR expected: {err:?}");
 }

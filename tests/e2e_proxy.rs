@@ -216,7 +216,13 @@ fn one_gib_download_keeps_spooky_rss_flat() {
     assert_eq!(r.len, n);
     assert_eq!(r.sha256, pattern_sha256(n));
     let growth_mib = (peak.saturating_sub(base)) as f64 / 1024.0;
-    eprintln!("1 GiB download: spooky RSS {} KiB before, {} KiB peak (+{growth_mib:.1} MiB)", base, peak);
+    eprintln!(
+        "1 GiB download: spooky RSS {} KiB before, {} KiB peak (+{growth_mib:.1} MiB)",
+        base, peak
+    );
     // Bounded buffers: growth is a few stream budgets and QUIC windows, never the body.
-    assert!(growth_mib < 64.0, "spooky RSS grew {growth_mib:.1} MiB during a 1 GiB download");
+    assert!(
+        growth_mib < 64.0,
+        "spooky RSS grew {growth_mib:.1} MiB during a 1 GiB download"
+    );
 }

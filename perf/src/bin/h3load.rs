@@ -62,7 +62,12 @@ fn main() {
     let handles: Vec<_> = (0..args.clients)
         .map(|_| {
             let stop = stop.clone();
-            let (addr, authority, path, m) = (args.addr, args.authority.clone(), args.path.clone(), args.streams);
+            let (addr, authority, path, m) = (
+                args.addr,
+                args.authority.clone(),
+                args.path.clone(),
+                args.streams,
+            );
             std::thread::spawn(move || run_client(addr, &authority, &path, m, per_client, &stop))
         })
         .collect();
@@ -70,7 +75,11 @@ fn main() {
         let total = Duration::from_secs(args.duration);
         while started.elapsed() < total {
             std::thread::sleep(Duration::from_millis(200));
-            eprint!("\rh3load: {:>4.1}s / {}s", started.elapsed().as_secs_f64(), args.duration);
+            eprint!(
+                "\rh3load: {:>4.1}s / {}s",
+                started.elapsed().as_secs_f64(),
+                args.duration
+            );
         }
         eprintln!();
         stop.store(true, Ordering::Relaxed);
@@ -101,7 +110,11 @@ fn main() {
         let i = ((all.rounds.len() as f64 - 1.0) * p).round() as usize;
         all.rounds[i].as_secs_f64() * 1000.0
     };
-    println!("finished in {secs:.2}s, {:.2} req/s, {:.2} MiB/s", all.done as f64 / secs, all.bytes as f64 / secs / 1048576.0);
+    println!(
+        "finished in {secs:.2}s, {:.2} req/s, {:.2} MiB/s",
+        all.done as f64 / secs,
+        all.bytes as f64 / secs / 1048576.0
+    );
     println!(
         "requests: {} total, {} done, {} succeeded, {} failed, {} errored",
         all.done + all.errored,
@@ -128,7 +141,14 @@ fn main() {
     }
 }
 
-fn run_client(addr: SocketAddr, authority: &str, path: &str, m: usize, limit: Option<u64>, stop: &AtomicBool) -> Tally {
+fn run_client(
+    addr: SocketAddr,
+    authority: &str,
+    path: &str,
+    m: usize,
+    limit: Option<u64>,
+    stop: &AtomicBool,
+) -> Tally {
     let mut t = Tally::default();
     let mut c = match H3Client::connect(addr, authority) {
         Ok(c) => c,
