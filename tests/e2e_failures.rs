@@ -191,3 +191,39 @@ fn sigterm_closes_connections_with_h3_no_error_and_exits_zero() {
     assert!(err.is_app, "{err:?}");
     assert_eq!(err.error_code, 0x100, "H3_NO_ERROR expected: {err:?}");
 }
+
+#[test]
+fn sigterm_drains_in_flight_requests_then_exits_zero() {
+    let a = Backend::start("alpha");
+    let mut spooky = Spooky::start(&[&a]);
+    let addr = spooky.addr;
+    let slow = std::thread::spawn(move || {
+        let mut c = crate::common::H3Client::connect(addr, "localhost").unwrap();
+        c.get("/slow?ms=1500")
+    });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while a.stat("active") < 1 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(a.stat("active"), 1, "the slow request should be in flight");
+    let pid = spooky.pid().unwrap();
+    let _ = std::process::Command::new("kill")
+        .arg("-15")
+        .arg(pid.to_string())
+        .status();
+    std::thread::sleep(Duration::from_millis(200));
+    // Draining: new connections are refused...
+    let opts = crate::common::h3client::ClientOptions {
+        idle_timeout_ms: 500,
+        ..Default::default()
+    };
+    assert!(
+        crate::common::H3Client::connect_with(addr, "localhost", opts).is_err(),
+        "a draining spooky must not accept new connections"
+    );
+    // ...while the in-flight request completes.
+    let r = slow.join().unwrap().unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "slow 1500\n");
+    assert_eq!(spooky.terminate(), Some(0));
+}

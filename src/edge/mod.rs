@@ -101,7 +101,22 @@ struct Conn {
     timer: Option<Instant>,
     dirty: bool,
     established: bool,
+    /// Highest request stream id accepted (for GOAWAY).
+    max_stream_id: Option<u64>,
+    /// GOAWAY sent: no new requests; close once the last one finishes.
+    closing: bool,
+    /// When to send CONNECTION_CLOSE: a few PTOs after the last response
+    /// was queued, so its bytes can still be retransmitted if lost.
+    close_at: Option<Instant>,
+    /// Streams that ended by reset or early response. quiche's HTTP/3 layer
+    /// keeps some state for such streams until the connection ends
+    /// (cloudflare/quiche#2524), so a connection that abandons too many is
+    /// closed with H3_EXCESSIVE_LOAD instead of growing without bound.
+    abandoned: u32,
 }
+
+/// Abandoned streams one connection may accumulate (see `Conn::abandoned`).
+pub const MAX_ABANDONED_STREAMS: u32 = 10_000;
 
 /// The per-worker QUIC/HTTP/3 state machine. See the module docs for the call protocol.
 pub struct Edge {
@@ -123,6 +138,8 @@ pub struct Edge {
     metrics: Arc<WorkerMetrics>,
     draining: bool,
     scratch: Vec<u8>,
+    /// The `now` of the input being handled (the edge never reads a clock).
+    now: Instant,
 }
 
 /// Builds the quiche transport config from `config.yaml`.
@@ -157,7 +174,9 @@ pub fn quic_config(cfg: &Config) -> Result<quiche::Config, EdgeError> {
     q.set_max_connection_window(cfg.quic.initial_max_data.max(24 * 1024 * 1024));
     q.set_active_connection_id_limit(4);
     q.set_disable_active_migration(false);
-    q.enable_early_data();
+    // No 0-RTT: early data can be replayed, and spooky forwards requests to
+    // backends that cannot tell. (RFC 8470 `Early-Data` handling would be
+    // needed first.)
     q.set_cc_algorithm(match cfg.quic.cc {
         CongestionControl::Cubic => quiche::CongestionControlAlgorithm::CUBIC,
         CongestionControl::Reno => quiche::CongestionControlAlgorithm::Reno,
@@ -204,6 +223,7 @@ impl Edge {
             metrics,
             draining: false,
             scratch: vec![0u8; 64 * 1024],
+            now: Instant::now(),
         })
     }
 
@@ -225,6 +245,7 @@ impl Edge {
         from: SocketAddr,
         to: SocketAddr,
     ) {
+        self.now = now;
         WorkerMetrics::inc(&self.metrics.datagrams_in);
         WorkerMetrics::add(&self.metrics.bytes_in, buf.len() as u64);
         let (dcid, ty, version, scid, token) = match quiche::Header::from_slice(buf, CID_LEN) {
@@ -340,6 +361,10 @@ impl Edge {
             timer: None,
             dirty: false,
             established: false,
+            max_stream_id: None,
+            closing: false,
+            close_at: None,
+            abandoned: 0,
         });
         self.by_cid.insert(new_scid, ci);
         self.by_cid.insert(dcid.clone(), ci);
@@ -354,7 +379,7 @@ impl Edge {
         let Some(conn) = self.conns.get_mut(ci) else {
             return;
         };
-        if conn.h3.is_none() && (conn.quic.is_established() || conn.quic.is_in_early_data()) {
+        if conn.h3.is_none() && conn.quic.is_established() {
             match h3::Connection::with_transport(&mut conn.quic, &self.h3_config) {
                 Ok(h) => conn.h3 = Some(h),
                 Err(e) => {
@@ -398,7 +423,10 @@ impl Edge {
 
     fn update_timer(&mut self, ci: usize) {
         if let Some(conn) = self.conns.get_mut(ci) {
-            let t = conn.quic.timeout_instant();
+            let t = match (conn.quic.timeout_instant(), conn.close_at) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             if t != conn.timer {
                 conn.timer = t;
                 if let Some(t) = t {
@@ -418,14 +446,26 @@ impl Edge {
         }
         let writable: Vec<u64> = conn.quic.writable().collect();
         for sid in writable {
-            if let Some(&slot) = self.conns.get(ci).and_then(|c| c.streams.get(&sid)) {
-                self.flush_response(slot);
+            let Some(conn) = self.conns.get_mut(ci) else {
+                return;
+            };
+            let Some(&slot) = conn.streams.get(&sid) else {
+                continue;
+            };
+            // A client that sent STOP_SENDING shows up here as writable with
+            // an error; notice it even when there is nothing to write yet, so
+            // the upstream stream is reset at once.
+            if let Err(quiche::Error::StreamStopped(code)) = conn.quic.stream_capacity(sid) {
+                self.client_cancelled(slot, code);
+                continue;
             }
+            self.flush_response(slot);
         }
     }
 
     /// Feeds an event from an upstream task.
     pub fn handle_upstream(&mut self, now: Instant, key: RequestKey, msg: ToEdge) {
+        self.now = now;
         let Some(req) = self
             .requests
             .get_mut(key.slot)
@@ -446,6 +486,8 @@ impl Edge {
                     req.synthesize(status);
                 } else {
                     self.reset_stream(key.slot, h3_code::INTERNAL_ERROR);
+                    self.mark_dirty(ci);
+                    self.update_timer(ci);
                     return;
                 }
             }
@@ -481,6 +523,7 @@ impl Edge {
 
     /// Handles expired connection timers.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.now = now;
         while let Some(Reverse((t, ci, serial))) = self.timers.peek().copied() {
             if t > now {
                 break;
@@ -493,6 +536,12 @@ impl Edge {
                 continue; // stale entry
             }
             conn.timer = None;
+            if conn.close_at.is_some_and(|c| c <= now) {
+                conn.close_at = None;
+                let _ = conn
+                    .quic
+                    .close(true, h3_code::NO_ERROR, b"server shutting down");
+            }
             conn.quic.on_timeout();
             self.after_activity(ci, now);
             self.reap_if_closed(ci);
@@ -595,24 +644,47 @@ impl Edge {
         None
     }
 
-    /// Starts a graceful close of every connection: GOAWAY, then
-    /// CONNECTION_CLOSE with H3_NO_ERROR. New connections are refused.
-    pub fn close_all(&mut self, reason: &[u8]) {
+    /// Starts a graceful close of every connection: new connections are
+    /// refused; each connection gets a GOAWAY naming the first request it
+    /// did not accept (so clients know exactly what is safe to retry), and
+    /// closes with H3_NO_ERROR once its in-flight requests finish. Call
+    /// [`Edge::force_close_all`] when the drain deadline passes.
+    pub fn close_all(&mut self, now: Instant) {
+        self.now = now;
         self.draining = true;
         let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
         for ci in keys {
             if let Some(conn) = self.conns.get_mut(ci) {
+                conn.closing = true;
                 if let Some(h3) = conn.h3.as_mut() {
-                    let _ = h3.send_goaway(&mut conn.quic, 0);
+                    let next = conn.max_stream_id.map_or(0, |m| m + 4);
+                    let _ = h3.send_goaway(&mut conn.quic, next);
                 }
-                let _ = conn.quic.close(true, h3_code::NO_ERROR, reason);
+                if conn.streams.is_empty() {
+                    conn.close_at = Some(now + close_delay(&conn.quic));
+                }
             }
             self.mark_dirty(ci);
             self.update_timer(ci);
         }
     }
 
-    /// Stops accepting new connections (drain mode).
+    /// Closes every connection now, in-flight requests or not.
+    pub fn force_close_all(&mut self) {
+        self.draining = true;
+        let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+        for ci in keys {
+            if let Some(conn) = self.conns.get_mut(ci) {
+                let _ = conn
+                    .quic
+                    .close(true, h3_code::NO_ERROR, b"server shutting down");
+            }
+            self.mark_dirty(ci);
+            self.update_timer(ci);
+        }
+    }
+
+    /// Whether GOAWAY was sent to every connection.
     pub fn is_draining(&self) -> bool {
         self.draining
     }
@@ -657,6 +729,21 @@ impl Edge {
             "connection closed"
         );
     }
+}
+
+/// How long after its last response a draining connection waits before
+/// CONNECTION_CLOSE: about three PTOs, so lost response bytes can still be
+/// retransmitted.
+fn close_delay(quic: &quiche::Connection) -> std::time::Duration {
+    let (rtt, var) = quic
+        .path_stats()
+        .next()
+        .map(|p| (p.rtt, p.rttvar))
+        .unwrap_or((
+            std::time::Duration::from_millis(100),
+            std::time::Duration::from_millis(50),
+        ));
+    (rtt + var * 4 + std::time::Duration::from_millis(25)) * 3
 }
 
 #[cfg(test)]

@@ -203,6 +203,17 @@ impl Edge {
         let Some(conn) = self.conns.get_mut(ci) else {
             return;
         };
+        if conn.closing {
+            // After GOAWAY: refuse, the client may retry elsewhere.
+            let _ =
+                conn.quic
+                    .stream_shutdown(sid, quiche::Shutdown::Read, h3_code::REQUEST_REJECTED);
+            let _ =
+                conn.quic
+                    .stream_shutdown(sid, quiche::Shutdown::Write, h3_code::REQUEST_REJECTED);
+            return;
+        }
+        conn.max_stream_id = Some(conn.max_stream_id.map_or(sid, |m| m.max(sid)));
         let peer = conn.quic.path_stats().next().map(|p| p.peer_addr);
         let client = peer.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
         let serial = self.next_request_serial;
@@ -418,7 +429,7 @@ impl Edge {
     }
 
     /// The client reset its stream or stopped reading: cancel upstream.
-    fn client_cancelled(&mut self, slot: usize, code: u64) {
+    pub(super) fn client_cancelled(&mut self, slot: usize, code: u64) {
         let Some(req) = self.requests.get_mut(slot) else {
             return;
         };
@@ -520,7 +531,7 @@ impl Edge {
                 let res = match resp.trailers.take() {
                     Some(t) => {
                         let r = h3c.send_additional_headers(&mut conn.quic, sid, &t, true, true);
-                        if matches!(r, Err(h3::Error::StreamBlocked)) {
+                        if matches!(r, Err(h3::Error::StreamBlocked) | Err(h3::Error::Done)) {
                             resp.trailers = Some(t);
                         }
                         r
@@ -557,6 +568,19 @@ impl Edge {
         };
         if let Some(conn) = self.conns.get_mut(req.conn) {
             conn.streams.remove(&req.stream_id);
+            if outcome != "ok" || !req.req_finished {
+                conn.abandoned += 1;
+                if conn.abandoned == super::MAX_ABANDONED_STREAMS {
+                    tracing::warn!(
+                        conn = req.conn,
+                        "too many abandoned streams; closing connection"
+                    );
+                    let _ = conn.quic.close(true, 0x107, b"too many abandoned streams");
+                }
+            }
+            if conn.closing && conn.streams.is_empty() && conn.close_at.is_none() {
+                conn.close_at = Some(self.now + super::close_delay(&conn.quic));
+            }
         }
         // Returning the remaining permits is unnecessary: the upstream task
         // sees the cancellation and stops.

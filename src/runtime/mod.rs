@@ -25,8 +25,10 @@ pub enum RuntimeError {
     Edge(#[from] EdgeError),
 }
 
-/// How long in-flight connections get to close after a shutdown signal.
-pub const CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// How long in-flight requests get to finish after a shutdown signal.
+pub const DRAIN_GRACE: Duration = Duration::from_secs(10);
+/// How long closing connections then get to flush their CONNECTION_CLOSE.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// Runs one worker until `shutdown` turns true, then closes connections
 /// cleanly (CONNECTION_CLOSE with H3_NO_ERROR) and returns.
@@ -65,6 +67,7 @@ pub async fn run_worker<D: DatagramIo>(
     ];
     let mut out = vec![0u8; MAX_RECV_BUF];
     let mut closing_since: Option<Instant> = None;
+    let mut forced = false;
     let mut last_counters = io.counters();
 
     loop {
@@ -85,9 +88,19 @@ pub async fn run_worker<D: DatagramIo>(
         publish_io_counters(&io, &metrics, &mut last_counters);
 
         if let Some(since) = closing_since {
-            if edge.connections() == 0 || since.elapsed() > CLOSE_GRACE {
+            if edge.connections() == 0 || since.elapsed() > DRAIN_GRACE + CLOSE_GRACE {
                 tracing::info!(remaining = edge.connections(), "worker stopped");
                 return Ok(());
+            }
+            if since.elapsed() > DRAIN_GRACE && !forced {
+                tracing::warn!(
+                    connections = edge.connections(),
+                    requests = edge.requests_in_flight(),
+                    "drain deadline passed; closing remaining connections"
+                );
+                edge.force_close_all();
+                forced = true;
+                continue;
             }
         }
 
@@ -96,7 +109,6 @@ pub async fn run_worker<D: DatagramIo>(
         let closing_tick = closing_since.map(|_| Instant::now() + Duration::from_millis(50));
         let wake = closing_tick.map_or(sleep_until, |c| c.min(sleep_until));
         tokio::select! {
-            biased;
             r = io.readable() => {
                 r?;
                 let now = Instant::now();
@@ -130,6 +142,17 @@ pub async fn run_worker<D: DatagramIo>(
                         }
                     }
                 }
+                // A socket that stays readable must not starve upstream
+                // events or timers: serve both before polling it again.
+                for _ in 0..1024 {
+                    match to_edge_rx.try_recv() {
+                        Ok((key, msg)) => edge.handle_upstream(now, key, msg),
+                        Err(_) => break,
+                    }
+                }
+                if edge.poll_timeout().is_some_and(|t| t <= Instant::now()) {
+                    edge.handle_timeout(Instant::now());
+                }
             }
             Some((key, msg)) = to_edge_rx.recv() => {
                 let now = Instant::now();
@@ -147,8 +170,12 @@ pub async fn run_worker<D: DatagramIo>(
             }
             r = shutdown.changed(), if closing_since.is_none() => {
                 if r.is_err() || *shutdown.borrow() {
-                    tracing::info!(connections = edge.connections(), "closing connections");
-                    edge.close_all(b"server shutting down");
+                    tracing::info!(
+                        connections = edge.connections(),
+                        requests = edge.requests_in_flight(),
+                        "draining: GOAWAY sent, refusing new connections"
+                    );
+                    edge.close_all(Instant::now());
                     closing_since = Some(Instant::now());
                 }
             }

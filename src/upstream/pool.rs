@@ -30,9 +30,12 @@ pub struct PoolSettings {
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
-/// h2 receive windows: large enough for bulk transfers on a LAN.
+/// h2 receive windows: large enough for bulk transfers on a LAN. A stalled
+/// client can pin at most one stream window of the connection window, and
+/// only until `timeouts.idle_ms`; the connection window leaves room for 64
+/// stalled streams before other streams on the connection feel it.
 const STREAM_WINDOW: u32 = 1024 * 1024;
-const CONN_WINDOW: u32 = 16 * 1024 * 1024;
+const CONN_WINDOW: u32 = 64 * 1024 * 1024;
 
 enum Slot {
     Empty,

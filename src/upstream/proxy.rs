@@ -199,16 +199,27 @@ async fn pump_request_body(
     if !has_body {
         return Ok(());
     }
+    let res = pump_request_body_inner(&mut send, body, shared, edge, idle).await;
+    if res.is_err() {
+        // h2 only resets a stream once every handle is gone, and the
+        // response side is still alive: reset the request side explicitly
+        // so the backend never waits on a half-sent body.
+        send.send_reset(h2::Reason::CANCEL);
+    }
+    res
+}
+
+async fn pump_request_body_inner(
+    send: &mut SendStream<Bytes>,
+    body: &mut mpsc::UnboundedReceiver<ToUpstream>,
+    shared: &StreamShared,
+    edge: &EdgeSender,
+    idle: Duration,
+) -> Result<(), UpstreamError> {
     loop {
         let msg = match timeout(idle, body.recv()).await {
-            Err(_) => {
-                send.send_reset(h2::Reason::CANCEL);
-                return Err(UpstreamError::Idle(idle));
-            }
-            Ok(None) => {
-                send.send_reset(h2::Reason::CANCEL);
-                return Err(UpstreamError::Cancelled);
-            }
+            Err(_) => return Err(UpstreamError::Idle(idle)),
+            Ok(None) => return Err(UpstreamError::Cancelled),
             Ok(Some(m)) => m,
         };
         match msg {
@@ -276,11 +287,12 @@ async fn pump_response_body(
         let len = chunk.len();
         while !chunk.is_empty() {
             let n = chunk.len().min(budget);
-            let permits = shared
-                .resp_budget
-                .acquire_many(n as u32)
-                .await
-                .map_err(|_| UpstreamError::Cancelled)?;
+            // A client that stops reading must not pin this h2 stream (and
+            // its share of the connection window) forever.
+            let permits = match timeout(idle, shared.resp_budget.acquire_many(n as u32)).await {
+                Err(_) => return Err(UpstreamError::Idle(idle)),
+                Ok(p) => p.map_err(|_| UpstreamError::Cancelled)?,
+            };
             permits.forget();
             let piece = chunk.split_to(n);
             if !edge.send(ToEdge::Data(piece)) {
