@@ -182,6 +182,7 @@ fn run(path: &std::path::Path) -> ExitCode {
     };
     let local = tokio::task::LocalSet::new();
     let metrics = registry.add_worker();
+    let board = Arc::new(spooky::telemetry::backends::BackendBoard::default());
     let result = local.block_on(&rt, async {
         let io = EpollUdp::bind(cfg.listen.address, &opts).map_err(|e| {
             tracing::error!(address = %cfg.listen.address, error = %e, "cannot bind UDP listener");
@@ -194,7 +195,7 @@ fn run(path: &std::path::Path) -> ExitCode {
             wait_for_signal().await;
             let _ = shutdown_tx.send(true);
         });
-        spooky::runtime::run_worker(&cfg, io, metrics, shutdown_rx).await
+        spooky::runtime::run_worker(&cfg, io, metrics, board, shutdown_rx).await
     });
     // Dropping the local set drops the signal task and its shutdown sender,
     // which stops the admin server even when the worker failed early.

@@ -13,6 +13,7 @@ use std::net::SocketAddr;
 pub struct PickContext<'a> {
     pub client: SocketAddr,
     pub path: &'a str,
+    pub key_hash: Option<u64>,
 }
 
 /// Per-backend facts a policy may use.
@@ -30,6 +31,20 @@ pub struct BackendView {
 pub trait Policy {
     fn name(&self) -> &'static str;
     fn pick(&self, ctx: &PickContext<'_>, backends: &[BackendView]) -> Option<usize>;
+    fn observe(&self, _backend: usize, _latency: std::time::Duration, _ok: bool) {}
+}
+
+/// Stable hash for keys.
+pub fn hash_bytes(data: &[u8]) -> u64 {
+    // FNV-1a: stable across processes.
+    data.iter().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ *b as u64).wrapping_mul(0x100000001b3)
+    })
+}
+
+/// Builds the policy for an upstream.
+pub fn build(_policy: crate::config::Policy, _backends: &[(SocketAddr, u32)]) -> Box<dyn Policy> {
+    Box::new(RoundRobin::default())
 }
 
 /// Plain round robin over available backends.
@@ -85,6 +100,7 @@ mod tests {
         PickContext {
             client: SocketAddr::from(([127, 0, 0, 1], 1)),
             path: "/",
+            key_hash: None,
         }
     }
 

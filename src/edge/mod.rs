@@ -479,11 +479,15 @@ impl Edge {
             ToEdge::Data(b) => req.resp.push_chunk(b, true),
             ToEdge::Trailers(t) => req.resp.trailers = Some(t),
             ToEdge::End => req.resp.end = true,
-            ToEdge::Fail { status, reason } => {
+            ToEdge::Fail {
+                status,
+                reason,
+                retry_after,
+            } => {
                 tracing::debug!(request_id = req.log.request_id, status, %reason, "request failed before response");
                 req.log.error = Some(reason);
                 if !req.resp.head_started() {
-                    req.synthesize(status);
+                    req.synthesize(status, retry_after);
                 } else {
                     self.reset_stream(key.slot, h3_code::INTERNAL_ERROR);
                     self.mark_dirty(ci);

@@ -88,9 +88,13 @@ impl Request {
     }
 
     /// Replaces the response with a short error from spooky itself.
-    pub fn synthesize(&mut self, status: u16) {
+    pub fn synthesize(&mut self, status: u16, retry_after: Option<u32>) {
         let body = Bytes::from(format!("{}\n", status_text(status)));
-        self.set_head(router::headers::synthetic_response(status, body.len()));
+        let mut head = router::headers::synthetic_response(status, body.len());
+        if let Some(secs) = retry_after {
+            head.push(h3::Header::new(b"retry-after", secs.to_string().as_bytes()));
+        }
+        self.set_head(head);
         self.resp.chunks.clear();
         self.resp.push_chunk(body, false);
         self.resp.trailers = None;
@@ -295,7 +299,7 @@ impl Edge {
             Err(RequestError::Refused { status, reason }) => {
                 tracing::debug!(stream = sid, status, %reason, "request refused");
                 req.log.error = Some(reason);
-                req.synthesize(status);
+                req.synthesize(status, None);
                 let slot = self.requests.insert(req);
                 conn.streams.insert(sid, slot);
                 self.flush_response(slot);

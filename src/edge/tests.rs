@@ -275,6 +275,7 @@ fn failure_before_head_becomes_a_status() {
     side.edge.send(ToEdge::Fail {
         status: 504,
         reason: "timeout".into(),
+        retry_after: None,
     });
     p.deliver();
     let (status, body, fin, _) = p.client_events();

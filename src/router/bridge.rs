@@ -48,6 +48,8 @@ pub enum ToEdge {
     Fail {
         status: u16,
         reason: String,
+        /// `retry-after` seconds for load-shedding 503s.
+        retry_after: Option<u32>,
     },
     /// The request failed after the head was forwarded: the edge resets the
     /// client stream with this HTTP/3 error code (never a truncated 200).

@@ -36,6 +36,7 @@ pub async fn run_worker<D: DatagramIo>(
     cfg: &Config,
     mut io: D,
     metrics: Arc<WorkerMetrics>,
+    board: Arc<crate::telemetry::backends::BackendBoard>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), RuntimeError> {
     let local = io.local_addr()?;
@@ -51,6 +52,7 @@ pub async fn run_worker<D: DatagramIo>(
     let mut edge = Edge::new(cfg, to_edge_tx, metrics.clone())?;
     let gateway = Rc::new(Gateway::new(cfg));
     gateway.warm();
+    let _checkers = gateway.start_health_checks(metrics.clone(), board, 0);
 
     let batch = cfg.io.batch.clamp(1, 1024);
     let mut bufs: Vec<Vec<u8>> = (0..batch.min(64))

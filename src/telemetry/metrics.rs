@@ -273,6 +273,48 @@ impl Collector for WorkerSum {
             "Backend selections made by the load balancer.",
             sum_u64(ws, |w| &w.upstream_picks),
         )?;
+        counter(
+            e,
+            "upstream_health_transitions",
+            "Backend health state changes from active checks.",
+            sum_u64(ws, |w| &w.health_transitions),
+        )?;
+        counter(
+            e,
+            "upstream_ejections",
+            "Backends ejected by passive outlier detection.",
+            sum_u64(ws, |w| &w.ejections),
+        )?;
+        counter(
+            e,
+            "upstream_retries",
+            "Requests retried on another attempt.",
+            sum_u64(ws, |w| &w.retries),
+        )?;
+        counter(
+            e,
+            "upstream_retry_budget_exhausted",
+            "Retries skipped because the retry budget was spent.",
+            sum_u64(ws, |w| &w.retry_budget_exhausted),
+        )?;
+        counter(
+            e,
+            "upstream_circuit_rejections",
+            "Requests refused with 503 by circuit breaking (in-flight or pending caps).",
+            sum_u64(ws, |w| &w.circuit_rejections),
+        )?;
+        counter(
+            e,
+            "upstream_no_healthy_backend",
+            "Requests with no healthy backend to go to.",
+            sum_u64(ws, |w| &w.no_healthy_backend),
+        )?;
+        gauge(
+            e,
+            "balancer_pending",
+            "Requests waiting for a backend slot.",
+            sum_i64(ws, |w| &w.pending),
+        )?;
         Ok(())
     }
 }

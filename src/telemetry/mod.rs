@@ -100,6 +100,16 @@ pub struct WorkerMetrics {
     pub upstream_resets: AtomicU64,
     pub upstream_timeouts: AtomicU64,
     pub upstream_picks: AtomicU64,
+    /// Balancer and upstream health (issue 4).
+    pub health_transitions: AtomicU64,
+    pub ejections: AtomicU64,
+    pub retries: AtomicU64,
+    pub retry_budget_exhausted: AtomicU64,
+    /// Requests answered 503 because every backend was at its in-flight cap
+    /// or the upstream's pending queue was full.
+    pub circuit_rejections: AtomicU64,
+    pub no_healthy_backend: AtomicU64,
+    pub pending: AtomicI64,
 }
 
 impl WorkerMetrics {

@@ -1,19 +1,24 @@
 //! The HTTP/2 side: per-worker connection pools and the task that carries
 //! one request from the edge to a backend and its response back.
 
+pub mod health;
 pub mod pool;
 mod proxy;
 
+use std::cell::Cell;
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 pub use pool::{BackendPool, PoolSettings};
 pub use proxy::proxy;
 
-use crate::balancer::{BackendView, PickContext, Policy, RoundRobin};
-use crate::config::Config;
+use crate::balancer::{BackendView, PickContext, Policy};
+use crate::config::{Config, OnAllUnhealthy};
 use crate::router::RouteTable;
+use crate::telemetry::backends::BackendBoard;
+use crate::telemetry::WorkerMetrics;
 
 /// Why a request could not be carried to a backend or back. Knows which
 /// side failed and maps to the status the client sees.
@@ -21,8 +26,12 @@ use crate::router::RouteTable;
 pub enum UpstreamError {
     #[error("no route for host {host} path {path}")]
     NoRoute { host: String, path: String },
-    #[error("upstream {upstream} has no backend available")]
+    #[error("upstream {upstream} has no healthy backend")]
     NoBackend { upstream: String },
+    #[error("upstream {upstream} is saturated (circuit breaking)")]
+    Saturated { upstream: String },
+    #[error("backend answered {0}, retries exhausted")]
+    Status(u16),
     #[error("connect to {backend} failed: {error}")]
     Connect { backend: SocketAddr, error: String },
     #[error("connect to {backend} timed out")]
@@ -44,11 +53,24 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
+    /// Seconds a client should wait before trying again, for 503s caused by
+    /// load rather than by failure.
+    pub fn retry_after(&self) -> Option<u32> {
+        match self {
+            UpstreamError::Saturated { .. } | UpstreamError::PoolTimeout { .. } => Some(1),
+            UpstreamError::NoBackend { .. } => Some(5),
+            _ => None,
+        }
+    }
+
     /// The status sent to the client when no response head was forwarded yet.
     pub fn status(&self) -> u16 {
         match self {
             UpstreamError::NoRoute { .. } => 404,
-            UpstreamError::NoBackend { .. } | UpstreamError::PoolTimeout { .. } => 503,
+            UpstreamError::NoBackend { .. }
+            | UpstreamError::PoolTimeout { .. }
+            | UpstreamError::Saturated { .. } => 503,
+            UpstreamError::Status(s) => *s,
             UpstreamError::Connect { .. }
             | UpstreamError::ConnectTimeout { .. }
             | UpstreamError::Refused(_)
@@ -70,30 +92,159 @@ pub struct UpstreamTimeouts {
     pub idle: Duration,
 }
 
+/// Retry budget: each request earns `percent`/100 of a retry, each retry
+/// spends one, with a small floor so a quiet upstream can still retry. This
+/// caps retries at about `percent`% of traffic, so retries cannot amplify
+/// an outage.
+#[derive(Debug)]
+pub struct RetryBudget {
+    tokens: Cell<f64>,
+    percent: f64,
+}
+
+impl RetryBudget {
+    const FLOOR: f64 = 3.0;
+    const CAP: f64 = 100.0;
+
+    pub fn new(percent: u8) -> Self {
+        Self {
+            tokens: Cell::new(Self::FLOOR),
+            percent: f64::from(percent) / 100.0,
+        }
+    }
+
+    pub fn on_request(&self) {
+        self.tokens
+            .set((self.tokens.get() + self.percent).min(Self::CAP.max(Self::FLOOR)));
+    }
+
+    /// Takes one retry's worth; false when the budget is spent.
+    pub fn try_spend(&self) -> bool {
+        if self.tokens.get() >= 1.0 {
+            self.tokens.set(self.tokens.get() - 1.0);
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// How a request to a backend ended, for outlier detection and the policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// A response head below 500.
+    Success,
+    /// 5xx, connect failure, reset before the head.
+    Failure,
+}
+
 /// One `upstreams:` entry, live on a worker.
 pub struct UpstreamGroup {
     pub name: String,
     pub policy: Box<dyn Policy>,
     pub backends: Vec<Rc<BackendPool>>,
     pub timeouts: UpstreamTimeouts,
+    pub cfg: crate::config::Upstream,
+    pub budget: RetryBudget,
+    /// Requests waiting for a backend below its in-flight cap.
+    pub pending: Cell<u32>,
+    /// Woken when a request to any backend of the group finishes.
+    pub slot_freed: Rc<tokio::sync::Notify>,
+}
+
+/// Why no backend could be picked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PickError {
+    /// Every backend is unhealthy or ejected (and `on_all_unhealthy: fail`).
+    NoHealthy,
+    /// Healthy backends exist but all are at `max_in_flight_per_backend`.
+    AtCapacity,
 }
 
 impl UpstreamGroup {
-    /// Picks a backend with the group's policy.
-    pub fn pick(&self, ctx: &PickContext<'_>) -> Option<Rc<BackendPool>> {
-        let views: Vec<BackendView> = self
+    /// Picks a backend with the group's policy, skipping unhealthy, ejected,
+    /// saturated and `exclude`d backends (the latter only while another
+    /// choice exists). Returns the backend's index.
+    pub fn pick(&self, ctx: &PickContext<'_>, exclude: &[usize]) -> Result<usize, PickError> {
+        let now = Instant::now();
+        let mut views: Vec<BackendView> = self
             .backends
             .iter()
             .map(|b| BackendView {
                 address: b.address,
                 weight: b.weight,
-                available: b.available(),
+                available: b.available(now),
                 in_flight: b.in_flight(),
             })
             .collect();
+        if !exclude.is_empty() {
+            let mut without = views.clone();
+            for &i in exclude {
+                if let Some(v) = without.get_mut(i) {
+                    v.available = false;
+                }
+            }
+            if without.iter().any(|v| v.available) {
+                views = without;
+            }
+        }
+        if let Some(i) = self.policy.pick(ctx, &views) {
+            return Ok(i);
+        }
+        // Nothing available: saturated, or sick?
+        let healthy: Vec<bool> = self
+            .backends
+            .iter()
+            .map(|b| b.health.healthy() && !b.health.is_ejected(now) && b.connectable())
+            .collect();
+        if healthy.iter().any(|h| *h) {
+            return Err(PickError::AtCapacity);
+        }
+        if self.cfg.on_all_unhealthy == OnAllUnhealthy::UseAll {
+            // Panic mode: balance over every backend below its cap.
+            for (v, b) in views.iter_mut().zip(&self.backends) {
+                v.available = !b.at_capacity();
+            }
+            if let Some(i) = self.policy.pick(ctx, &views) {
+                return Ok(i);
+            }
+            return Err(PickError::AtCapacity);
+        }
+        Err(PickError::NoHealthy)
+    }
+
+    /// Feeds a request's outcome to outlier detection and the policy.
+    pub fn record(&self, idx: usize, outcome: Outcome, latency: Duration, metrics: &WorkerMetrics) {
+        let Some(b) = self.backends.get(idx) else {
+            return;
+        };
         self.policy
-            .pick(ctx, &views)
-            .and_then(|i| self.backends.get(i).cloned())
+            .observe(idx, latency, outcome == Outcome::Success);
+        let streak = b.health.record(outcome == Outcome::Success);
+        let o = &self.cfg.outlier;
+        if outcome == Outcome::Failure && streak >= o.consecutive_failures {
+            let now = Instant::now();
+            let ejected = self
+                .backends
+                .iter()
+                .filter(|x| x.health.is_ejected(now))
+                .count();
+            let n = self.backends.len();
+            // Never eject beyond max_ejection_percent of the pool.
+            if (ejected + 1) * 100 <= usize::from(o.max_ejection_percent) * n {
+                let d = b
+                    .health
+                    .eject(now, Duration::from_millis(o.base_ejection_ms));
+                WorkerMetrics::inc(&metrics.ejections);
+                tracing::warn!(
+                    upstream = %self.name,
+                    backend = %b.address,
+                    failures = streak,
+                    ejected_for_ms = d.as_millis() as u64,
+                    "backend ejected"
+                );
+            }
+        }
     }
 }
 
@@ -101,6 +252,7 @@ impl UpstreamGroup {
 pub struct Gateway {
     pub routes: RouteTable,
     pub upstreams: Vec<UpstreamGroup>,
+    pub max_body_buffer_bytes: usize,
 }
 
 impl Gateway {
@@ -113,11 +265,13 @@ impl Gateway {
                     connections: u.pool.connections_per_backend,
                     max_streams: u.pool.max_concurrent_streams,
                     connect_timeout: Duration::from_millis(u.timeouts.connect_ms),
+                    max_in_flight: u.circuit.max_in_flight_per_backend,
                 };
+                let list: Vec<(SocketAddr, u32)> =
+                    u.backends.iter().map(|b| (b.address, b.weight)).collect();
                 UpstreamGroup {
                     name: u.name.clone(),
-                    // Only round robin is implemented; see `spooky check`.
-                    policy: Box::new(RoundRobin::default()),
+                    policy: crate::balancer::build(u.policy, &list),
                     backends: u
                         .backends
                         .iter()
@@ -128,13 +282,41 @@ impl Gateway {
                         request: Duration::from_millis(u.timeouts.request_ms),
                         idle: Duration::from_millis(u.timeouts.idle_ms),
                     },
+                    budget: RetryBudget::new(u.retries.budget_percent),
+                    pending: Cell::new(0),
+                    slot_freed: Rc::new(tokio::sync::Notify::new()),
+                    cfg: u.clone(),
                 }
             })
             .collect();
         Self {
             routes: RouteTable::new(cfg),
             upstreams,
+            max_body_buffer_bytes: cfg.limits.max_body_buffer_bytes,
         }
+    }
+
+    /// Starts the active health checkers. Call inside a `LocalSet`.
+    pub fn start_health_checks(
+        &self,
+        metrics: Arc<WorkerMetrics>,
+        board: Arc<BackendBoard>,
+        worker: usize,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        let mut handles = Vec::new();
+        for u in &self.upstreams {
+            for b in &u.backends {
+                handles.push(tokio::task::spawn_local(health::run_checker(
+                    b.clone(),
+                    u.cfg.health_check.clone(),
+                    u.name.clone(),
+                    metrics.clone(),
+                    board.clone(),
+                    worker,
+                )));
+            }
+        }
+        handles
     }
 
     /// Opens the pools' connections in the background. Call inside a `LocalSet`.

@@ -26,6 +26,8 @@ pub struct PoolSettings {
     pub connections: usize,
     pub max_streams: u32,
     pub connect_timeout: Duration,
+    /// Circuit breaking: requests in flight to this backend at most.
+    pub max_in_flight: u32,
 }
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -68,6 +70,8 @@ impl Drop for StreamGuard {
 pub struct BackendPool {
     pub address: SocketAddr,
     pub weight: u32,
+    /// Active check and outlier state; read by every pick.
+    pub health: super::health::BackendHealth,
     settings: PoolSettings,
     slots: RefCell<Vec<Slot>>,
     generation: Cell<u64>,
@@ -93,6 +97,7 @@ impl BackendPool {
         Rc::new(Self {
             address,
             weight,
+            health: Default::default(),
             settings,
             slots: RefCell::new((0..n).map(|_| Slot::Empty).collect()),
             generation: Cell::new(0),
@@ -104,8 +109,22 @@ impl BackendPool {
         })
     }
 
+    /// Whether a policy may pick this backend now: healthy, not ejected,
+    /// below its in-flight cap, and not in connect backoff.
+    pub fn available(&self, now: Instant) -> bool {
+        self.health.healthy()
+            && !self.health.is_ejected(now)
+            && !self.at_capacity()
+            && self.connectable()
+    }
+
+    /// At `circuit.max_in_flight_per_backend`.
+    pub fn at_capacity(&self) -> bool {
+        self.in_flight.get() >= self.settings.max_in_flight
+    }
+
     /// False while connects to this backend are failing and backing off.
-    pub fn available(&self) -> bool {
+    pub fn connectable(&self) -> bool {
         match self.backoff_until.get() {
             Some(t) => Instant::now() >= t,
             None => true,
@@ -248,7 +267,7 @@ impl BackendPool {
             }
             // Keep the pool at full size in the background.
             if let Some(i) = empty {
-                if self.available() {
+                if self.connectable() {
                     self.start_connect(i);
                     connecting = true;
                 }

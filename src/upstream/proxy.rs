@@ -1,6 +1,7 @@
 //! One request's journey: route, pick, acquire an h2 stream, then stream the
 //! request body up and the response down with both flow controls coupled
-//! (see `router::bridge` for the budgets).
+//! (see `router::bridge` for the budgets). Retries are decided here and only
+//! here, from the envelope's idempotency tag and what the backend proved.
 
 use std::future::poll_fn;
 use std::rc::Rc;
@@ -9,15 +10,16 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use h2::{RecvStream, SendStream};
+use tokio::sync::mpsc;
 use tokio::time::timeout;
 
-use super::{Gateway, UpstreamError};
-use crate::balancer::PickContext;
+use super::{Gateway, Outcome, PickError, UpstreamError, UpstreamGroup};
+use crate::balancer::{hash_bytes, PickContext};
+use crate::config::{HashKey, RetryOn};
 use crate::edge::h3_code;
 use crate::router::bridge::{EdgeSender, StreamShared, ToEdge, ToUpstream, UpstreamSide};
 use crate::router::{self, Envelope};
 use crate::telemetry::WorkerMetrics;
-use tokio::sync::mpsc;
 
 /// Carries one request to a backend and its response back to the edge.
 /// Ends early, dropping (and so resetting with CANCEL) the h2 stream, when
@@ -55,9 +57,92 @@ pub async fn proxy(
                 side.edge.send(ToEdge::Fail {
                     status: e.status(),
                     reason: e.to_string(),
+                    retry_after: e.retry_after(),
                 });
             }
         }
+    }
+}
+
+/// Request body bytes kept so an idempotent request can be replayed on
+/// another backend; dropped (and replay refused) past the body budget.
+struct Replay {
+    chunks: Vec<Bytes>,
+    bytes: usize,
+    limit: usize,
+    overflowed: bool,
+    /// The client's body ended (End or trailers seen).
+    ended: bool,
+    trailers: Option<http::HeaderMap>,
+}
+
+impl Replay {
+    fn new(limit: usize) -> Self {
+        Self {
+            chunks: Vec::new(),
+            bytes: 0,
+            limit,
+            overflowed: false,
+            ended: false,
+            trailers: None,
+        }
+    }
+
+    fn keep(&mut self, b: &Bytes) {
+        if self.overflowed {
+            return;
+        }
+        if self.bytes + b.len() > self.limit {
+            self.overflowed = true;
+            self.chunks.clear();
+            return;
+        }
+        self.bytes += b.len();
+        self.chunks.push(b.clone());
+    }
+
+    /// Whether everything sent so far can be sent again.
+    fn replayable(&self) -> bool {
+        !self.overflowed
+    }
+}
+
+/// How one attempt failed, with what the retry logic needs to know.
+struct AttemptError {
+    err: UpstreamError,
+    /// Which `retries.on` condition this failure matches, if any.
+    reason: Option<RetryOn>,
+    /// The backend provably did not process the request (connect failure,
+    /// REFUSED_STREAM, GOAWAY below our stream): safe to retry any method.
+    unprocessed: bool,
+    backend_failure: bool,
+}
+
+impl AttemptError {
+    fn fatal(err: UpstreamError) -> Self {
+        Self {
+            err,
+            reason: None,
+            unprocessed: false,
+            backend_failure: false,
+        }
+    }
+}
+
+fn key_hash(group: &UpstreamGroup, env: &Envelope) -> Option<u64> {
+    match &group.cfg.hash_key {
+        HashKey::ClientIp => None,
+        HashKey::Path => Some(hash_bytes(env.path.as_bytes())),
+        HashKey::Header(name) => env.headers.get(name).map(|v| hash_bytes(v.as_bytes())),
+        HashKey::Cookie(name) => env
+            .headers
+            .get_all(http::header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .filter_map(|kv| kv.trim().split_once('='))
+            .find(|(k, _)| *k == name.as_str())
+            .map(|(_, v)| hash_bytes(v.as_bytes())),
     }
 }
 
@@ -81,35 +166,182 @@ async fn run(
         .ok_or_else(|| UpstreamError::NoBackend {
             upstream: format!("#{up_idx}"),
         })?;
+    group.budget.on_request();
     let ctx = PickContext {
         client: env.client,
         path: &env.path,
+        key_hash: key_hash(group, env),
     };
-    let backend = group.pick(&ctx).ok_or_else(|| UpstreamError::NoBackend {
-        upstream: group.name.clone(),
-    })?;
-    WorkerMetrics::inc(&metrics.upstream_picks);
-    side.edge.send(ToEdge::Backend {
-        upstream: group.name.clone(),
-        backend: backend.address,
-    });
+    let mut replay = Replay::new(gw.max_body_buffer_bytes);
+    let mut tried: Vec<usize> = Vec::new();
+    let max_attempts = 1 + group.cfg.retries.attempts;
+    loop {
+        let idx = pick_or_wait(group, &ctx, &tried, env, metrics).await?;
+        tried.push(idx);
+        let backend = group.backends[idx].clone();
+        WorkerMetrics::inc(&metrics.upstream_picks);
+        side.edge.send(ToEdge::Backend {
+            upstream: group.name.clone(),
+            backend: backend.address,
+        });
+        let started = Instant::now();
+        let is_last = tried.len() as u32 >= max_attempts;
+        let res = attempt(group, idx, env, side, &mut replay, head_sent, is_last).await;
+        let latency = started.elapsed();
+        match res {
+            Ok(status) => {
+                let outcome = if status >= 500 {
+                    Outcome::Failure
+                } else {
+                    Outcome::Success
+                };
+                group.record(idx, outcome, latency, metrics);
+                return Ok(());
+            }
+            Err(a) => {
+                if a.backend_failure {
+                    group.record(idx, Outcome::Failure, latency, metrics);
+                }
+                if *head_sent {
+                    return Err(a.err);
+                }
+                let allowed = a.reason.is_some_and(|r| group.cfg.retries.on.contains(&r));
+                let safe = (a.unprocessed || env.idempotent) && replay.replayable();
+                if !allowed || !safe || tried.len() as u32 >= max_attempts {
+                    return Err(a.err);
+                }
+                if !group.budget.try_spend() {
+                    WorkerMetrics::inc(&metrics.retry_budget_exhausted);
+                    tracing::debug!(request_id = env.request_id, "retry budget exhausted");
+                    return Err(a.err);
+                }
+                WorkerMetrics::inc(&metrics.retries);
+                tracing::info!(
+                    request_id = env.request_id,
+                    upstream = %group.name,
+                    backend = %backend.address,
+                    error = %a.err,
+                    attempt = tried.len(),
+                    "retrying on another backend"
+                );
+            }
+        }
+    }
+}
+
+/// Picks a backend; when all are at their in-flight cap, waits in the
+/// upstream's bounded pending queue until one frees up.
+async fn pick_or_wait(
+    group: &UpstreamGroup,
+    ctx: &PickContext<'_>,
+    tried: &[usize],
+    env: &Envelope,
+    metrics: &WorkerMetrics,
+) -> Result<usize, UpstreamError> {
+    let deadline = env.received_at + group.timeouts.request;
+    let mut queued = false;
+    let res = loop {
+        let freed = group.slot_freed.notified();
+        tokio::pin!(freed);
+        freed.as_mut().enable();
+        match group.pick(ctx, tried) {
+            Ok(i) => break Ok(i),
+            Err(PickError::NoHealthy) => {
+                WorkerMetrics::inc(&metrics.no_healthy_backend);
+                break Err(UpstreamError::NoBackend {
+                    upstream: group.name.clone(),
+                });
+            }
+            Err(PickError::AtCapacity) => {
+                if !queued {
+                    if group.pending.get() >= group.cfg.circuit.max_pending {
+                        WorkerMetrics::inc(&metrics.circuit_rejections);
+                        break Err(UpstreamError::Saturated {
+                            upstream: group.name.clone(),
+                        });
+                    }
+                    queued = true;
+                    group.pending.set(group.pending.get() + 1);
+                    metrics
+                        .pending
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                // A freed slot wakes us; re-check now and then regardless
+                // (an ejection may end, a backend may recover).
+                let wait = deadline
+                    .saturating_duration_since(Instant::now())
+                    .min(Duration::from_millis(100));
+                if wait.is_zero() {
+                    WorkerMetrics::inc(&metrics.circuit_rejections);
+                    break Err(UpstreamError::Saturated {
+                        upstream: group.name.clone(),
+                    });
+                }
+                let _ = timeout(wait, freed).await;
+            }
+        }
+    };
+    if queued {
+        group.pending.set(group.pending.get().saturating_sub(1));
+        metrics
+            .pending
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    res
+}
+
+/// Wakes requests queued for a slot when this attempt ends.
+struct SlotRelease(Rc<tokio::sync::Notify>);
+
+impl Drop for SlotRelease {
+    fn drop(&mut self) {
+        self.0.notify_waiters();
+    }
+}
+
+/// One try against one backend. Returns the response status once the whole
+/// response was forwarded.
+#[allow(clippy::too_many_arguments)]
+async fn attempt(
+    group: &UpstreamGroup,
+    idx: usize,
+    env: &Envelope,
+    side: &mut UpstreamSide,
+    replay: &mut Replay,
+    head_sent: &mut bool,
+    is_last: bool,
+) -> Result<u16, AttemptError> {
+    let backend = group.backends[idx].clone();
+    let _release = SlotRelease(group.slot_freed.clone());
     let t = group.timeouts;
     let head_deadline = env.received_at + t.request;
     let acquire_deadline = (Instant::now() + t.connect).min(head_deadline);
-    let (mut sr, _guard) = backend.acquire(acquire_deadline).await?;
+    let (mut sr, _guard) = backend.acquire(acquire_deadline).await.map_err(|err| {
+        let connect = matches!(
+            err,
+            UpstreamError::Connect { .. } | UpstreamError::ConnectTimeout { .. }
+        );
+        AttemptError {
+            err,
+            reason: connect.then_some(RetryOn::ConnectFailure),
+            // Nothing was sent: safe for any method.
+            unprocessed: true,
+            backend_failure: connect,
+        }
+    })?;
 
     let uri = http::Uri::builder()
         .scheme("http")
         .authority(env.authority.as_str())
         .path_and_query(env.path.as_str())
         .build()
-        .map_err(|e| UpstreamError::BeforeResponse(format!("bad uri: {e}")))?;
+        .map_err(|e| AttemptError::fatal(UpstreamError::BeforeResponse(format!("bad uri: {e}"))))?;
     let mut req = http::Request::builder()
         .method(env.method.clone())
         .uri(uri)
         .version(http::Version::HTTP_2)
         .body(())
-        .map_err(|e| UpstreamError::BeforeResponse(e.to_string()))?;
+        .map_err(|e| AttemptError::fatal(UpstreamError::BeforeResponse(e.to_string())))?;
     *req.headers_mut() = env.headers.clone();
 
     let (resp_fut, send) = sr
@@ -122,22 +354,26 @@ async fn run(
         edge,
         budget,
     } = side;
-    let pump = pump_request_body(send, body_rx, shared, edge, env.has_body, t.idle);
+    let pump = pump_request_body(send, body_rx, shared, edge, replay, env.has_body, t.idle);
     tokio::pin!(pump);
     let mut pump_done = !env.has_body;
 
     let response = async {
-        let resp = match timeout(
+        match timeout(
             head_deadline.saturating_duration_since(Instant::now()),
             resp_fut,
         )
         .await
         {
-            Err(_) => return Err(UpstreamError::Timeout(t.request)),
-            Ok(Err(e)) => return Err(classify_before(&e)),
-            Ok(Ok(r)) => r,
-        };
-        Ok(resp)
+            Err(_) => Err(AttemptError {
+                err: UpstreamError::Timeout(t.request),
+                reason: None,
+                unprocessed: false,
+                backend_failure: true,
+            }),
+            Ok(Err(e)) => Err(classify_before(&e)),
+            Ok(Ok(r)) => Ok(r),
+        }
     };
     tokio::pin!(response);
 
@@ -157,6 +393,18 @@ async fn run(
     };
 
     let (parts, body) = resp.into_parts();
+    let status = parts.status.as_u16();
+    let retry_status = RetryOn::Status(status);
+    if !is_last && group.cfg.retries.on.contains(&retry_status) {
+        // Candidate for a retry: do not forward this answer (the h2 stream
+        // is reset with CANCEL when `body` drops).
+        return Err(AttemptError {
+            err: UpstreamError::Status(status),
+            reason: Some(retry_status),
+            unprocessed: false,
+            backend_failure: status >= 500,
+        });
+    }
     edge.send(ToEdge::Headers(router::response_headers(
         parts.status,
         &parts.headers,
@@ -168,7 +416,14 @@ async fn run(
     tokio::pin!(down);
     loop {
         tokio::select! {
-            r = &mut down => return r,
+            r = &mut down => {
+                return r.map(|()| status).map_err(|err| AttemptError {
+                    backend_failure: matches!(err, UpstreamError::ResponseReset(_)),
+                    err,
+                    reason: None,
+                    unprocessed: false,
+                });
+            }
             p = &mut pump, if !pump_done => {
                 pump_done = true;
                 if let Err(e) = p {
@@ -179,27 +434,49 @@ async fn run(
     }
 }
 
-fn classify_before(e: &h2::Error) -> UpstreamError {
-    match e.reason() {
-        Some(h2::Reason::REFUSED_STREAM) => UpstreamError::Refused(e.to_string()),
-        _ => UpstreamError::BeforeResponse(e.to_string()),
+fn classify_before(e: &h2::Error) -> AttemptError {
+    if e.reason() == Some(h2::Reason::REFUSED_STREAM) {
+        return AttemptError {
+            err: UpstreamError::Refused(e.to_string()),
+            reason: Some(RetryOn::RefusedStream),
+            unprocessed: true,
+            backend_failure: false,
+        };
+    }
+    if e.is_go_away() && e.is_remote() {
+        // Our stream was above the GOAWAY's last-stream-id: never processed.
+        return AttemptError {
+            err: UpstreamError::Refused(e.to_string()),
+            reason: Some(RetryOn::RefusedStream),
+            unprocessed: true,
+            backend_failure: false,
+        };
+    }
+    AttemptError {
+        err: UpstreamError::BeforeResponse(e.to_string()),
+        reason: Some(RetryOn::Reset),
+        unprocessed: false,
+        backend_failure: true,
     }
 }
 
 /// Moves request body chunks from the edge into the h2 stream, sending only
 /// what h2 granted capacity for, and returning budget to the edge as it goes.
+/// On a retry, first replays what earlier attempts sent.
+#[allow(clippy::too_many_arguments)]
 async fn pump_request_body(
     mut send: SendStream<Bytes>,
     body: &mut mpsc::UnboundedReceiver<ToUpstream>,
     shared: &StreamShared,
     edge: &EdgeSender,
+    replay: &mut Replay,
     has_body: bool,
     idle: Duration,
 ) -> Result<(), UpstreamError> {
     if !has_body {
         return Ok(());
     }
-    let res = pump_request_body_inner(&mut send, body, shared, edge, idle).await;
+    let res = pump_request_body_inner(&mut send, body, shared, edge, replay, idle).await;
     if res.is_err() {
         // h2 only resets a stream once every handle is gone, and the
         // response side is still alive: reset the request side explicitly
@@ -209,13 +486,54 @@ async fn pump_request_body(
     res
 }
 
+async fn send_chunk(
+    send: &mut SendStream<Bytes>,
+    mut b: Bytes,
+    idle: Duration,
+) -> Result<(), UpstreamError> {
+    while !b.is_empty() {
+        send.reserve_capacity(b.len());
+        if send.capacity() == 0 {
+            loop {
+                match timeout(idle, poll_fn(|cx| send.poll_capacity(cx))).await {
+                    Err(_) => return Err(UpstreamError::Idle(idle)),
+                    Ok(None) => {
+                        return Err(UpstreamError::ResponseReset("request stream closed".into()))
+                    }
+                    Ok(Some(Err(e))) => return Err(UpstreamError::ResponseReset(e.to_string())),
+                    Ok(Some(Ok(0))) => continue,
+                    Ok(Some(Ok(_))) => break,
+                }
+            }
+        }
+        let cap = send.capacity().min(b.len()).max(1);
+        let piece = b.split_to(cap);
+        send.send_data(piece, false)
+            .map_err(|e| UpstreamError::ResponseReset(e.to_string()))?;
+    }
+    Ok(())
+}
+
 async fn pump_request_body_inner(
     send: &mut SendStream<Bytes>,
     body: &mut mpsc::UnboundedReceiver<ToUpstream>,
     shared: &StreamShared,
     edge: &EdgeSender,
+    replay: &mut Replay,
     idle: Duration,
 ) -> Result<(), UpstreamError> {
+    // Replay what an earlier attempt already consumed from the client.
+    for chunk in replay.chunks.clone() {
+        send_chunk(send, chunk, idle).await?;
+    }
+    if replay.ended {
+        match replay.trailers.clone() {
+            Some(t) => send.send_trailers(t),
+            None => send.send_data(Bytes::new(), true),
+        }
+        .map_err(|e| UpstreamError::ResponseReset(e.to_string()))?;
+        return Ok(());
+    }
     loop {
         let msg = match timeout(idle, body.recv()).await {
             Err(_) => return Err(UpstreamError::Idle(idle)),
@@ -223,43 +541,22 @@ async fn pump_request_body_inner(
             Ok(Some(m)) => m,
         };
         match msg {
-            ToUpstream::Data(mut b) => {
+            ToUpstream::Data(b) => {
                 let total = b.len();
-                while !b.is_empty() {
-                    send.reserve_capacity(b.len());
-                    if send.capacity() == 0 {
-                        tracing::trace!(want = b.len(), "waiting for h2 send capacity");
-                        loop {
-                            match timeout(idle, poll_fn(|cx| send.poll_capacity(cx))).await {
-                                Err(_) => return Err(UpstreamError::Idle(idle)),
-                                Ok(None) => {
-                                    return Err(UpstreamError::ResponseReset(
-                                        "request stream closed".into(),
-                                    ))
-                                }
-                                Ok(Some(Err(e))) => {
-                                    return Err(UpstreamError::ResponseReset(e.to_string()))
-                                }
-                                Ok(Some(Ok(0))) => continue,
-                                Ok(Some(Ok(_))) => break,
-                            }
-                        }
-                    }
-                    let cap = send.capacity().min(b.len()).max(1);
-                    let piece = b.split_to(cap);
-                    send.send_data(piece, false)
-                        .map_err(|e| UpstreamError::ResponseReset(e.to_string()))?;
-                }
+                replay.keep(&b);
+                send_chunk(send, b, idle).await?;
                 shared.req_budget.add_permits(total);
-                tracing::trace!(total, "request chunk handed to h2");
                 edge.send(ToEdge::RequestCredit);
             }
             ToUpstream::Trailers(t) => {
+                replay.ended = true;
+                replay.trailers = Some(t.clone());
                 send.send_trailers(t)
                     .map_err(|e| UpstreamError::ResponseReset(e.to_string()))?;
                 return Ok(());
             }
             ToUpstream::End => {
+                replay.ended = true;
                 send.send_data(Bytes::new(), true)
                     .map_err(|e| UpstreamError::ResponseReset(e.to_string()))?;
                 return Ok(());
