@@ -35,6 +35,9 @@ enum Command {
         listen: std::net::SocketAddr,
         #[arg(long)]
         name: String,
+        /// Delay every response by this many milliseconds (a slow backend).
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
     },
 }
 
@@ -42,7 +45,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Check) => check(&cli.config),
-        Some(Command::DemoBackend { listen, name }) => demo_backend(listen, name),
+        Some(Command::DemoBackend {
+            listen,
+            name,
+            delay_ms,
+        }) => demo_backend(listen, name, std::time::Duration::from_millis(delay_ms)),
         None => run(&cli.config),
     }
 }
@@ -74,7 +81,11 @@ fn check(path: &std::path::Path) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn demo_backend(listen: std::net::SocketAddr, name: String) -> ExitCode {
+fn demo_backend(
+    listen: std::net::SocketAddr,
+    name: String,
+    delay: std::time::Duration,
+) -> ExitCode {
     init_plain_logging();
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -86,7 +97,7 @@ fn demo_backend(listen: std::net::SocketAddr, name: String) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(spooky::demo_backend::run(listen, name)) {
+    match rt.block_on(spooky::demo_backend::run_with_delay(listen, name, delay)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("spooky demo-backend: {e}");

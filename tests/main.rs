@@ -6,4 +6,5 @@ mod common;
 mod e2e_config;
 mod e2e_failures;
 mod e2e_peers;
+mod e2e_policies;
 mod e2e_proxy;

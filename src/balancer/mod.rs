@@ -71,10 +71,7 @@ impl Policy for RoundRobin {
                 return Some(idx);
             }
         }
-        // Every backend is in connect backoff: still try the next one in
-        // turn, so a recovered backend is found without waiting for backoff.
-        self.next.set(start + 1);
-        Some(start)
+        None
     }
 }
 

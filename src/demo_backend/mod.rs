@@ -74,7 +74,15 @@ const BINARY: &str = "application/octet-stream";
 /// Binds `listen` (SO_REUSEADDR), prints `demo-backend NAME listening on
 /// ADDR` to stdout (flushed) once bound, then serves h2c forever.
 pub async fn run(listen: SocketAddr, name: String) -> io::Result<()> {
-    let shared = Arc::new(Shared::new(name)?);
+    run_with_delay(listen, name, Duration::ZERO).await
+}
+
+/// Like [`run`], but every response (other than `/health` and `/stats`)
+/// waits `delay` first: a slow backend for latency-aware balancing tests.
+pub async fn run_with_delay(listen: SocketAddr, name: String, delay: Duration) -> io::Result<()> {
+    let mut shared = Shared::new(name)?;
+    shared.delay = delay;
+    let shared = Arc::new(shared);
     let listener = bind(listen)?;
     let local = listener.local_addr()?;
     // A closed stdout must not keep the backend from serving.
@@ -152,6 +160,8 @@ struct Shared {
     /// `CHUNK + PATTERN_PERIOD` pattern bytes: any chunk of the `/bytes`
     /// body is a zero-copy slice of it.
     pattern: Bytes,
+    /// Added before every response except `/health` and `/stats`.
+    delay: Duration,
 }
 
 impl Shared {
@@ -170,6 +180,7 @@ impl Shared {
             name_value,
             stats: Stats::default(),
             pattern: Bytes::from(pattern),
+            delay: Duration::ZERO,
         })
     }
 
@@ -297,6 +308,9 @@ async fn handle_stream(
     }
     let _active = ActiveGuard::new(&stats.active);
     let path = req.uri().path().to_owned();
+    if !shared.delay.is_zero() && path != "/health" && path != "/stats" {
+        tokio::time::sleep(shared.delay).await;
+    }
     match route(&shared, req, &mut respond).await {
         Ok(()) => {}
         Err(StreamEnd::PeerReset(reason)) => {

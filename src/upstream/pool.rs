@@ -59,10 +59,23 @@ pub struct StreamGuard {
 impl Drop for StreamGuard {
     fn drop(&mut self) {
         self.in_flight.set(self.in_flight.get().saturating_sub(1));
+        self.pool.notify.notify_waiters();
+    }
+}
+
+/// Counts a request against its backend from the moment it is picked (so
+/// circuit breaking sees requests still waiting for a connection) until the
+/// attempt ends.
+#[derive(Debug)]
+pub struct InFlightGuard {
+    pool: Rc<BackendPool>,
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
         self.pool
             .in_flight
             .set(self.pool.in_flight.get().saturating_sub(1));
-        self.pool.notify.notify_waiters();
     }
 }
 
@@ -133,6 +146,12 @@ impl BackendPool {
 
     pub fn in_flight(&self) -> u32 {
         self.in_flight.get()
+    }
+
+    /// Counts one request against this backend until the guard drops.
+    pub fn reserve(self: &Rc<Self>) -> InFlightGuard {
+        self.in_flight.set(self.in_flight.get() + 1);
+        InFlightGuard { pool: self.clone() }
     }
 
     /// Opens every empty slot in the background (warm pool).
@@ -282,7 +301,6 @@ impl BackendPool {
                     _ => continue,
                 };
                 in_flight.set(in_flight.get() + 1);
-                self.in_flight.set(self.in_flight.get() + 1);
                 let guard = StreamGuard {
                     in_flight,
                     pool: self.clone(),

@@ -312,7 +312,9 @@ async fn attempt(
     is_last: bool,
 ) -> Result<u16, AttemptError> {
     let backend = group.backends[idx].clone();
+    // Declared first so it drops last: waiters wake after the count fell.
     let _release = SlotRelease(group.slot_freed.clone());
+    let _reserved = backend.reserve();
     let t = group.timeouts;
     let head_deadline = env.received_at + t.request;
     let acquire_deadline = (Instant::now() + t.connect).min(head_deadline);

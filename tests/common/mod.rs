@@ -56,6 +56,19 @@ impl Backend {
     }
 
     pub fn start_on(name: &str, addr: SocketAddr) -> Backend {
+        Self::start_full(name, addr, 0)
+    }
+
+    /// A backend that delays every response by `delay_ms`.
+    pub fn start_slow(name: &str, delay_ms: u64) -> Backend {
+        Self::start_full(
+            name,
+            SocketAddr::from(([127, 0, 0, 1], free_tcp_port())),
+            delay_ms,
+        )
+    }
+
+    pub fn start_full(name: &str, addr: SocketAddr, delay_ms: u64) -> Backend {
         let mut child = Command::new(SPOOKY)
             .args([
                 "demo-backend",
@@ -63,6 +76,8 @@ impl Backend {
                 &addr.to_string(),
                 "--name",
                 name,
+                "--delay-ms",
+                &delay_ms.to_string(),
             ])
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
