@@ -109,34 +109,8 @@ const NOT_YET_ACTIVE: &[(&str, InactiveCheck)] = &[
             c.quic.server_id
         ))
     }),
-    ("upstreams[].policy", |c| {
-        names(c, |u| u.policy != Policy::RoundRobin).map(|list| format!("{list} uses round_robin"))
-    }),
-    ("upstreams[].hash_key", |c| {
-        names(c, |u| {
-            u.policy == Policy::ConsistentHash || u.hash_key != HashKey::ClientIp
-        })
-        .map(|list| format!("{list}: not used (no consistent hashing yet)"))
-    }),
-    ("upstreams[].health_check", |c| {
-        names(c, |_| true).map(|list| {
-            format!("{list}: no health probes are sent, every backend counts as healthy")
-        })
-    }),
-    ("upstreams[].outlier", |c| {
-        names(c, |_| true).map(|list| format!("{list}: no outlier ejection"))
-    }),
-    ("upstreams[].retries", |c| {
-        names(c, |_| true).map(|list| format!("{list}: failed requests are not retried"))
-    }),
-    ("upstreams[].circuit", |c| {
-        names(c, |_| true).map(|list| format!("{list}: no circuit-breaking limits"))
-    }),
-    ("upstreams[].on_all_unhealthy", |c| {
-        names(c, |_| true).map(|list| format!("{list}: not used (no health tracking yet)"))
-    }),
     ("upstreams[].timeouts.idle_ms", |c| {
-        names(c, |_| true).map(|list| format!("{list}: idle backend connections are not closed"))
+        names(c, |_| true).map(|list| format!("{list}: bounds body stalls only; idle backend connections are not closed"))
     }),
     ("watch", |c| {
         c.watch
