@@ -262,11 +262,10 @@ mod tests {
     use super::*;
 
     fn base() -> Config {
-        config::parse_str(
-            "upstreams:\n  - name: app\n    backends:\n      - { address: \"127.0.0.1:9001\" }\n",
-            Path::new("t.yaml"),
-        )
-        .unwrap()
+        Config::minimal(vec![config::Upstream::new(
+            "app",
+            vec![config::Backend::new("127.0.0.1:9001".parse().unwrap())],
+        )])
     }
 
     #[test]

@@ -141,7 +141,7 @@ fn sum_histogram<B: Buckets>(
 
 fn histogram(enc: &mut DescriptorEncoder, name: &str, help: &str, h: &HistogramSum) -> fmt::Result {
     let mut m = enc.encode_descriptor(name, help, None, MetricType::Histogram)?;
-    m.encode_histogram::<NoLabels>(h.sum, h.count, &h.buckets, None)
+    m.encode_histogram::<NoLabels>(h.sum(), h.count, &h.buckets, None)
 }
 
 /// Label set type for histograms without exemplars.
@@ -371,7 +371,7 @@ impl Collector for WorkerSum {
         ] {
             let labels = [("direction", dir)];
             m.encode_family(&labels)?
-                .encode_histogram::<NoLabels>(h.sum, h.count, &h.buckets, None)?;
+                .encode_histogram::<NoLabels>(h.sum(), h.count, &h.buckets, None)?;
         }
         Ok(())
     }
@@ -478,8 +478,8 @@ mod tests {
             "spooky_request_duration_seconds_bucket{le=\"+Inf\"} 2",
             "spooky_request_duration_seconds_sum 0.043",
             "spooky_quic_rtt_seconds_count 1",
-            "spooky_io_datagrams_per_syscall_bucket{direction=\"in\",le=\"4.0\"} 1",
-            "spooky_io_datagrams_per_syscall_bucket{direction=\"out\",le=\"64.0\"} 1",
+            "spooky_io_datagrams_per_syscall_bucket{le=\"4.0\",direction=\"in\"} 1",
+            "spooky_io_datagrams_per_syscall_bucket{le=\"64.0\",direction=\"out\"} 1",
             "spooky_io_datagrams_per_syscall_sum{direction=\"out\"} 64.0",
             "spooky_config_reloads_total{result=\"ok\"} 1",
             "spooky_config_reloads_total{result=\"error\"} 0",

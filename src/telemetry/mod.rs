@@ -256,13 +256,15 @@ impl<B: Buckets> AtomicHistogram<B> {
             slot.1 = slot.1.wrapping_add(b.load(Ordering::Relaxed));
         }
         acc.count = acc.count.wrapping_add(self.count.load(Ordering::Relaxed));
-        acc.sum += self.sum.load(Ordering::Relaxed) as f64 / B::SUM_SCALE;
+        acc.raw_sum = acc.raw_sum.wrapping_add(self.sum.load(Ordering::Relaxed));
+        acc.scale = B::SUM_SCALE;
     }
 
     /// An empty sum with this layout (every bucket at zero).
     pub fn empty_sum() -> HistogramSum {
         HistogramSum {
-            sum: 0.0,
+            raw_sum: 0,
+            scale: B::SUM_SCALE,
             count: 0,
             buckets: B::BOUNDS
                 .iter()
@@ -279,9 +281,17 @@ impl<B: Buckets> AtomicHistogram<B> {
 /// standing for `+Inf`).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct HistogramSum {
-    pub sum: f64,
+    /// Sum in `1 / scale` units (added as integers, divided once).
+    pub raw_sum: u64,
+    pub scale: f64,
     pub count: u64,
     pub buckets: Vec<(f64, u64)>,
+}
+
+impl HistogramSum {
+    pub fn sum(&self) -> f64 {
+        self.raw_sum as f64 / self.scale
+    }
 }
 
 /// Config reload counters and the generation in effect; written by the
