@@ -67,6 +67,7 @@ pub async fn run_worker<D: DatagramIo>(
     config_rx.mark_unchanged();
     let snapshot = store.current();
     let mut generation = snapshot.generation;
+    let mut config_pending = false;
     let cfg: &Config = &snapshot.config;
     let local = io.local_addr()?;
     let caps = io.capabilities();
@@ -103,7 +104,10 @@ pub async fn run_worker<D: DatagramIo>(
 
     loop {
         // A new config generation applies from here on, to new requests.
-        if config_rx.has_changed().unwrap_or(false) {
+        // (`has_changed` is one atomic load; `config_pending` covers a change
+        // the `select!` below already consumed.)
+        if config_pending || config_rx.has_changed().unwrap_or(false) {
+            config_pending = false;
             config_rx.mark_unchanged();
             let snap = store.current();
             if snap.generation != generation {
@@ -229,6 +233,7 @@ pub async fn run_worker<D: DatagramIo>(
             }
             // Wakes the loop; the top of the loop applies the new generation.
             r = config_rx.changed() => {
+                config_pending = true;
                 if r.is_err() {
                     // The store is gone (process exiting): stop watching it.
                     config_rx = watch::channel(generation).1;
