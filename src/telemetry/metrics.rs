@@ -370,8 +370,12 @@ impl Collector for WorkerSum {
             ("out", sum_histogram(ws, |w| &w.send_batch)),
         ] {
             let labels = [("direction", dir)];
-            m.encode_family(&labels)?
-                .encode_histogram::<NoLabels>(h.sum(), h.count, &h.buckets, None)?;
+            m.encode_family(&labels)?.encode_histogram::<NoLabels>(
+                h.sum(),
+                h.count,
+                &h.buckets,
+                None,
+            )?;
         }
         Ok(())
     }
