@@ -584,3 +584,23 @@ fn sigterm_during_64mib_download_completes_then_exits_zero() {
     assert_eq!(r.sha256, pattern_sha256(N));
     assert_eq!(spooky.terminate(), Some(0), "log:\n{}", spooky.log());
 }
+
+#[test]
+fn watch_true_reloads_when_the_file_changes() {
+    let a = Backend::start("alpha");
+    let b = Backend::start("beta");
+    let mut o = Options::new(&[&a]);
+    o.extra = "watch: true\n".into();
+    let spooky = Spooky::start_with(o.clone());
+    let mut c = spooky.client();
+    assert_eq!(c.get("/id").unwrap().text(), "alpha");
+    o.upstreams_yaml = Some(weighted(&[(&b, 1)]));
+    spooky.rewrite_config(&o);
+    wait_generation(&spooky, 2.0);
+    assert_eq!(c.get("/id").unwrap().text(), "beta");
+    assert!(
+        spooky.log().contains("trigger=\"watch\""),
+        "{}",
+        spooky.log()
+    );
+}

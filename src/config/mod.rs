@@ -110,7 +110,9 @@ const NOT_YET_ACTIVE: &[(&str, InactiveCheck)] = &[
         ))
     }),
     ("upstreams[].timeouts.idle_ms", |c| {
-        names(c, |_| true).map(|list| format!("{list}: bounds body stalls only; idle backend connections are not closed"))
+        names(c, |_| true).map(|list| {
+            format!("{list}: bounds body stalls only; idle backend connections are not closed")
+        })
     }),
     ("watch", |c| {
         c.watch
