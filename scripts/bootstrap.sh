@@ -2,7 +2,8 @@
 # Installs the system packages spooky's build and test suite need, only when missing.
 # Build: cmake + clang + libclang-dev (BoringSSL via the `boring` crate, bindgen).
 # Tests/run: gtlsclient (ngtcp2-client), h2load (nghttp2-client), nginx-light (h2c peer),
-# openssl (demo certificates), curl (admin API), strace (perf: syscalls per request).
+# openssl (demo certificates), curl (admin API), strace (perf: syscalls per request),
+# prometheus (promtool + a real scraping server for tests/e2e_control.rs).
 set -euo pipefail
 
 need=()
@@ -18,6 +19,7 @@ have_cmd openssl || need+=(openssl)
 have_cmd nginx || need+=(nginx-light)
 have_cmd strace || need+=(strace)
 have_cmd curl || need+=(curl)
+have_cmd promtool || need+=(prometheus)
 have_cmd make || need+=(make)
 
 if [ ${#need[@]} -eq 0 ]; then

@@ -8,6 +8,9 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use spooky::config::{self, Config};
 use spooky::control::admin::{self, AdminState};
+use spooky::control::reload::{self as reload, ConfigStore};
+use spooky::runtime::WorkerContext;
+use spooky::telemetry::backends::BackendBoard;
 use spooky::telemetry::{self, MetricsRegistry};
 use spooky_uring::epoll::{EpollUdp, SocketOptions};
 
@@ -126,11 +129,17 @@ fn run(path: &std::path::Path) -> ExitCode {
     }
     tracing::info!(version = env!("CARGO_PKG_VERSION"), config = %path.display(), "spooky starting");
 
+    // SIGHUP means reload; until its handler is installed (on the admin
+    // thread) it must not take the default action, which is to terminate.
+    // SAFETY: `signal` with SIG_IGN installs no Rust code as a handler, and
+    // no other thread is installing handlers yet.
+    unsafe {
+        libc::signal(libc::SIGHUP, libc::SIG_IGN);
+    }
     let registry = MetricsRegistry::new();
-    let admin_state = Arc::new(AdminState {
-        metrics: registry.clone(),
-        ready: std::sync::atomic::AtomicBool::new(false),
-    });
+    let board = Arc::new(BackendBoard::default());
+    let store = ConfigStore::new(path, cfg.clone(), registry.reload_stats());
+    let admin_state = AdminState::with_control(registry.clone(), board.clone(), store.clone());
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
 
     // Admin server on its own thread: the data plane never waits on it.
@@ -145,6 +154,7 @@ fn run(path: &std::path::Path) -> ExitCode {
     let _ = admin_listener.set_nonblocking(true);
     let admin_thread = {
         let state = admin_state.clone();
+        let store = store.clone();
         let mut rx = shutdown_rx.clone();
         std::thread::Builder::new()
             .name("spooky-admin".into())
@@ -168,6 +178,10 @@ fn run(path: &std::path::Path) -> ExitCode {
                         }
                     };
                     tracing::info!(address = %admin_addr, "admin listening");
+                    // Reload triggers other than `POST /reload` live here too,
+                    // off the data plane.
+                    tokio::spawn(reload::watch_file(store.clone(), rx.clone()));
+                    tokio::spawn(reload_on_sighup(store));
                     admin::serve(listener, state, async move {
                         let _ = rx.wait_for(|v| *v).await;
                     })
@@ -192,8 +206,12 @@ fn run(path: &std::path::Path) -> ExitCode {
         }
     };
     let local = tokio::task::LocalSet::new();
-    let metrics = registry.add_worker();
-    let board = Arc::new(spooky::telemetry::backends::BackendBoard::default());
+    let ctx = WorkerContext {
+        id: 0,
+        config: store.clone(),
+        metrics: registry.add_worker(),
+        board: board.clone(),
+    };
     let result = local.block_on(&rt, async {
         let io = EpollUdp::bind(cfg.listen.address, &opts).map_err(|e| {
             tracing::error!(address = %cfg.listen.address, error = %e, "cannot bind UDP listener");
@@ -206,7 +224,7 @@ fn run(path: &std::path::Path) -> ExitCode {
             wait_for_signal().await;
             let _ = shutdown_tx.send(true);
         });
-        spooky::runtime::run_worker(&cfg, io, metrics, board, shutdown_rx).await
+        spooky::runtime::run_worker(ctx, io, shutdown_rx).await
     });
     // Dropping the local set drops the signal task and its shutdown sender,
     // which stops the admin server even when the worker failed early.
@@ -223,6 +241,24 @@ fn run(path: &std::path::Path) -> ExitCode {
             tracing::error!(error = %e, "spooky failed");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Reloads the config on every SIGHUP.
+async fn reload_on_sighup(store: Arc<ConfigStore>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot install SIGHUP handler; reload with POST /reload");
+            return;
+        }
+    };
+    while hup.recv().await.is_some() {
+        tracing::info!("SIGHUP: reloading config");
+        let store = store.clone();
+        // The outcome is logged and counted by `reload` itself.
+        let _ = tokio::task::spawn_blocking(move || store.reload("sighup")).await;
     }
 }
 

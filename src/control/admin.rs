@@ -1,4 +1,10 @@
-//! Minimal admin HTTP/1.1 server: `/metrics`, `/health`, `/ready`.
+//! Admin HTTP/1.1 server: `GET /metrics`, `/health`, `/ready`, `/config`,
+//! `/backends` and `POST /reload`.
+//!
+//! When the admin address is not loopback, `/config` and `/reload` require
+//! `Authorization: Bearer <token>`, the token being the (trimmed) content of
+//! `admin.token_file`, read on each such request so that a rotated token
+//! applies at once. The token is never logged nor shown.
 //!
 //! Plain hyper 1 with one task per connection. On shutdown it stops accepting,
 //! asks open connections to finish their current request and close, and waits
@@ -13,7 +19,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
+use hyper::header::{HeaderValue, ALLOW, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
@@ -21,12 +27,16 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use super::reload::{ConfigStore, ReloadOutcome};
+use crate::telemetry::backends::BackendBoard;
 use crate::telemetry::MetricsRegistry;
 
 /// `Content-Type` of `/metrics`.
 pub const OPENMETRICS_CONTENT_TYPE: &str =
     "application/openmetrics-text; version=1.0.0; charset=utf-8";
 const TEXT_PLAIN: &str = "text/plain; charset=utf-8";
+const APPLICATION_JSON: &str = "application/json";
+const APPLICATION_YAML: &str = "application/yaml; charset=utf-8";
 
 /// How long a client may take to send a request's headers.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -41,14 +51,35 @@ pub struct AdminState {
     pub metrics: Arc<MetricsRegistry>,
     /// `/ready` answers 200 while set, 503 otherwise.
     pub ready: AtomicBool,
+    /// Per-backend state the workers publish; `/backends` serves it.
+    pub backends: Arc<BackendBoard>,
+    /// The config in effect and reloads; `None` (no `/config`, `/reload`)
+    /// only in unit tests of the other endpoints.
+    pub config: Option<Arc<ConfigStore>>,
 }
 
 impl AdminState {
-    /// Not ready until [`AdminState::ready`] is set.
+    /// Not ready until [`AdminState::ready`] is set; no config store.
     pub fn new(metrics: Arc<MetricsRegistry>) -> Arc<Self> {
         Arc::new(Self {
             metrics,
             ready: AtomicBool::new(false),
+            backends: Arc::new(BackendBoard::default()),
+            config: None,
+        })
+    }
+
+    /// The state `spooky` runs with.
+    pub fn with_control(
+        metrics: Arc<MetricsRegistry>,
+        backends: Arc<BackendBoard>,
+        config: Arc<ConfigStore>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            metrics,
+            ready: AtomicBool::new(false),
+            backends,
+            config: Some(config),
         })
     }
 }
@@ -98,7 +129,7 @@ async fn connection(
 ) {
     let svc = service_fn(move |req| {
         let state = Arc::clone(&state);
-        async move { Ok::<_, Infallible>(route(&req, &state)) }
+        async move { Ok::<_, Infallible>(route(&req, &state).await) }
     });
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
@@ -118,16 +149,26 @@ async fn connection(
     }
 }
 
-fn route(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
+async fn route(req: &Request<Incoming>, state: &Arc<AdminState>) -> Response<Full<Bytes>> {
     let path = req.uri().path();
-    if !matches!(path, "/metrics" | "/health" | "/ready") {
-        return text(StatusCode::NOT_FOUND, "not found\n");
-    }
-    if req.method() != Method::GET {
+    let (allowed, allow_header) = match path {
+        "/metrics" | "/health" | "/ready" | "/config" | "/backends" => (Method::GET, "GET"),
+        "/reload" => (Method::POST, "POST"),
+        _ => return text(StatusCode::NOT_FOUND, "not found\n"),
+    };
+    if req.method() != allowed {
         let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
         r.headers_mut()
-            .insert(ALLOW, HeaderValue::from_static("GET"));
+            .insert(ALLOW, HeaderValue::from_static(allow_header));
         return r;
+    }
+    if matches!(path, "/config" | "/reload") {
+        let Some(store) = state.config.as_ref() else {
+            return text(StatusCode::NOT_FOUND, "not found\n");
+        };
+        if let Err(r) = authorize(req, store) {
+            return r;
+        }
     }
     match path {
         "/metrics" => {
@@ -140,8 +181,117 @@ fn route(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
         }
         "/ready" if state.ready.load(Ordering::Relaxed) => text(StatusCode::OK, "ready\n"),
         "/ready" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+        "/backends" => json(StatusCode::OK, &state.backends.snapshot()),
+        "/config" => match state.config.as_ref() {
+            Some(store) => {
+                let snap = store.current();
+                let body = format!(
+                    "# generation {}\n{}",
+                    snap.generation,
+                    redacted_yaml(&snap.config)
+                );
+                let mut r = Response::new(Full::new(Bytes::from(body)));
+                r.headers_mut()
+                    .insert(CONTENT_TYPE, HeaderValue::from_static(APPLICATION_YAML));
+                r
+            }
+            None => text(StatusCode::NOT_FOUND, "not found\n"),
+        },
+        "/reload" => match state.config.as_ref() {
+            Some(store) => {
+                let store = Arc::clone(store);
+                // Reading the file and loading TLS files block.
+                match tokio::task::spawn_blocking(move || store.reload("admin")).await {
+                    Ok(out) => {
+                        let status = if out.is_ok() {
+                            StatusCode::OK
+                        } else {
+                            StatusCode::UNPROCESSABLE_ENTITY
+                        };
+                        json(status, &out)
+                    }
+                    Err(e) => {
+                        tracing::error!("admin: reload task failed: {e}");
+                        json(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            &ReloadOutcome::Rejected {
+                                ok: false,
+                                errors: vec!["internal error during reload".into()],
+                            },
+                        )
+                    }
+                }
+            }
+            None => text(StatusCode::NOT_FOUND, "not found\n"),
+        },
         _ => text(StatusCode::OK, "ok\n"),
     }
+}
+
+/// The effective config as YAML with secrets left out. The config holds no
+/// secret itself (the token lives in `admin.token_file`, whose path is
+/// shown but never its content); this is the one place to redact should
+/// one be added.
+fn redacted_yaml(cfg: &crate::config::Config) -> String {
+    cfg.to_yaml()
+}
+
+/// `Err(response)` unless the request may use `/config` and `/reload`:
+/// always on a loopback admin address, else with the bearer token.
+#[allow(clippy::result_large_err)]
+fn authorize(req: &Request<Incoming>, store: &ConfigStore) -> Result<(), Response<Full<Bytes>>> {
+    let cfg = store.current().config.clone();
+    if cfg.admin.address.ip().is_loopback() {
+        return Ok(());
+    }
+    let deny = |status, msg: &'static str| {
+        let mut r = text(status, msg);
+        r.headers_mut()
+            .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        r
+    };
+    let expected = cfg
+        .admin
+        .token_file
+        .as_ref()
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty());
+    let Some(expected) = expected else {
+        tracing::warn!(
+            "admin: token file missing, unreadable or empty; refusing /config and /reload"
+        );
+        return Err(deny(StatusCode::FORBIDDEN, "no admin token configured\n"));
+    };
+    let given = req
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match given {
+        Some(g) if constant_time_eq(g.as_bytes(), expected.as_bytes()) => Ok(()),
+        _ => Err(deny(StatusCode::UNAUTHORIZED, "unauthorized\n")),
+    }
+}
+
+/// Compares without an early exit on the first differing byte.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn json<T: serde::Serialize>(status: StatusCode, v: &T) -> Response<Full<Bytes>> {
+    let body = serde_json::to_vec_pretty(v).unwrap_or_else(|e| {
+        format!("{{\"ok\":false,\"errors\":[\"cannot encode: {e}\"]}}").into_bytes()
+    });
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(APPLICATION_JSON));
+    r
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {

@@ -227,6 +227,29 @@ impl Edge {
         })
     }
 
+    /// Applies a reloaded config to what comes next: the TLS certificate and
+    /// key and the transport parameters of new handshakes, and the limits
+    /// and switches the edge reads per connection or request. Established
+    /// connections keep the parameters they negotiated. On error (e.g. an
+    /// unreadable key) nothing changes.
+    pub fn reconfigure(&mut self, cfg: &Config) -> Result<(), EdgeError> {
+        let quic_config = quic_config(cfg)?;
+        let mut h3_config = h3::Config::new()?;
+        h3_config.set_max_field_section_size(
+            (cfg.limits.max_request_header_bytes as u64).saturating_mul(4),
+        );
+        self.quic_config = quic_config;
+        self.h3_config = h3_config;
+        self.settings = EdgeSettings {
+            retry: cfg.quic.retry,
+            max_connections: cfg.limits.max_connections,
+            max_request_header_bytes: cfg.limits.max_request_header_bytes,
+            max_body_buffer_bytes: cfg.limits.max_body_buffer_bytes,
+            access_log: cfg.telemetry.access_log,
+        };
+        Ok(())
+    }
+
     /// Number of live connections.
     pub fn connections(&self) -> usize {
         self.conns.len()
@@ -712,7 +735,11 @@ impl Edge {
                     .requests_in_flight
                     .fetch_sub(1, Ordering::Relaxed);
                 WorkerMetrics::inc(&self.metrics.client_cancels);
-                self.metrics.request_done(0);
+                let took = req
+                    .log
+                    .started
+                    .map(|t| self.now.saturating_duration_since(t));
+                self.metrics.request_finished(0, took);
                 req.log_access(self.settings.access_log, "connection_closed");
             }
         }
@@ -721,6 +748,9 @@ impl Edge {
         }
         WorkerMetrics::inc(&self.metrics.conns_closed);
         self.metrics.conns_active.fetch_sub(1, Ordering::Relaxed);
+        if let Some(p) = conn.quic.path_stats().next() {
+            self.metrics.quic_rtt.observe(p.rtt.as_secs_f64());
+        }
         let stats = conn.quic.stats();
         tracing::debug!(
             conn = ci,

@@ -593,7 +593,11 @@ impl Edge {
             .requests_in_flight
             .fetch_sub(1, Ordering::Relaxed);
         let status = if outcome == "ok" { req.log.status } else { 0 };
-        self.metrics.request_done(status);
+        let took = req
+            .log
+            .started
+            .map(|t| self.now.saturating_duration_since(t));
+        self.metrics.request_finished(status, took);
         req.log_access(self.settings.access_log, outcome);
     }
 }

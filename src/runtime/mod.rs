@@ -10,9 +10,12 @@ use std::time::{Duration, Instant};
 
 use spooky_uring::{DatagramIo, RecvMeta, Transmit, MAX_RECV_BUF};
 use tokio::sync::{mpsc, watch};
+use tracing::Instrument;
 
 use crate::config::Config;
+use crate::control::reload::ConfigStore;
 use crate::edge::{Edge, EdgeError, EdgeEvent};
+use crate::telemetry::backends::BackendBoard;
 use crate::telemetry::WorkerMetrics;
 use crate::upstream::{proxy, Gateway};
 
@@ -30,15 +33,42 @@ pub const DRAIN_GRACE: Duration = Duration::from_secs(10);
 /// How long closing connections then get to flush their CONNECTION_CLOSE.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
+/// What a worker shares with the rest of the process.
+#[derive(Debug, Clone)]
+pub struct WorkerContext {
+    /// Index of this worker (labels `/backends` entries).
+    pub id: usize,
+    pub config: Arc<ConfigStore>,
+    pub metrics: Arc<WorkerMetrics>,
+    pub board: Arc<BackendBoard>,
+}
+
 /// Runs one worker until `shutdown` turns true, then closes connections
 /// cleanly (CONNECTION_CLOSE with H3_NO_ERROR) and returns.
+///
+/// When the [`ConfigStore`] publishes a new generation, the worker picks it
+/// up at the top of its loop: new requests go to a fresh [`Gateway`] (routes,
+/// policies, backends, timeouts), while requests in flight keep the
+/// `Rc<Gateway>` they captured and finish on it; an old gateway's pools and
+/// h2 connections go away with its last request. The edge takes the new
+/// TLS pair and transport parameters for new handshakes and the new limits.
 pub async fn run_worker<D: DatagramIo>(
-    cfg: &Config,
+    ctx: WorkerContext,
     mut io: D,
-    metrics: Arc<WorkerMetrics>,
-    board: Arc<crate::telemetry::backends::BackendBoard>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), RuntimeError> {
+    let WorkerContext {
+        id: worker_id,
+        config: store,
+        metrics,
+        board,
+    } = ctx;
+    let mut config_rx = store.subscribe();
+    config_rx.mark_unchanged();
+    let snapshot = store.current();
+    let mut generation = snapshot.generation;
+    let mut config_pending = false;
+    let cfg: &Config = &snapshot.config;
     let local = io.local_addr()?;
     let caps = io.capabilities();
     tracing::info!(
@@ -50,9 +80,9 @@ pub async fn run_worker<D: DatagramIo>(
     );
     let (to_edge_tx, mut to_edge_rx) = mpsc::unbounded_channel();
     let mut edge = Edge::new(cfg, to_edge_tx, metrics.clone())?;
-    let gateway = Rc::new(Gateway::new(cfg));
+    let mut gateway = Rc::new(Gateway::new(cfg));
     gateway.warm();
-    let _checkers = gateway.start_health_checks(metrics.clone(), board, 0);
+    let mut checkers = gateway.start_health_checks(metrics.clone(), board.clone(), worker_id);
 
     let batch = cfg.io.batch.clamp(1, 1024);
     let mut bufs: Vec<Vec<u8>> = (0..batch.min(64))
@@ -73,20 +103,43 @@ pub async fn run_worker<D: DatagramIo>(
     let mut last_counters = io.counters();
 
     loop {
+        // A new config generation applies from here on, to new requests.
+        // (`has_changed` is one atomic load; `config_pending` covers a change
+        // the `select!` below already consumed.)
+        if config_pending || config_rx.has_changed().unwrap_or(false) {
+            config_pending = false;
+            config_rx.mark_unchanged();
+            let snap = store.current();
+            if snap.generation != generation {
+                generation = snap.generation;
+                apply_config(
+                    &snap.config,
+                    generation,
+                    worker_id,
+                    &mut edge,
+                    &mut gateway,
+                    &mut checkers,
+                    &metrics,
+                    &board,
+                );
+            }
+        }
         // Outputs first: spawn new requests, then flush packets.
         while let Some(ev) = edge.poll_event() {
             match ev {
                 EdgeEvent::Request { envelope, side } => {
-                    tokio::task::spawn_local(proxy(
-                        gateway.clone(),
-                        envelope,
-                        side,
-                        metrics.clone(),
-                    ));
+                    let span = tracing::info_span!(
+                        "request",
+                        request_id = envelope.request_id,
+                        trace_id = %envelope.trace.trace_id_hex(),
+                    );
+                    tokio::task::spawn_local(
+                        proxy(gateway.clone(), envelope, side, metrics.clone()).instrument(span),
+                    );
                 }
             }
         }
-        flush(&mut edge, &mut io, &mut out, local).await;
+        flush(&mut edge, &mut io, &mut out, local, &metrics).await;
         publish_io_counters(&io, &metrics, &mut last_counters);
 
         if let Some(since) = closing_since {
@@ -118,6 +171,14 @@ pub async fn run_worker<D: DatagramIo>(
                 for _ in 0..16 {
                     match io.try_recv_batch(&mut bufs, &mut metas) {
                         Ok(n) => {
+                            if n > 0 {
+                                let datagrams: usize = metas
+                                    .iter()
+                                    .take(n)
+                                    .map(|m| m.len.div_ceil(m.stride.max(1)).max(1))
+                                    .sum();
+                                metrics.recv_batch.observe(datagrams as f64);
+                            }
                             for (buf, meta) in bufs.iter_mut().zip(metas.iter()).take(n) {
                                 let to = meta
                                     .local_ip
@@ -170,6 +231,14 @@ pub async fn run_worker<D: DatagramIo>(
             _ = tokio::time::sleep_until(wake.into()) => {
                 edge.handle_timeout(Instant::now());
             }
+            // Wakes the loop; the top of the loop applies the new generation.
+            r = config_rx.changed() => {
+                config_pending = true;
+                if r.is_err() {
+                    // The store is gone (process exiting): stop watching it.
+                    config_rx = watch::channel(generation).1;
+                }
+            }
             r = shutdown.changed(), if closing_since.is_none() => {
                 if r.is_err() || *shutdown.borrow() {
                     tracing::info!(
@@ -185,8 +254,54 @@ pub async fn run_worker<D: DatagramIo>(
     }
 }
 
+/// Switches a worker to a new config generation (see [`run_worker`]).
+#[allow(clippy::too_many_arguments)]
+fn apply_config(
+    cfg: &Config,
+    generation: u64,
+    worker_id: usize,
+    edge: &mut Edge,
+    gateway: &mut Rc<Gateway>,
+    checkers: &mut Vec<tokio::task::JoinHandle<()>>,
+    metrics: &Arc<WorkerMetrics>,
+    board: &Arc<BackendBoard>,
+) {
+    if let Err(e) = edge.reconfigure(cfg) {
+        // The control plane loaded this TLS pair before publishing; the
+        // files changed since. Keep serving with the previous one.
+        tracing::error!(generation, error = %e, "reload: keeping the previous TLS and transport config");
+    }
+    let fresh = Rc::new(Gateway::new(cfg));
+    fresh.warm();
+    // The old gateway's checkers hold its pools: stop them so the pools go
+    // away with the last request that uses them.
+    for h in checkers.drain(..) {
+        h.abort();
+    }
+    *checkers = fresh.start_health_checks(metrics.clone(), board.clone(), worker_id);
+    let old = std::mem::replace(gateway, fresh);
+    tracing::info!(
+        worker = worker_id,
+        generation,
+        in_flight_on_previous = Rc::strong_count(&old) - 1,
+        "worker switched to new config"
+    );
+    drop(old);
+    board.retain(|upstream, addr| {
+        cfg.upstreams
+            .iter()
+            .any(|u| u.name == upstream && u.backends.iter().any(|b| b.address == *addr))
+    });
+}
+
 /// Sends everything the edge has queued, one GSO train per syscall.
-async fn flush<D: DatagramIo>(edge: &mut Edge, io: &mut D, out: &mut [u8], local: SocketAddr) {
+async fn flush<D: DatagramIo>(
+    edge: &mut Edge,
+    io: &mut D,
+    out: &mut [u8],
+    local: SocketAddr,
+    metrics: &WorkerMetrics,
+) {
     let max_segments = io.capabilities().max_gso_segments;
     while let Some(t) = edge.poll_transmit(out, max_segments) {
         let from_ip = if local.ip().is_unspecified() {
@@ -206,7 +321,11 @@ async fn flush<D: DatagramIo>(edge: &mut Edge, io: &mut D, out: &mut [u8], local
         };
         loop {
             match io.try_send(&transmit) {
-                Ok(()) => break,
+                Ok(()) => {
+                    let segments = t.len.div_ceil(t.segment_size.max(1)).max(1);
+                    metrics.send_batch.observe(segments as f64);
+                    break;
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     if io.writable().await.is_err() {
                         break;

@@ -16,7 +16,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
-use super::{DropReason, WorkerMetrics};
+use super::{AtomicHistogram, Buckets, DropReason, HistogramSum, ReloadStats, WorkerMetrics};
 
 /// Prefix of every family name.
 const PREFIX: &str = "spooky";
@@ -44,6 +44,7 @@ impl WorkerList {
 #[derive(Debug)]
 pub struct MetricsRegistry {
     workers: Arc<WorkerList>,
+    reload: Arc<ReloadStats>,
     registry: Registry,
 }
 
@@ -53,7 +54,18 @@ impl MetricsRegistry {
         let mut registry = Registry::with_prefix(PREFIX);
         registry.register_collector(Box::new(WorkerSum(Arc::clone(&workers))));
         registry.register_collector(Box::new(BuildInfo));
-        Arc::new(Self { workers, registry })
+        let reload = Arc::new(ReloadStats::default());
+        registry.register_collector(Box::new(ReloadCollector(Arc::clone(&reload))));
+        Arc::new(Self {
+            workers,
+            reload,
+            registry,
+        })
+    }
+
+    /// The config reload counters, for the control plane to bump.
+    pub fn reload_stats(&self) -> Arc<ReloadStats> {
+        Arc::clone(&self.reload)
     }
 
     /// Registers and returns a new per-worker counter block.
@@ -115,6 +127,25 @@ fn labelled_counter(
     }
     Ok(())
 }
+
+fn sum_histogram<B: Buckets>(
+    ws: &[Arc<WorkerMetrics>],
+    f: impl Fn(&WorkerMetrics) -> &AtomicHistogram<B>,
+) -> HistogramSum {
+    let mut acc = AtomicHistogram::<B>::empty_sum();
+    for w in ws {
+        f(w).add_to(&mut acc);
+    }
+    acc
+}
+
+fn histogram(enc: &mut DescriptorEncoder, name: &str, help: &str, h: &HistogramSum) -> fmt::Result {
+    let mut m = enc.encode_descriptor(name, help, None, MetricType::Histogram)?;
+    m.encode_histogram::<NoLabels>(h.sum(), h.count, &h.buckets, None)
+}
+
+/// Label set type for histograms without exemplars.
+type NoLabels = Vec<(String, String)>;
 
 impl Collector for WorkerSum {
     fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
@@ -315,7 +346,64 @@ impl Collector for WorkerSum {
             "Requests waiting for a backend slot.",
             sum_i64(ws, |w| &w.pending),
         )?;
+
+        histogram(
+            e,
+            "request_duration_seconds",
+            "HTTP/3 request duration, from the request head to the end of the response.",
+            &sum_histogram(ws, |w| &w.request_duration),
+        )?;
+        histogram(
+            e,
+            "quic_rtt_seconds",
+            "Smoothed RTT of QUIC connections, sampled when each closes.",
+            &sum_histogram(ws, |w| &w.quic_rtt),
+        )?;
+        let mut m = e.encode_descriptor(
+            "io_datagrams_per_syscall",
+            "UDP datagrams (GRO/GSO segments) moved per receive or send system call.",
+            None,
+            MetricType::Histogram,
+        )?;
+        for (dir, h) in [
+            ("in", sum_histogram(ws, |w| &w.recv_batch)),
+            ("out", sum_histogram(ws, |w| &w.send_batch)),
+        ] {
+            let labels = [("direction", dir)];
+            m.encode_family(&labels)?.encode_histogram::<NoLabels>(
+                h.sum(),
+                h.count,
+                &h.buckets,
+                None,
+            )?;
+        }
         Ok(())
+    }
+}
+
+/// `spooky_config_reloads_total{result}` and `spooky_config_generation`.
+#[derive(Debug)]
+struct ReloadCollector(Arc<ReloadStats>);
+
+impl Collector for ReloadCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
+        let r = &self.0;
+        labelled_counter(
+            &mut enc,
+            "config_reloads",
+            "Config reloads attempted, by result (error: the old config stays).",
+            "result",
+            &[
+                ("ok", r.ok.load(Ordering::Relaxed)),
+                ("error", r.error.load(Ordering::Relaxed)),
+            ],
+        )?;
+        gauge(
+            &mut enc,
+            "config_generation",
+            "Generation of the config in effect (1 = loaded at start).",
+            i64::try_from(r.generation.load(Ordering::Relaxed)).unwrap_or(i64::MAX),
+        )
     }
 }
 
@@ -362,6 +450,13 @@ mod tests {
         a.request_done(0);
         WorkerMetrics::inc(&a.upstream_picks);
         WorkerMetrics::inc(&b.upstream_picks);
+        a.request_finished(200, Some(std::time::Duration::from_millis(3)));
+        b.request_finished(200, Some(std::time::Duration::from_millis(40)));
+        a.quic_rtt.observe(0.0002);
+        a.recv_batch.observe(3.0);
+        b.send_batch.observe(64.0);
+        reg.reload_stats().ok.fetch_add(1, Ordering::Relaxed);
+        reg.reload_stats().generation.store(2, Ordering::Relaxed);
         reg
     }
 
@@ -378,7 +473,21 @@ mod tests {
             "spooky_quic_datagrams_dropped_total{reason=\"invalid_token\"} 0",
             "spooky_io_bytes_total{direction=\"in\"} 1234",
             "spooky_io_bytes_total{direction=\"out\"} 99",
-            "spooky_requests_total{class=\"2xx\"} 2",
+            "spooky_requests_total{class=\"2xx\"} 4",
+            "# TYPE spooky_request_duration_seconds histogram",
+            "spooky_request_duration_seconds_count 2",
+            "spooky_request_duration_seconds_bucket{le=\"0.0025\"} 0",
+            "spooky_request_duration_seconds_bucket{le=\"0.005\"} 1",
+            "spooky_request_duration_seconds_bucket{le=\"0.05\"} 2",
+            "spooky_request_duration_seconds_bucket{le=\"+Inf\"} 2",
+            "spooky_request_duration_seconds_sum 0.043",
+            "spooky_quic_rtt_seconds_count 1",
+            "spooky_io_datagrams_per_syscall_bucket{le=\"4.0\",direction=\"in\"} 1",
+            "spooky_io_datagrams_per_syscall_bucket{le=\"64.0\",direction=\"out\"} 1",
+            "spooky_io_datagrams_per_syscall_sum{direction=\"out\"} 64.0",
+            "spooky_config_reloads_total{result=\"ok\"} 1",
+            "spooky_config_reloads_total{result=\"error\"} 0",
+            "spooky_config_generation 2",
             "spooky_requests_total{class=\"5xx\"} 1",
             "spooky_requests_total{class=\"aborted\"} 1",
             "spooky_requests_total{class=\"1xx\"} 0",
@@ -425,6 +534,11 @@ mod tests {
             ("upstream_resets", "counter"),
             ("upstream_timeouts", "counter"),
             ("balancer_picks", "counter"),
+            ("request_duration_seconds", "histogram"),
+            ("quic_rtt_seconds", "histogram"),
+            ("io_datagrams_per_syscall", "histogram"),
+            ("config_reloads", "counter"),
+            ("config_generation", "gauge"),
             ("build_info", "gauge"),
         ] {
             let t = format!("# TYPE spooky_{name} {ty}");

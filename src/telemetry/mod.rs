@@ -6,7 +6,9 @@
 pub mod backends;
 pub mod metrics;
 
+use std::marker::PhantomData;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
 
 pub use metrics::MetricsRegistry;
 
@@ -110,6 +112,14 @@ pub struct WorkerMetrics {
     pub circuit_rejections: AtomicU64,
     pub no_healthy_backend: AtomicU64,
     pub pending: AtomicI64,
+    /// Request duration, from the request head to the last byte (or reset).
+    pub request_duration: AtomicHistogram<DurationBuckets>,
+    /// Smoothed RTT of each connection, sampled when it closes.
+    pub quic_rtt: AtomicHistogram<RttBuckets>,
+    /// Datagrams (GRO segments) per receive syscall.
+    pub recv_batch: AtomicHistogram<BatchBuckets>,
+    /// Datagrams (GSO segments) per send syscall.
+    pub send_batch: AtomicHistogram<BatchBuckets>,
 }
 
 impl WorkerMetrics {
@@ -141,4 +151,155 @@ impl WorkerMetrics {
         };
         Self::inc(&self.requests[idx]);
     }
+
+    /// Counts a finished request and records how long it took.
+    pub fn request_finished(&self, status: u16, took: Option<Duration>) {
+        self.request_done(status);
+        if let Some(d) = took {
+            self.request_duration.observe(d.as_secs_f64());
+        }
+    }
+}
+
+/// Most buckets (the `+Inf` one included) an [`AtomicHistogram`] can have.
+pub const MAX_BUCKETS: usize = 20;
+
+/// The bucket layout of one histogram family.
+pub trait Buckets {
+    /// Upper bounds, ascending; `+Inf` is implied after the last.
+    const BOUNDS: &'static [f64];
+    /// Sums are kept as integers of `1 / SUM_SCALE` units.
+    const SUM_SCALE: f64;
+}
+
+/// Request duration in seconds: 0.5 ms .. 30 s.
+#[derive(Debug)]
+pub struct DurationBuckets;
+impl Buckets for DurationBuckets {
+    const BOUNDS: &'static [f64] = &[
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    ];
+    const SUM_SCALE: f64 = 1e6;
+}
+
+/// QUIC round-trip time in seconds: 50 µs (loopback) .. 1 s.
+#[derive(Debug)]
+pub struct RttBuckets;
+impl Buckets for RttBuckets {
+    const BOUNDS: &'static [f64] = &[
+        0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+        1.0,
+    ];
+    const SUM_SCALE: f64 = 1e6;
+}
+
+/// Datagrams per syscall: 1 .. 64 (GSO/GRO trains), and larger batches.
+#[derive(Debug)]
+pub struct BatchBuckets;
+impl Buckets for BatchBuckets {
+    const BOUNDS: &'static [f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
+    const SUM_SCALE: f64 = 1.0;
+}
+
+/// A fixed-bucket histogram of relaxed atomics: written by one worker, read
+/// (summed with the other workers') on scrape. No lock per observation,
+/// unlike `prometheus_client::metrics::histogram::Histogram`.
+#[derive(Debug)]
+pub struct AtomicHistogram<B> {
+    /// Non-cumulative counts; index `B::BOUNDS.len()` is `+Inf`.
+    buckets: [AtomicU64; MAX_BUCKETS],
+    count: AtomicU64,
+    /// Sum in `1 / B::SUM_SCALE` units.
+    sum: AtomicU64,
+    _layout: PhantomData<B>,
+}
+
+impl<B: Buckets> Default for AtomicHistogram<B> {
+    fn default() -> Self {
+        const { assert!(B::BOUNDS.len() < MAX_BUCKETS) };
+        Self {
+            buckets: Default::default(),
+            count: AtomicU64::new(0),
+            sum: AtomicU64::new(0),
+            _layout: PhantomData,
+        }
+    }
+}
+
+impl<B: Buckets> AtomicHistogram<B> {
+    pub fn observe(&self, v: f64) {
+        let v = if v.is_finite() { v.max(0.0) } else { 0.0 };
+        let idx = B::BOUNDS
+            .iter()
+            .position(|b| v <= *b)
+            .unwrap_or(B::BOUNDS.len());
+        if let Some(b) = self.buckets.get(idx) {
+            b.fetch_add(1, Ordering::Relaxed);
+        }
+        // `as` saturates on overflow.
+        self.sum
+            .fetch_add((v * B::SUM_SCALE).round() as u64, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Adds this histogram into `acc` = (sum, count, per-bucket counts).
+    pub fn add_to(&self, acc: &mut HistogramSum) {
+        if acc.buckets.len() != B::BOUNDS.len() + 1 {
+            acc.buckets = B::BOUNDS
+                .iter()
+                .copied()
+                .chain(std::iter::once(f64::MAX))
+                .map(|b| (b, 0))
+                .collect();
+        }
+        for (slot, b) in acc.buckets.iter_mut().zip(self.buckets.iter()) {
+            slot.1 = slot.1.wrapping_add(b.load(Ordering::Relaxed));
+        }
+        acc.count = acc.count.wrapping_add(self.count.load(Ordering::Relaxed));
+        acc.raw_sum = acc.raw_sum.wrapping_add(self.sum.load(Ordering::Relaxed));
+        acc.scale = B::SUM_SCALE;
+    }
+
+    /// An empty sum with this layout (every bucket at zero).
+    pub fn empty_sum() -> HistogramSum {
+        HistogramSum {
+            raw_sum: 0,
+            scale: B::SUM_SCALE,
+            count: 0,
+            buckets: B::BOUNDS
+                .iter()
+                .copied()
+                .chain(std::iter::once(f64::MAX))
+                .map(|b| (b, 0))
+                .collect(),
+        }
+    }
+}
+
+/// Histograms of several workers added up, in the shape
+/// `prometheus_client`'s encoder takes (non-cumulative buckets, `f64::MAX`
+/// standing for `+Inf`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HistogramSum {
+    /// Sum in `1 / scale` units (added as integers, divided once).
+    pub raw_sum: u64,
+    pub scale: f64,
+    pub count: u64,
+    pub buckets: Vec<(f64, u64)>,
+}
+
+impl HistogramSum {
+    pub fn sum(&self) -> f64 {
+        self.raw_sum as f64 / self.scale
+    }
+}
+
+/// Config reload counters and the generation in effect; written by the
+/// control plane, read on scrape.
+#[derive(Debug, Default)]
+pub struct ReloadStats {
+    pub ok: AtomicU64,
+    pub error: AtomicU64,
+    /// Generation of the config in effect (1 = the one loaded at start).
+    pub generation: AtomicU64,
 }

@@ -363,3 +363,72 @@ pub fn spooky_check(dir: &Path, yaml: &str) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// One HTTP/1.1 request to the admin API with extra headers and a body;
+/// `None` when unreachable.
+pub fn http1_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).ok()?;
+    s.write_all(body.as_bytes()).ok()?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).ok()?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text.split(' ').nth(1)?.parse().ok()?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Some((status, body))
+}
+
+/// Established TCP connections (IPv4, this network namespace) whose remote
+/// end is `port` on loopback: a proxy's connections to a backend.
+pub fn established_to(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    let want = format!("0100007F:{port:04X}");
+    table
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3 && f[2] == want && f[3] == "01"
+        })
+        .count()
+}
+
+impl Spooky {
+    /// Sends signal `sig` (e.g. 1 = SIGHUP) to spooky.
+    pub fn signal(&self, sig: i32) {
+        if let Some(pid) = self.pid() {
+            unsafe_kill(pid, sig);
+        }
+    }
+
+    /// Replaces the config file with `o` rendered on the same ports.
+    pub fn rewrite_config(&self, o: &Options) {
+        self.write_config_text(&Self::config_yaml(o, self.addr.port(), self.admin.port()));
+    }
+
+    /// Replaces the config file with `text` (written to a temp file and
+    /// renamed, as editors and config managers do).
+    pub fn write_config_text(&self, text: &str) {
+        let tmp = self.dir.path().join("config.yaml.tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &self.config_path).unwrap();
+    }
+}
