@@ -366,7 +366,6 @@ fn reload_under_load_loses_no_request_and_shifts_traffic() {
 /// A reload that removes a backend closes spooky's h2 connections to it once
 /// the requests that started on the old config are done.
 #[test]
-#[ignore = "needs src/upstream/pool.rs to hold the pool weakly in the connection driver task (the pool's SendRequest keeps the h2 connection, and so the pool, alive forever)"]
 fn removed_backend_connections_close_after_reload() {
     let a = Backend::start("alpha");
     let b = Backend::start("beta");

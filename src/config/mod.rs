@@ -114,16 +114,6 @@ const NOT_YET_ACTIVE: &[(&str, InactiveCheck)] = &[
             format!("{list}: bounds body stalls only; idle backend connections are not closed")
         })
     }),
-    ("watch", |c| {
-        c.watch
-            .then(|| "the file is not watched, restart to apply changes".to_string())
-    }),
-    ("admin.token_file", |c| {
-        c.admin
-            .token_file
-            .as_ref()
-            .map(|path| format!("{} is read but not enforced yet", path.display()))
-    }),
 ];
 
 /// Comma-separated names of the upstreams matching `pred`, `None` if none.

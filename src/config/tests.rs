@@ -672,8 +672,8 @@ fn not_yet_active_lists_inactive_settings() {
     );
     assert!(!text.contains("upstreams[].policy"), "{text}");
     assert!(!text.contains("upstreams[].health_check"), "{text}");
-    assert!(text.contains("watch: "), "{text}");
-    assert!(text.contains("admin.token_file: "), "{text}");
+    assert!(!text.contains("watch: "), "{text}");
+    assert!(!text.contains("admin.token_file: "), "{text}");
 }
 
 #[test]

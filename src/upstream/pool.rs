@@ -187,12 +187,24 @@ impl BackendPool {
                         };
                     }
                     pool.notify.notify_waiters();
-                    tracing::debug!(backend = %pool.address, slot = idx, "h2 connection up");
-                    // Drive the connection until it closes (GOAWAY, error, EOF).
+                    let address = pool.address;
+                    tracing::debug!(backend = %address, slot = idx, "h2 connection up");
+                    // Hold the pool weakly while driving the connection: the
+                    // pool's slot holds the connection's `SendRequest`, and h2
+                    // only ends the connection once every `SendRequest` is
+                    // gone. A strong reference here would keep a pool
+                    // dropped by a config reload, and its connections, alive
+                    // forever.
+                    let weak = Rc::downgrade(&pool);
+                    drop(pool);
+                    // Drive the connection until it closes (GOAWAY, error,
+                    // EOF, or the pool and every request on it are gone).
                     if let Err(e) = conn.await {
-                        tracing::debug!(backend = %pool.address, error = %e, "h2 connection ended");
+                        tracing::debug!(backend = %address, error = %e, "h2 connection ended");
                     }
-                    pool.clear_slot(idx, generation);
+                    if let Some(pool) = weak.upgrade() {
+                        pool.clear_slot(idx, generation);
+                    }
                 }
                 Err(e) => {
                     let failures = pool.failures.get() + 1;
