@@ -17,9 +17,11 @@ certs:
 run: build certs
 	@scripts/run-demo.sh
 
-## Formatting, lints, unit and end-to-end tests.
+## Formatting, lints, unit tests, and the end-to-end suite once per I/O driver.
 test: bootstrap lint
-	$(CARGO) test --workspace --locked
+	$(CARGO) test --workspace --locked --lib --bins
+	SPOOKY_TEST_IO_BACKEND=uring $(CARGO) test --locked --test main
+	SPOOKY_TEST_IO_BACKEND=epoll $(CARGO) test --locked --test main
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
+use spooky::config::IoBackend;
 use spooky::config::{self, Config};
 use spooky::control::admin::{self, AdminState};
 use spooky::control::reload::{self as reload, ConfigStore};
@@ -13,6 +14,7 @@ use spooky::runtime::WorkerContext;
 use spooky::telemetry::backends::BackendBoard;
 use spooky::telemetry::{self, MetricsRegistry};
 use spooky_uring::epoll::{EpollUdp, SocketOptions};
+use spooky_uring::uring::UringUdp;
 
 #[derive(Parser)]
 #[command(
@@ -213,10 +215,13 @@ fn run(path: &std::path::Path) -> ExitCode {
         board: board.clone(),
     };
     let result = local.block_on(&rt, async {
-        let io = EpollUdp::bind(cfg.listen.address, &opts).map_err(|e| {
-            tracing::error!(address = %cfg.listen.address, error = %e, "cannot bind UDP listener");
-            e
-        })?;
+        let io = match bind_io(&cfg, &opts) {
+            Ok(io) => io,
+            Err(e) => {
+                tracing::error!(address = %cfg.listen.address, error = %e, "cannot bind UDP listener");
+                return Err(e.into());
+            }
+        };
         admin_state
             .ready
             .store(true, std::sync::atomic::Ordering::Relaxed);
@@ -224,7 +229,11 @@ fn run(path: &std::path::Path) -> ExitCode {
             wait_for_signal().await;
             let _ = shutdown_tx.send(true);
         });
-        spooky::runtime::run_worker(ctx, io, shutdown_rx).await
+        // Both drivers run the very same worker code, monomorphised.
+        match io {
+            Driver::Uring(io) => spooky::runtime::run_worker(ctx, *io, shutdown_rx).await,
+            Driver::Epoll(io) => spooky::runtime::run_worker(ctx, io, shutdown_rx).await,
+        }
     });
     // Dropping the local set drops the signal task and its shutdown sender,
     // which stops the admin server even when the worker failed early.
@@ -260,6 +269,32 @@ async fn reload_on_sighup(store: Arc<ConfigStore>) {
         // The outcome is logged and counted by `reload` itself.
         let _ = tokio::task::spawn_blocking(move || store.reload("sighup")).await;
     }
+}
+
+/// The I/O driver chosen for the listener.
+enum Driver {
+    Uring(Box<UringUdp>),
+    Epoll(EpollUdp),
+}
+
+/// Binds the listener with the driver `io.backend` asks for. `auto` and
+/// `uring` use io_uring where the kernel allows and otherwise log one line
+/// saying what was missing and fall back to epoll.
+fn bind_io(cfg: &Config, opts: &SocketOptions) -> std::io::Result<Driver> {
+    if cfg.io.backend != IoBackend::Epoll {
+        match UringUdp::bind(cfg.listen.address, opts) {
+            Ok(io) => return Ok(Driver::Uring(Box::new(io))),
+            Err(e) if e.kind() == std::io::ErrorKind::Unsupported => {
+                tracing::warn!(
+                    requested = ?cfg.io.backend,
+                    reason = %e,
+                    "io_uring unavailable; using the epoll driver"
+                );
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    EpollUdp::bind(cfg.listen.address, opts).map(Driver::Epoll)
 }
 
 async fn wait_for_signal() {

@@ -458,7 +458,7 @@ fn restart_only_changes_are_reported_not_applied() {
     let mut o = Options::new(&[&a]);
     let spooky = Spooky::start_with(o.clone());
     let new_admin = free_tcp_port();
-    o.extra = "io: { workers: 3 }\n".into();
+    o.io_extra = "workers: 3".into();
     let text = Spooky::config_yaml(&o, spooky.addr.port(), spooky.admin.port()).replace(
         &format!("127.0.0.1:{}", spooky.admin.port()),
         &format!("127.0.0.1:{new_admin}"),

@@ -95,10 +95,6 @@ type InactiveCheck = fn(&Config) -> Option<String>;
 /// Settings accepted but not yet implemented. Remove an entry when the
 /// feature lands; nothing else needs to change.
 const NOT_YET_ACTIVE: &[(&str, InactiveCheck)] = &[
-    ("io.backend", |c| {
-        (c.io.backend == IoBackend::Uring)
-            .then(|| "uring runs on epoll until the io_uring driver lands".to_string())
-    }),
     ("io.workers", |c| match c.io.workers {
         Workers::Count(n) if n != 1 => Some(format!("{n} requested, runs one worker")),
         _ => None,

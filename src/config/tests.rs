@@ -665,7 +665,7 @@ fn not_yet_active_lists_inactive_settings() {
     );
     let lines = config.not_yet_active();
     let text = lines.join("\n");
-    assert!(text.contains("io.backend: uring runs on epoll"), "{text}");
+    assert!(!text.contains("io.backend"), "{text}");
     assert!(
         text.contains("io.workers: 4 requested, runs one worker"),
         "{text}"

@@ -78,6 +78,8 @@ pub enum EdgeEvent {
     Request {
         envelope: Box<Envelope>,
         side: UpstreamSide,
+        /// The connection's span: the request span is its child.
+        conn_span: tracing::Span,
     },
 }
 
@@ -113,6 +115,9 @@ struct Conn {
     /// (cloudflare/quiche#2524), so a connection that abandons too many is
     /// closed with H3_EXCESSIVE_LOAD instead of growing without bound.
     abandoned: u32,
+    /// Span of this connection (`conn` id and peer); entered while the
+    /// edge works on it, parent of its requests' spans.
+    span: tracing::Span,
 }
 
 /// Abandoned streams one connection may accumulate (see `Conn::abandoned`).
@@ -388,6 +393,7 @@ impl Edge {
             closing: false,
             close_at: None,
             abandoned: 0,
+            span: tracing::info_span!("conn", conn = serial, peer = %from),
         });
         self.by_cid.insert(new_scid, ci);
         self.by_cid.insert(dcid.clone(), ci);
@@ -402,6 +408,8 @@ impl Edge {
         let Some(conn) = self.conns.get_mut(ci) else {
             return;
         };
+        let span = conn.span.clone();
+        let _entered = span.enter();
         if conn.h3.is_none() && conn.quic.is_established() {
             match h3::Connection::with_transport(&mut conn.quic, &self.h3_config) {
                 Ok(h) => conn.h3 = Some(h),

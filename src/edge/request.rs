@@ -283,9 +283,15 @@ impl Edge {
                         }
                     }
                 }
+                let conn_span = self
+                    .conns
+                    .get(ci)
+                    .map(|c| c.span.clone())
+                    .unwrap_or_else(tracing::Span::none);
                 self.events.push_back(EdgeEvent::Request {
                     envelope: Box::new(env),
                     side,
+                    conn_span,
                 });
             }
             Err(RequestError::Malformed(why)) => {

@@ -141,7 +141,7 @@ impl Pair {
 
     fn take_request(&mut self) -> (Box<Envelope>, UpstreamSide) {
         match self.edge.poll_event() {
-            Some(EdgeEvent::Request { envelope, side }) => (envelope, side),
+            Some(EdgeEvent::Request { envelope, side, .. }) => (envelope, side),
             None => panic!("no request event"),
         }
     }

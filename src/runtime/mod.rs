@@ -127,8 +127,13 @@ pub async fn run_worker<D: DatagramIo>(
         // Outputs first: spawn new requests, then flush packets.
         while let Some(ev) = edge.poll_event() {
             match ev {
-                EdgeEvent::Request { envelope, side } => {
+                EdgeEvent::Request {
+                    envelope,
+                    side,
+                    conn_span,
+                } => {
                     let span = tracing::info_span!(
+                        parent: &conn_span,
                         "request",
                         request_id = envelope.request_id,
                         trace_id = %envelope.trace.trace_id_hex(),
@@ -337,6 +342,10 @@ async fn flush<D: DatagramIo>(
                 }
             }
         }
+    }
+    // One submission for the whole batch (io_uring); a no-op for epoll.
+    if let Err(e) = io.flush() {
+        tracing::debug!(error = %e, "flush failed");
     }
 }
 

@@ -182,6 +182,16 @@ pub struct Options {
     pub extra: String,
     /// Replaces the whole `upstreams:` section when set.
     pub upstreams_yaml: Option<String>,
+    /// `io.backend`: from `SPOOKY_TEST_IO_BACKEND` (uring | epoll), default
+    /// `auto`. `make test` runs the suite once per driver.
+    pub io_backend: String,
+    /// More `io:` keys, e.g. `workers: 3`.
+    pub io_extra: String,
+}
+
+/// The I/O driver the suite runs on (`SPOOKY_TEST_IO_BACKEND`).
+pub fn test_io_backend() -> String {
+    std::env::var("SPOOKY_TEST_IO_BACKEND").unwrap_or_else(|_| "auto".into())
 }
 
 impl Options {
@@ -196,6 +206,8 @@ impl Options {
             retry: false,
             extra: String::new(),
             upstreams_yaml: None,
+            io_backend: test_io_backend(),
+            io_extra: String::new(),
         }
     }
 }
@@ -217,8 +229,13 @@ impl Spooky {
                 o.connect_ms, o.request_ms, o.idle_ms
             )
         });
+        let io = if o.io_extra.is_empty() {
+            format!("io: {{ backend: {} }}\n", o.io_backend)
+        } else {
+            format!("io: {{ backend: {}, {} }}\n", o.io_backend, o.io_extra)
+        };
         format!(
-            "listen:\n  address: \"127.0.0.1:{port}\"\n  tls: {{ cert: cert.pem, key: key.pem }}\nquic:\n  retry: {}\n  idle_timeout_ms: 10000\n{upstreams}limits: {{ max_body_buffer_bytes: {}, max_request_header_bytes: {} }}\nadmin: {{ address: \"127.0.0.1:{admin}\" }}\ntelemetry: {{ log: \"info\", log_format: text, access_log: true }}\n{}",
+            "listen:\n  address: \"127.0.0.1:{port}\"\n  tls: {{ cert: cert.pem, key: key.pem }}\nquic:\n  retry: {}\n  idle_timeout_ms: 10000\n{io}{upstreams}limits: {{ max_body_buffer_bytes: {}, max_request_header_bytes: {} }}\nadmin: {{ address: \"127.0.0.1:{admin}\" }}\ntelemetry: {{ log: \"info\", log_format: text, access_log: true }}\n{}",
             o.retry, o.max_body_buffer_bytes, o.max_request_header_bytes, o.extra
         )
     }
@@ -253,6 +270,20 @@ impl Spooky {
         let deadline = Instant::now() + Duration::from_secs(15);
         while Instant::now() < deadline {
             if let Some((200, _)) = http1_get(self.admin, "/ready") {
+                // The suite must really run on the driver it asked for.
+                let want = test_io_backend();
+                if want != "auto" {
+                    let until = Instant::now() + Duration::from_secs(5);
+                    while !self.log().contains("worker listening") && Instant::now() < until {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    let needle = format!("driver=\"{want}\"");
+                    assert!(
+                        self.log().contains(&needle),
+                        "asked for the {want} driver but spooky runs another:\n{}",
+                        self.log()
+                    );
+                }
                 return;
             }
             std::thread::sleep(Duration::from_millis(50));

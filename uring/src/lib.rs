@@ -10,6 +10,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod epoll;
+pub mod uring;
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -108,6 +109,12 @@ pub trait DatagramIo {
         -> io::Result<usize>;
     /// Sends one transmit (one syscall, many datagrams with GSO).
     fn try_send(&mut self, transmit: &Transmit<'_>) -> io::Result<()>;
+    /// Hands queued sends to the kernel. Drivers that batch submissions
+    /// (io_uring: one `io_uring_enter` per loop) do it here; the caller
+    /// calls it once after each batch of `try_send`s.
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Splits a received GRO train into its datagrams.

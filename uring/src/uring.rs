@@ -1,0 +1,1899 @@
+//! The io_uring driver: one ring per socket (per worker), driven directly
+//! through the `io-uring` crate.
+//!
+//! * **Receive**: one multishot `RecvMsgMulti` over a provided buffer ring of
+//!   [`RECV_BUFS`] buffers, each large enough for a full 64 KiB GRO train plus
+//!   the `io_uring_recvmsg_out` header, the peer address and the control data.
+//!   `UDP_GRO` is enabled on the socket and the segment size is read from its
+//!   cmsg, so one completion carries a whole train. The multishot request is
+//!   re-armed whenever a completion arrives without `IORING_CQE_F_MORE`
+//!   (buffer ring exhausted → `-ENOBUFS`, or any other end).
+//! * **Send**: `SendMsg` with a `UDP_SEGMENT` cmsg (GSO) and, when the transmit
+//!   names a source IP, an `IP_PKTINFO`/`IPV6_PKTINFO` cmsg. Every in-flight
+//!   send owns one [`SendSlot`] (msghdr, iovec, address, cmsg and payload) that
+//!   is not touched again until its completion has been reaped.
+//! * **Readiness**: the ring fd itself is registered with tokio through
+//!   [`AsyncFd`]; it polls readable while the completion queue is non-empty.
+//!
+//! # Submission policy
+//!
+//! `try_send` only queues an SQE. Queued SQEs (sends and the receive re-arm)
+//! are handed to the kernel by one `io_uring_enter` at the next of:
+//! [`DatagramIo::readable`], [`DatagramIo::writable`], [`UringUdp::flush`],
+//! [`DatagramIo::try_recv_batch`], or `try_send` finding the SQ full. The
+//! worker loop (queue all transmits, then await `readable()`) therefore makes
+//! one submit per loop iteration for the whole batch. Callers that send
+//! outside that loop must call [`UringUdp::flush`].
+//!
+//! # Copies
+//!
+//! The [`DatagramIo`] trait hands the driver owned `Vec` buffers, so each
+//! received datagram is copied once from the ring's provided buffer into the
+//! caller's buffer (after which the ring buffer is re-provided at once), and
+//! each transmit is copied once into a pooled send slot (the caller's slice
+//! does not outlive `try_send`, while the kernel reads it later).
+//!
+//! # Counters
+//!
+//! `send_syscalls` counts `io_uring_enter` calls that carried at least one
+//! send; `recv_syscalls` counts the other `io_uring_enter` calls (receive
+//! re-arms). With multishot receive, no syscall is made per received batch:
+//! datagrams per `recv_syscalls` is therefore very large by design. Finer
+//! counts (completions reaped, buffer-ring exhaustion, truncation, re-arms)
+//! are in [`UringStats`].
+
+use std::alloc::{self, Layout};
+use std::cell::Cell;
+use std::collections::VecDeque;
+use std::io;
+use std::mem;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::{AsRawFd, RawFd};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::{Duration, Instant};
+
+use io_uring::{cqueue, opcode, types, IoUring, Probe};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+
+use crate::epoll::{bind_udp, SocketOptions};
+use crate::{
+    Capabilities, DatagramIo, IoCounters, RecvMeta, Transmit, MAX_GSO_SEGMENTS, MAX_RECV_BUF,
+};
+
+/// Environment variable that makes [`probe`] report io_uring as unsupported.
+pub const FORCE_FALLBACK_ENV: &str = "SPOOKY_IO_FORCE_FALLBACK";
+
+/// Provided receive buffers per ring (a power of two, as buffer rings require).
+pub const RECV_BUFS: u16 = 64;
+/// Send slots per ring: transmits that may be in flight at once.
+pub const SEND_SLOTS: usize = 128;
+
+const SQ_ENTRIES: u32 = 256;
+/// Completions outstanding are bounded by receive buffers + send slots +
+/// the cancel/re-arm ops; keep the CQ well above that so it never overflows.
+const CQ_ENTRIES: u32 = 1024;
+/// Buffer group id of the provided receive buffers.
+const BGID: u16 = 0;
+
+const SOL_UDP: libc::c_int = 17;
+const UDP_SEGMENT: libc::c_int = 103;
+const UDP_GRO: libc::c_int = 104;
+
+/// Size of `struct io_uring_recvmsg_out`, which prefixes every multishot buffer.
+const RECVMSG_OUT_LEN: usize = 16;
+const NAME_LEN: usize = mem::size_of::<libc::sockaddr_storage>();
+/// Room for UDP_GRO (24) + IP_PKTINFO (32) + IPV6_PKTINFO (40) with slack.
+const RECV_CONTROL_LEN: usize = 128;
+/// Each provided buffer holds the header, name, control and a full 64 KiB train.
+const RECV_BUF_LEN: usize = MAX_RECV_BUF + RECVMSG_OUT_LEN + NAME_LEN + RECV_CONTROL_LEN;
+const PAGE: usize = 4096;
+
+/// Send control buffer: UDP_SEGMENT (24) + IPV6_PKTINFO (40) fits in 128.
+const SEND_CONTROL_WORDS: usize = 16;
+
+/// Largest UDP payload over IPv4 (65535 - IP and UDP headers): a GSO train
+/// must fit in one UDP "super-datagram".
+const MAX_UDP_PAYLOAD: usize = 65_507;
+
+const UD_RECV: u64 = u64::MAX - 1;
+const UD_CANCEL: u64 = u64::MAX - 2;
+
+const fn cmsg_align(n: usize) -> usize {
+    let a = mem::size_of::<usize>();
+    (n + a - 1) & !(a - 1)
+}
+const CMSG_HDR: usize = cmsg_align(mem::size_of::<libc::cmsghdr>());
+const fn cmsg_len(n: usize) -> usize {
+    CMSG_HDR + n
+}
+const fn cmsg_space(n: usize) -> usize {
+    CMSG_HDR + cmsg_align(n)
+}
+
+/// What [`probe`] found usable on this kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UringSupport {
+    /// `SendZc` is available (kernel ≥ 6.0); unused by the UDP driver so far.
+    pub send_zc: bool,
+    /// The ring exposes `IORING_FEAT_EXT_ARG` (timed waits).
+    pub ext_arg: bool,
+}
+
+/// Checks that io_uring can run the UDP driver: a ring can be created (not
+/// disabled by `kernel.io_uring_disabled` or seccomp), `RECVMSG`/`SENDMSG` are
+/// supported, a provided buffer ring can be registered and a multishot
+/// `recvmsg` can be armed. Returns `Err` with one readable sentence otherwise,
+/// and when `SPOOKY_IO_FORCE_FALLBACK=1` is set.
+pub fn probe() -> Result<UringSupport, String> {
+    let force = std::env::var(FORCE_FALLBACK_ENV).is_ok_and(|v| v == "1");
+    probe_with(force)
+}
+
+/// [`probe`] with the environment override passed explicitly.
+pub fn probe_with(force_fallback: bool) -> Result<UringSupport, String> {
+    if force_fallback {
+        return Err(format!("io_uring forced off by {FORCE_FALLBACK_ENV}=1"));
+    }
+    let ring: IoUring = IoUring::builder().build(8).map_err(|e| {
+        let sysctl = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| "?".into());
+        match e.raw_os_error() {
+            Some(libc::ENOSYS) => format!(
+                "io_uring_setup is not available (ENOSYS: kernel without io_uring, or seccomp); \
+                 kernel.io_uring_disabled={sysctl}"
+            ),
+            Some(libc::EPERM) => format!(
+                "io_uring_setup was refused (EPERM: kernel.io_uring_disabled={sysctl}, \
+                 or a seccomp/LSM policy)"
+            ),
+            _ => format!("io_uring_setup failed: {e}"),
+        }
+    })?;
+    let mut p = Probe::new();
+    ring.submitter()
+        .register_probe(&mut p)
+        .map_err(|e| format!("io_uring opcode probe failed (kernel < 5.6?): {e}"))?;
+    for (code, name) in [
+        (opcode::RecvMsgMulti::CODE, "RECVMSG"),
+        (opcode::SendMsg::CODE, "SENDMSG"),
+        (opcode::AsyncCancel2::CODE, "ASYNC_CANCEL"),
+    ] {
+        if !p.is_supported(code) {
+            return Err(format!("io_uring lacks the {name} opcode"));
+        }
+    }
+    let support = UringSupport {
+        send_zc: p.is_supported(opcode::SendZc::CODE),
+        ext_arg: ring.params().is_feature_ext_arg(),
+    };
+    drop(ring);
+    // Register a one-entry buffer ring and arm a multishot recvmsg on a
+    // throwaway socket, then cancel it: kernels without multishot recvmsg
+    // (< 6.0) fail the request with EINVAL, without buffer rings (< 5.19)
+    // the registration fails.
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0")
+        .map_err(|e| format!("cannot open a UDP socket to probe io_uring: {e}"))?;
+    let mut ring = Ring::new(&sock, 1, PAGE)
+        .map_err(|e| format!("io_uring ring setup for UDP failed: {e}"))?;
+    ring.probe_multishot()?;
+    Ok(support)
+}
+
+/// A page-aligned heap allocation shared with the kernel.
+struct PageBuf {
+    ptr: NonNull<u8>,
+    layout: Layout,
+    leaked: bool,
+}
+
+impl PageBuf {
+    fn new(len: usize) -> io::Result<Self> {
+        let layout = Layout::from_size_align(len.max(1).next_multiple_of(PAGE), PAGE)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { alloc::alloc_zeroed(layout) };
+        let ptr = NonNull::new(ptr).ok_or_else(|| io::Error::from(io::ErrorKind::OutOfMemory))?;
+        Ok(Self {
+            ptr,
+            layout,
+            leaked: false,
+        })
+    }
+
+    fn addr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// Never free this memory: the kernel may still write to it.
+    fn leak(&mut self) {
+        self.leaked = true;
+    }
+}
+
+impl Drop for PageBuf {
+    fn drop(&mut self) {
+        if !self.leaked {
+            // SAFETY: allocated in `new` with this layout and freed only here.
+            unsafe { alloc::dealloc(self.ptr.as_ptr(), self.layout) };
+        }
+    }
+}
+
+/// The ring, its provided-buffer pool and the receive request's msghdr.
+///
+/// Shared by the driver and by [`probe_with`].
+struct Ring {
+    ring: IoUring,
+    fd: RawFd,
+    /// `nbufs` provided buffers of `buf_len` bytes each.
+    recv_mem: PageBuf,
+    /// The buffer ring (`nbufs` entries of `io_uring_buf`), registered as `BGID`.
+    bufring_mem: PageBuf,
+    nbufs: u16,
+    buf_len: usize,
+    /// Local copy of the buffer ring's tail (published with a release store).
+    buf_tail: u16,
+    /// Template for multishot recvmsg: only `msg_namelen`/`msg_controllen` matter.
+    recv_hdr: Box<libc::msghdr>,
+    bufring_registered: bool,
+}
+
+impl Ring {
+    fn new(sock: &impl AsRawFd, nbufs: u16, buf_len: usize) -> io::Result<Self> {
+        let ring: IoUring = IoUring::builder()
+            .setup_cqsize(CQ_ENTRIES)
+            .build(SQ_ENTRIES)?;
+        let recv_mem = PageBuf::new(usize::from(nbufs) * buf_len)?;
+        let bufring_mem = PageBuf::new(usize::from(nbufs) * mem::size_of::<types::BufRingEntry>())?;
+        // SAFETY: `bufring_mem` is page aligned, zeroed, holds `nbufs` entries
+        // and lives in the returned `Ring`; it is unregistered in `Drop`
+        // before it is freed (or leaked if the kernel may still use it).
+        unsafe {
+            ring.submitter()
+                .register_buf_ring_with_flags(bufring_mem.addr() as u64, nbufs, BGID, 0)
+        }
+        .map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot register a provided buffer ring (kernel < 5.19?): {e}"),
+            )
+        })?;
+        // SAFETY: msghdr is a plain C struct for which all-zero is valid.
+        let mut recv_hdr: Box<libc::msghdr> = Box::new(unsafe { mem::zeroed() });
+        recv_hdr.msg_namelen = NAME_LEN as libc::socklen_t;
+        recv_hdr.msg_controllen = RECV_CONTROL_LEN as _;
+        let mut r = Self {
+            ring,
+            fd: sock.as_raw_fd(),
+            recv_mem,
+            bufring_mem,
+            nbufs,
+            buf_len,
+            buf_tail: 0,
+            recv_hdr,
+            bufring_registered: true,
+        };
+        for bid in 0..nbufs {
+            r.stage_buffer(bid);
+        }
+        r.publish_buffers();
+        Ok(r)
+    }
+
+    /// Writes buffer `bid` into the next buffer-ring slot (not yet visible to
+    /// the kernel until [`Self::publish_buffers`]).
+    fn stage_buffer(&mut self, bid: u16) {
+        let mask = self.nbufs - 1;
+        let idx = usize::from(self.buf_tail & mask);
+        // SAFETY: `bid < nbufs`, so the offset stays inside `recv_mem`.
+        let addr = unsafe { self.recv_mem.addr().add(usize::from(bid) * self.buf_len) };
+        // `struct io_uring_buf { u64 addr; u32 len; u16 bid; u16 resv; }`: the
+        // three fields are written through raw pointers, never through a
+        // reference, because entry 0's `resv` is the ring tail the kernel
+        // reads concurrently.
+        const _: () = assert!(mem::size_of::<types::BufRingEntry>() == 16);
+        // SAFETY: `idx < nbufs` and the page-aligned ring memory holds `nbufs`
+        // 16-byte entries, so every write is in bounds and aligned. The kernel
+        // never reads entries at or beyond the published tail, and only
+        // buffers the kernel handed back are staged (at most `nbufs` in the
+        // ring), so no unconsumed entry is overwritten.
+        unsafe {
+            let entry = self.bufring_mem.addr().add(idx * 16);
+            entry.cast::<u64>().write(addr as u64);
+            entry.add(8).cast::<u32>().write(self.buf_len as u32);
+            entry.add(12).cast::<u16>().write(bid);
+        }
+        self.buf_tail = self.buf_tail.wrapping_add(1);
+    }
+
+    /// Makes staged buffers visible to the kernel.
+    fn publish_buffers(&mut self) {
+        let base = self.bufring_mem.addr().cast::<types::BufRingEntry>();
+        // SAFETY: `base` points to the registered ring; the tail overlays the
+        // `resv` field of entry 0, a u16 at a 2-aligned offset the kernel
+        // reads with acquire semantics. The release store orders the entry
+        // writes above before it.
+        unsafe {
+            let tail = types::BufRingEntry::tail(base).cast_mut();
+            AtomicU16::from_ptr(tail).store(self.buf_tail, Ordering::Release);
+        }
+    }
+
+    /// The provided buffer `bid`, truncated to `len` bytes.
+    fn buffer(&self, bid: u16, len: usize) -> &[u8] {
+        let len = len.min(self.buf_len);
+        let bid = bid.min(self.nbufs - 1);
+        // SAFETY: in bounds of `recv_mem`; the kernel has handed this buffer
+        // back (its CQE was reaped) and does not write to it until re-provided.
+        unsafe {
+            std::slice::from_raw_parts(
+                self.recv_mem.addr().add(usize::from(bid) * self.buf_len),
+                len,
+            )
+        }
+    }
+
+    fn recv_entry(&self) -> io_uring::squeue::Entry {
+        opcode::RecvMsgMulti::new(types::Fd(self.fd), &*self.recv_hdr, BGID)
+            .build()
+            .user_data(UD_RECV)
+    }
+
+    /// Arms a multishot recvmsg then cancels it; see [`probe_with`].
+    fn probe_multishot(&mut self) -> Result<(), String> {
+        let recv = self.recv_entry();
+        let cancel = opcode::AsyncCancel2::new(types::CancelBuilder::user_data(UD_RECV))
+            .build()
+            .user_data(UD_CANCEL);
+        // SAFETY: the msghdr behind `recv` lives in `self`; the request is
+        // cancelled and its final completion reaped below before return
+        // (or the memory is leaked by `Drop` if that does not happen).
+        unsafe {
+            let mut sq = self.ring.submission();
+            sq.push(&recv)
+                .map_err(|_| "io_uring SQ full while probing".to_string())?;
+            sq.push(&cancel)
+                .map_err(|_| "io_uring SQ full while probing".to_string())?;
+        }
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let mut recv_res = None;
+        let mut cancelled = false;
+        while (recv_res.is_none() || !cancelled) && Instant::now() < deadline {
+            let ts = types::Timespec::new().nsec(50_000_000);
+            let args = types::SubmitArgs::new().timespec(&ts);
+            match self.ring.submitter().submit_with_args(1, &args) {
+                Ok(_) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR)) => {}
+                Err(e) => return Err(format!("io_uring_enter failed while probing: {e}")),
+            }
+            for cqe in self.ring.completion() {
+                match cqe.user_data() {
+                    UD_RECV if !cqueue::more(cqe.flags()) => recv_res = Some(cqe.result()),
+                    UD_CANCEL => cancelled = true,
+                    _ => {}
+                }
+            }
+        }
+        match recv_res {
+            Some(r) if r == -libc::ECANCELED || r >= 0 || r == -libc::ENOBUFS => Ok(()),
+            Some(r) if r == -libc::EINVAL => {
+                Err("io_uring lacks multishot recvmsg (kernel < 6.0)".into())
+            }
+            Some(r) => Err(format!(
+                "io_uring multishot recvmsg failed: {}",
+                io::Error::from_raw_os_error(-r)
+            )),
+            None => {
+                // The kernel may still hold the request: never free its memory.
+                self.recv_mem.leak();
+                self.bufring_mem.leak();
+                self.bufring_registered = false;
+                Err("io_uring multishot recvmsg probe timed out".into())
+            }
+        }
+    }
+
+    /// Cancels every request and waits (bounded) until the kernel has
+    /// completed them all. Returns false if some may still be in flight.
+    fn cancel_all_and_drain(
+        &mut self,
+        mut in_flight: impl FnMut(Option<&cqueue::Entry>) -> bool,
+    ) -> bool {
+        let cancel = opcode::AsyncCancel2::new(types::CancelBuilder::any())
+            .build()
+            .user_data(UD_CANCEL);
+        // SAFETY: the cancel op references no user memory.
+        if unsafe { self.ring.submission().push(&cancel) }.is_err() {
+            let _ = self.ring.submit();
+            // SAFETY: as above.
+            if unsafe { self.ring.submission().push(&cancel) }.is_err() {
+                return false;
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let mut cancel_done = false;
+        let mut busy = true;
+        while (busy || !cancel_done) && Instant::now() < deadline {
+            let ts = types::Timespec::new().nsec(20_000_000);
+            let args = types::SubmitArgs::new().timespec(&ts);
+            match self.ring.submitter().submit_with_args(1, &args) {
+                Ok(_) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR)) => {}
+                Err(_) => return false,
+            }
+            for cqe in self.ring.completion() {
+                if cqe.user_data() == UD_CANCEL {
+                    cancel_done = true;
+                }
+                busy = in_flight(Some(&cqe));
+            }
+            if !busy && cancel_done {
+                return true;
+            }
+            // Re-evaluate with no new completion (e.g. nothing was in flight).
+            busy = in_flight(None);
+        }
+        !busy && cancel_done
+    }
+}
+
+impl Drop for Ring {
+    fn drop(&mut self) {
+        if self.bufring_registered && self.ring.submitter().unregister_buf_ring(BGID).is_err() {
+            // The kernel may still write received data into the pool.
+            self.recv_mem.leak();
+            self.bufring_mem.leak();
+        }
+        // `ring` (the fd) closes after this body; the memory is freed after
+        // it, in field order.
+    }
+}
+
+/// One pooled send: everything the kernel reads for a `SendMsg`, kept at a
+/// stable heap address until the completion is reaped.
+struct SendSlot {
+    hdr: libc::msghdr,
+    iov: libc::iovec,
+    name: libc::sockaddr_in6,
+    control: [u64; SEND_CONTROL_WORDS],
+    payload: Vec<u8>,
+    /// GSO segment size of the queued send, 0 for a single datagram.
+    segment: usize,
+    src_ip: Option<IpAddr>,
+    destination: SocketAddr,
+}
+
+impl SendSlot {
+    fn new() -> Self {
+        Self {
+            // SAFETY: plain C structs for which all-zero is a valid value.
+            hdr: unsafe { mem::zeroed() },
+            // SAFETY: as above.
+            iov: unsafe { mem::zeroed() },
+            // SAFETY: as above.
+            name: unsafe { mem::zeroed() },
+            control: [0; SEND_CONTROL_WORDS],
+            payload: Vec::new(),
+            segment: 0,
+            src_ip: None,
+            destination: SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)),
+        }
+    }
+
+    /// Fills the slot and points its msghdr at its own fields. The slot must
+    /// not move afterwards (slots live in a boxed slice that is never resized).
+    fn prepare(
+        &mut self,
+        v6_socket: bool,
+        dst: SocketAddr,
+        src_ip: Option<IpAddr>,
+        contents: &[u8],
+        segment: usize,
+    ) {
+        self.payload.clear();
+        self.payload.extend_from_slice(contents);
+        self.segment = segment;
+        self.src_ip = src_ip;
+        self.destination = dst;
+        let name_len = write_sockaddr(&mut self.name, dst, v6_socket);
+        let control_len = write_send_cmsgs(&mut self.control, segment, src_ip);
+        self.iov = libc::iovec {
+            iov_base: self.payload.as_mut_ptr().cast(),
+            iov_len: self.payload.len(),
+        };
+        self.hdr.msg_name = (&raw mut self.name).cast();
+        self.hdr.msg_namelen = name_len;
+        self.hdr.msg_iov = &raw mut self.iov;
+        self.hdr.msg_iovlen = 1;
+        self.hdr.msg_control = if control_len == 0 {
+            std::ptr::null_mut()
+        } else {
+            self.control.as_mut_ptr().cast()
+        };
+        self.hdr.msg_controllen = control_len as _;
+        self.hdr.msg_flags = 0;
+    }
+}
+
+/// Writes `addr` as a sockaddr for a socket of the given family (v4 peers of
+/// a v6 socket become v4-mapped, v4-mapped peers of a v4 socket become v4).
+fn write_sockaddr(
+    out: &mut libc::sockaddr_in6,
+    addr: SocketAddr,
+    v6_socket: bool,
+) -> libc::socklen_t {
+    let addr = match (addr, v6_socket) {
+        (SocketAddr::V4(a), true) => {
+            SocketAddr::V6(SocketAddrV6::new(a.ip().to_ipv6_mapped(), a.port(), 0, 0))
+        }
+        (SocketAddr::V6(a), false) => match a.ip().to_ipv4_mapped() {
+            Some(ip) => SocketAddr::V4(SocketAddrV4::new(ip, a.port())),
+            None => SocketAddr::V6(a),
+        },
+        (a, _) => a,
+    };
+    // SAFETY: zeroed sockaddr_in6 is valid.
+    *out = unsafe { mem::zeroed() };
+    match addr {
+        SocketAddr::V4(a) => {
+            // SAFETY: zeroed sockaddr_in is valid.
+            let mut sin: libc::sockaddr_in = unsafe { mem::zeroed() };
+            sin.sin_family = libc::AF_INET as libc::sa_family_t;
+            sin.sin_port = a.port().to_be();
+            sin.sin_addr.s_addr = u32::from_ne_bytes(a.ip().octets());
+            // SAFETY: sockaddr_in (16 bytes) fits in sockaddr_in6 (28 bytes);
+            // both are plain C structs.
+            unsafe {
+                std::ptr::write(
+                    (out as *mut libc::sockaddr_in6).cast::<libc::sockaddr_in>(),
+                    sin,
+                )
+            };
+            mem::size_of::<libc::sockaddr_in>() as libc::socklen_t
+        }
+        SocketAddr::V6(a) => {
+            out.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            out.sin6_port = a.port().to_be();
+            out.sin6_flowinfo = a.flowinfo();
+            out.sin6_addr.s6_addr = a.ip().octets();
+            out.sin6_scope_id = a.scope_id();
+            mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t
+        }
+    }
+}
+
+/// Writes one cmsg at byte offset `off` of `buf`; returns the next offset.
+fn put_cmsg<T: Copy>(
+    buf: &mut [u64],
+    off: usize,
+    level: libc::c_int,
+    ty: libc::c_int,
+    data: T,
+) -> usize {
+    let space = cmsg_space(mem::size_of::<T>());
+    assert!(
+        off + space <= mem::size_of_val(buf),
+        "send cmsg buffer too small"
+    );
+    // SAFETY: cmsghdr is a plain C struct; all-zero is valid.
+    let mut h: libc::cmsghdr = unsafe { mem::zeroed() };
+    h.cmsg_len = cmsg_len(mem::size_of::<T>()) as _;
+    h.cmsg_level = level;
+    h.cmsg_type = ty;
+    let base = buf.as_mut_ptr().cast::<u8>();
+    // SAFETY: bounds checked by the assert above; unaligned writes need no
+    // alignment (though `off` is a multiple of 8 and `buf` is u64-aligned).
+    unsafe {
+        std::ptr::write_unaligned(base.add(off).cast::<libc::cmsghdr>(), h);
+        std::ptr::write_unaligned(base.add(off + CMSG_HDR).cast::<T>(), data);
+    }
+    off + space
+}
+
+/// Fills the send control buffer; returns its length in bytes (0 for none).
+fn write_send_cmsgs(
+    buf: &mut [u64; SEND_CONTROL_WORDS],
+    segment: usize,
+    src_ip: Option<IpAddr>,
+) -> usize {
+    *buf = [0; SEND_CONTROL_WORDS];
+    let mut off = 0;
+    if segment > 0 {
+        off = put_cmsg(buf, off, SOL_UDP, UDP_SEGMENT, segment as u16);
+    }
+    match src_ip {
+        Some(IpAddr::V4(ip)) => {
+            // SAFETY: in_pktinfo is a plain C struct; all-zero is valid.
+            let mut pi: libc::in_pktinfo = unsafe { mem::zeroed() };
+            pi.ipi_spec_dst.s_addr = u32::from_ne_bytes(ip.octets());
+            off = put_cmsg(buf, off, libc::IPPROTO_IP, libc::IP_PKTINFO, pi);
+        }
+        Some(IpAddr::V6(ip)) => {
+            // SAFETY: in6_pktinfo is a plain C struct; all-zero is valid.
+            let mut pi: libc::in6_pktinfo = unsafe { mem::zeroed() };
+            pi.ipi6_addr.s6_addr = ip.octets();
+            off = put_cmsg(buf, off, libc::IPPROTO_IPV6, libc::IPV6_PKTINFO, pi);
+        }
+        None => {}
+    }
+    off
+}
+
+/// Parses a peer address from the kernel's `msg_name` bytes.
+fn parse_sockaddr(name: &[u8]) -> Option<SocketAddr> {
+    if name.len() < 2 {
+        return None;
+    }
+    let family = libc::sa_family_t::from_ne_bytes([name[0], name[1]]);
+    match libc::c_int::from(family) {
+        libc::AF_INET if name.len() >= mem::size_of::<libc::sockaddr_in>() => {
+            // SAFETY: length checked; read_unaligned tolerates any alignment.
+            let sin: libc::sockaddr_in = unsafe { std::ptr::read_unaligned(name.as_ptr().cast()) };
+            Some(SocketAddr::V4(SocketAddrV4::new(
+                Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes()),
+                u16::from_be(sin.sin_port),
+            )))
+        }
+        libc::AF_INET6 if name.len() >= mem::size_of::<libc::sockaddr_in6>() => {
+            // SAFETY: length checked; read_unaligned tolerates any alignment.
+            let sin6: libc::sockaddr_in6 =
+                unsafe { std::ptr::read_unaligned(name.as_ptr().cast()) };
+            Some(SocketAddr::V6(SocketAddrV6::new(
+                Ipv6Addr::from(sin6.sin6_addr.s6_addr),
+                u16::from_be(sin6.sin6_port),
+                sin6.sin6_flowinfo,
+                sin6.sin6_scope_id,
+            )))
+        }
+        _ => None,
+    }
+}
+
+/// What the receive cmsgs said: GRO segment size and the local address.
+fn parse_recv_cmsgs(control: &[u8]) -> (Option<usize>, Option<IpAddr>) {
+    let mut gro = None;
+    let mut local = None;
+    let mut off = 0;
+    while off + CMSG_HDR <= control.len() {
+        // SAFETY: at least a header's worth of bytes remain; unaligned read.
+        let h: libc::cmsghdr =
+            unsafe { std::ptr::read_unaligned(control.as_ptr().add(off).cast()) };
+        let len = h.cmsg_len as usize;
+        if len < CMSG_HDR || off + len > control.len() {
+            break;
+        }
+        let data = &control[off + CMSG_HDR..off + len];
+        match (h.cmsg_level, h.cmsg_type) {
+            (SOL_UDP, UDP_GRO) if data.len() >= 4 => {
+                let v = i32::from_ne_bytes([data[0], data[1], data[2], data[3]]);
+                if v > 0 {
+                    gro = Some(v as usize);
+                }
+            }
+            (libc::IPPROTO_IP, libc::IP_PKTINFO)
+                if data.len() >= mem::size_of::<libc::in_pktinfo>() =>
+            {
+                // SAFETY: length checked; unaligned read of a plain C struct.
+                let pi: libc::in_pktinfo =
+                    unsafe { std::ptr::read_unaligned(data.as_ptr().cast()) };
+                local = Some(IpAddr::V4(Ipv4Addr::from(pi.ipi_addr.s_addr.to_ne_bytes())));
+            }
+            (libc::IPPROTO_IPV6, libc::IPV6_PKTINFO)
+                if data.len() >= mem::size_of::<libc::in6_pktinfo>() =>
+            {
+                // SAFETY: length checked; unaligned read of a plain C struct.
+                let pi: libc::in6_pktinfo =
+                    unsafe { std::ptr::read_unaligned(data.as_ptr().cast()) };
+                local = Some(IpAddr::V6(Ipv6Addr::from(pi.ipi6_addr.s6_addr)));
+            }
+            _ => {}
+        }
+        off += cmsg_align(len);
+    }
+    (gro, local)
+}
+
+fn setsockopt_int(
+    fd: RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: `value` is a live c_int and its exact size is passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&raw const value).cast(),
+            mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Whether the kernel accepts `UDP_SEGMENT` on a socket of this family
+/// (tested on a throwaway socket, as `quinn-udp` does).
+fn gso_supported(v6: bool) -> bool {
+    let sock = if v6 {
+        std::net::UdpSocket::bind("[::1]:0")
+    } else {
+        std::net::UdpSocket::bind("127.0.0.1:0")
+    };
+    match sock {
+        Ok(s) => setsockopt_int(s.as_raw_fd(), SOL_UDP, UDP_SEGMENT, 1500).is_ok(),
+        Err(_) => false,
+    }
+}
+
+/// io_uring-specific counters, beyond [`IoCounters`].
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct UringStats {
+    /// All `io_uring_enter` calls that submitted something.
+    pub submits: u64,
+    /// Completions reaped (receive and send).
+    pub completions: u64,
+    /// Receive completions that carried data (one datagram or GRO train each).
+    pub recv_completions: u64,
+    /// Times the multishot receive was (re-)armed, the first arm included.
+    pub recv_arms: u64,
+    /// Multishot ends with `-ENOBUFS`: the provided-buffer pool ran dry.
+    pub buf_exhausted: u64,
+    /// Receives whose payload was cut (`MSG_TRUNC`) — must stay 0 with 64 KiB buffers.
+    pub truncated: u64,
+    /// Receive completions with an error other than `ENOBUFS`.
+    pub recv_errors: u64,
+}
+
+/// A receive completion waiting for `try_recv_batch`: buffer id and byte count.
+#[derive(Debug, Clone, Copy)]
+struct Completed {
+    bid: u16,
+    len: usize,
+}
+
+/// Wrapper so tokio can poll the ring fd (owned by `Ring`).
+struct RingFd(RawFd);
+
+impl AsRawFd for RingFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+/// The io_uring datagram driver. See the module docs.
+///
+/// Must be created and used inside a tokio runtime with IO enabled (a
+/// current-thread runtime per worker). It is `Send` but not `Sync`.
+pub struct UringUdp {
+    // Field order is drop order: deregister from tokio, then tear down the
+    // ring (in `Drop` the requests are cancelled and drained first), then
+    // close the socket.
+    afd: AsyncFd<RingFd>,
+    ring: Ring,
+    socket: std::net::UdpSocket,
+    v6: bool,
+    gso: bool,
+    gro: bool,
+    slots: Box<[SendSlot]>,
+    free: Vec<u16>,
+    completed: VecDeque<Completed>,
+    recv_armed: bool,
+    /// SQEs pushed but not yet submitted, and how many of them are sends.
+    unsubmitted: Cell<usize>,
+    unsubmitted_sends: Cell<usize>,
+    /// `io_uring_enter` calls: all, with sends, without sends.
+    enters: Cell<u64>,
+    send_enters: Cell<u64>,
+    other_enters: Cell<u64>,
+    counters: IoCounters,
+    stats: UringStats,
+    cqe_scratch: Vec<(u64, i32, u32)>,
+}
+
+// SAFETY: the raw pointers inside (msghdrs, iovecs, the buffer ring) point
+// only into heap memory owned by this value, which moves with it; the ring
+// and socket are plain fds. Nothing is shared with another thread, and the
+// type stays !Sync so `&self` methods never run concurrently.
+unsafe impl Send for UringUdp {}
+
+impl UringUdp {
+    /// Binds `addr` and sets up the ring. Fails with `ErrorKind::Unsupported`
+    /// and a one-sentence reason when io_uring cannot run this driver (the
+    /// caller then falls back to [`crate::epoll::EpollUdp`] and logs the reason).
+    pub fn bind(addr: SocketAddr, opts: &SocketOptions) -> io::Result<Self> {
+        probe().map_err(|why| io::Error::new(io::ErrorKind::Unsupported, why))?;
+        Self::new(bind_udp(addr, opts)?, opts.gso, opts.gro)
+    }
+
+    /// Wraps a bound UDP socket (skips [`probe`]; `bind` runs it).
+    pub fn new(socket: std::net::UdpSocket, gso: bool, gro: bool) -> io::Result<Self> {
+        let fd = socket.as_raw_fd();
+        let v6 = socket.local_addr()?.is_ipv6();
+        // Every I/O on this socket goes through the ring, which waits for
+        // readiness itself; a blocking socket makes the kernel park a send
+        // that would block instead of failing it with EAGAIN. The only direct
+        // syscalls (GSO fallback resends) pass MSG_DONTWAIT.
+        socket.set_nonblocking(false)?;
+        let gro = gro && setsockopt_int(fd, SOL_UDP, UDP_GRO, 1).is_ok();
+        let gso = gso && gso_supported(v6);
+        if v6 {
+            setsockopt_int(fd, libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO, 1)?;
+            // Dual-stack sockets also report v4 destinations (best effort).
+            let _ = setsockopt_int(fd, libc::IPPROTO_IP, libc::IP_PKTINFO, 1);
+        } else {
+            setsockopt_int(fd, libc::IPPROTO_IP, libc::IP_PKTINFO, 1)?;
+        }
+        let ring = Ring::new(&socket, RECV_BUFS, RECV_BUF_LEN)?;
+        // SAFETY: the ring fd stays open for the AsyncFd's whole life: `afd`
+        // is declared before `ring` in `UringUdp`, so it is dropped (and
+        // deregistered) first, and `RingFd` always returns the same fd.
+        let afd = unsafe {
+            AsyncFd::register_with_interest(RingFd(ring.ring.as_raw_fd()), Interest::READABLE)
+        }?;
+        let slots: Box<[SendSlot]> = (0..SEND_SLOTS).map(|_| SendSlot::new()).collect();
+        let mut me = Self {
+            afd,
+            ring,
+            socket,
+            v6,
+            gso,
+            gro,
+            slots,
+            free: (0..SEND_SLOTS as u16).rev().collect(),
+            completed: VecDeque::with_capacity(usize::from(RECV_BUFS) + 1),
+            recv_armed: false,
+            unsubmitted: Cell::new(0),
+            unsubmitted_sends: Cell::new(0),
+            enters: Cell::new(0),
+            send_enters: Cell::new(0),
+            other_enters: Cell::new(0),
+            counters: IoCounters::default(),
+            stats: UringStats::default(),
+            cqe_scratch: Vec::with_capacity(CQ_ENTRIES as usize),
+        };
+        me.arm_recv()?;
+        me.submit_pending()?;
+        Ok(me)
+    }
+
+    /// io_uring-specific counters.
+    pub fn stats(&self) -> UringStats {
+        UringStats {
+            submits: self.enters.get(),
+            ..self.stats
+        }
+    }
+
+    /// Submits every queued SQE (sends, receive re-arm) in one `io_uring_enter`
+    /// and reaps completions. See the module docs for when this happens by itself.
+    pub fn flush(&mut self) -> io::Result<()> {
+        self.submit_pending()?;
+        self.reap();
+        Ok(())
+    }
+
+    /// Pushes one SQE, submitting first if the SQ is full.
+    ///
+    /// # Safety
+    ///
+    /// Every pointer in `entry` must stay valid until its final completion.
+    unsafe fn push(&mut self, entry: &io_uring::squeue::Entry, is_send: bool) -> io::Result<()> {
+        for _ in 0..2 {
+            // SAFETY: forwarded from this function's contract.
+            let pushed = unsafe { self.ring.ring.submission().push(entry) };
+            if pushed.is_ok() {
+                self.unsubmitted.set(self.unsubmitted.get() + 1);
+                if is_send {
+                    self.unsubmitted_sends.set(self.unsubmitted_sends.get() + 1);
+                }
+                return Ok(());
+            }
+            self.submit_pending()?;
+        }
+        Err(io::Error::new(
+            io::ErrorKind::WouldBlock,
+            "io_uring SQ full",
+        ))
+    }
+
+    /// One `io_uring_enter` for everything queued; no-op when nothing is.
+    fn submit_pending(&self) -> io::Result<()> {
+        while self.unsubmitted.get() > 0 {
+            match self.ring.ring.submit() {
+                Ok(n) => {
+                    self.stats_submit();
+                    let left = self.unsubmitted.get().saturating_sub(n);
+                    self.unsubmitted.set(left);
+                    if left == 0 {
+                        self.unsubmitted_sends.set(0);
+                    }
+                    if n == 0 {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                // CQ backlog (EBUSY) or transient shortage (EAGAIN): the
+                // queued SQEs stay queued; the next reap makes room.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EBUSY | libc::EAGAIN)) => break,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn stats_submit(&self) {
+        self.enters.set(self.enters.get() + 1);
+        if self.unsubmitted_sends.get() > 0 {
+            self.send_enters.set(self.send_enters.get() + 1);
+        } else {
+            self.other_enters.set(self.other_enters.get() + 1);
+        }
+    }
+
+    /// Arms the multishot receive if it is not running and buffers are free.
+    fn arm_recv(&mut self) -> io::Result<()> {
+        let in_kernel = usize::from(self.ring.nbufs) - self.completed.len();
+        if self.recv_armed || in_kernel == 0 {
+            return Ok(());
+        }
+        let entry = self.ring.recv_entry();
+        // SAFETY: the msghdr lives in `self.ring` (boxed) and the buffer pool
+        // stays registered until `Drop` has cancelled and drained the request.
+        unsafe { self.push(&entry, false)? };
+        self.recv_armed = true;
+        self.stats.recv_arms += 1;
+        Ok(())
+    }
+
+    /// True when the kernel has posted completions we have not reaped.
+    fn cq_pending(&self) -> bool {
+        // SAFETY: the only other CompletionQueue borrows are made in `&mut
+        // self` methods and dropped before they return, and the type is !Sync,
+        // so none exists while this `&self` method runs.
+        !unsafe { self.ring.ring.completion_shared() }.is_empty()
+    }
+
+    /// Moves every posted completion out of the CQ and handles it.
+    fn reap(&mut self) {
+        let mut scratch = mem::take(&mut self.cqe_scratch);
+        scratch.clear();
+        scratch.extend(
+            self.ring
+                .ring
+                .completion()
+                .map(|c| (c.user_data(), c.result(), c.flags())),
+        );
+        for &(ud, res, flags) in &scratch {
+            self.stats.completions += 1;
+            self.handle_cqe(ud, res, flags);
+        }
+        self.cqe_scratch = scratch;
+        // A multishot that ended is re-armed as soon as buffers are free.
+        let _ = self.arm_recv();
+    }
+
+    fn handle_cqe(&mut self, ud: u64, res: i32, flags: u32) {
+        match ud {
+            UD_RECV => {
+                if !cqueue::more(flags) {
+                    self.recv_armed = false;
+                }
+                if res >= 0 {
+                    match cqueue::buffer_select(flags) {
+                        Some(bid) => {
+                            self.stats.recv_completions += 1;
+                            self.completed.push_back(Completed {
+                                bid,
+                                len: res as usize,
+                            });
+                        }
+                        None => self.stats.recv_errors += 1,
+                    }
+                } else if res == -libc::ENOBUFS {
+                    self.stats.buf_exhausted += 1;
+                } else if res != -libc::ECANCELED {
+                    self.stats.recv_errors += 1;
+                }
+            }
+            UD_CANCEL => {}
+            i if (i as usize) < self.slots.len() => self.send_done(i as usize, res),
+            _ => {}
+        }
+    }
+
+    fn send_done(&mut self, i: usize, res: i32) {
+        let slot = &self.slots[i];
+        if res >= 0 {
+            let segs = if slot.segment > 0 {
+                slot.payload.len().div_ceil(slot.segment)
+            } else {
+                1
+            };
+            self.counters.send_datagrams += segs as u64;
+            self.counters.send_bytes += res as u64;
+        } else if slot.segment > 0 && (res == -libc::EIO || res == -libc::EINVAL) {
+            // The kernel/NIC refused segmentation: stop using GSO on this
+            // socket and resend this train one datagram per syscall.
+            if self.gso {
+                eprintln!(
+                    "spooky-uring: GSO send failed ({}); disabling GSO on this socket",
+                    io::Error::from_raw_os_error(-res)
+                );
+            }
+            self.gso = false;
+            self.counters.gso_fallbacks += 1;
+            self.resend_unsegmented(i);
+        } else if res != -libc::ECANCELED {
+            self.count_send_error(
+                self.slots[i].destination,
+                io::Error::from_raw_os_error(-res),
+            );
+        }
+        self.free.push(i as u16);
+    }
+
+    fn count_send_error(&mut self, dst: SocketAddr, e: io::Error) {
+        // UDP is unreliable anyway; QUIC retransmits. Count and move on.
+        self.counters.send_errors += 1;
+        if self.counters.send_errors.is_power_of_two() {
+            eprintln!(
+                "spooky-uring: sendmsg to {dst} failed: {e} ({} send errors so far)",
+                self.counters.send_errors
+            );
+        }
+    }
+
+    /// Sends slot `i`'s train as single datagrams with direct, non-blocking
+    /// `sendmsg` calls (the rare path after a GSO refusal).
+    fn resend_unsegmented(&mut self, i: usize) {
+        let v6 = self.v6;
+        let fd = self.socket.as_raw_fd();
+        let seg = self.slots[i].segment.max(1);
+        let (dst, src_ip) = (self.slots[i].destination, self.slots[i].src_ip);
+        let payload = mem::take(&mut self.slots[i].payload);
+        // SAFETY: zeroed sockaddr_in6 is valid.
+        let mut name: libc::sockaddr_in6 = unsafe { mem::zeroed() };
+        let name_len = write_sockaddr(&mut name, dst, v6);
+        let mut control = [0u64; SEND_CONTROL_WORDS];
+        let control_len = write_send_cmsgs(&mut control, 0, src_ip);
+        for chunk in payload.chunks(seg) {
+            let mut iov = libc::iovec {
+                iov_base: chunk.as_ptr().cast_mut().cast(),
+                iov_len: chunk.len(),
+            };
+            // SAFETY: zeroed msghdr is valid.
+            let mut hdr: libc::msghdr = unsafe { mem::zeroed() };
+            hdr.msg_name = (&raw mut name).cast();
+            hdr.msg_namelen = name_len;
+            hdr.msg_iov = &raw mut iov;
+            hdr.msg_iovlen = 1;
+            if control_len > 0 {
+                hdr.msg_control = control.as_mut_ptr().cast();
+                hdr.msg_controllen = control_len as _;
+            }
+            // SAFETY: every pointer in `hdr` refers to locals alive for the
+            // duration of this synchronous call; the kernel reads `chunk`.
+            let rc = unsafe { libc::sendmsg(fd, &hdr, libc::MSG_DONTWAIT) };
+            self.send_enters.set(self.send_enters.get() + 1);
+            if rc < 0 {
+                self.count_send_error(dst, io::Error::last_os_error());
+            } else {
+                self.counters.send_datagrams += 1;
+                self.counters.send_bytes += rc as u64;
+            }
+        }
+        self.slots[i].payload = payload;
+    }
+
+    /// Queues one `SendMsg` for `contents` in a free slot.
+    fn queue_send(&mut self, t: &Transmit<'_>, contents: &[u8], segment: usize) -> io::Result<()> {
+        let Some(i) = self.free.pop() else {
+            return Err(io::ErrorKind::WouldBlock.into());
+        };
+        let i = usize::from(i);
+        let v6 = self.v6;
+        let slot = &mut self.slots[i];
+        slot.prepare(v6, t.destination, t.src_ip, contents, segment);
+        let entry = opcode::SendMsg::new(types::Fd(self.ring.fd), &raw const slot.hdr)
+            .build()
+            .user_data(i as u64);
+        // SAFETY: the msghdr, iovec, address, cmsg and payload live in slot
+        // `i` of a boxed slice that never moves or resizes; the slot is off
+        // the free list until its completion is reaped in `send_done`, and
+        // `Drop` cancels and drains before freeing (or leaks the slots).
+        match unsafe { self.push(&entry, true) } {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.free.push(i as u16);
+                Err(e)
+            }
+        }
+    }
+}
+
+impl AsRawFd for UringUdp {
+    /// The UDP socket's fd (for socket options; do not read or write it).
+    fn as_raw_fd(&self) -> RawFd {
+        self.socket.as_raw_fd()
+    }
+}
+
+impl DatagramIo for UringUdp {
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.socket.local_addr()
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        UringUdp::flush(self)
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            max_gso_segments: if self.gso { MAX_GSO_SEGMENTS } else { 1 },
+            gro_segments: if self.gro { MAX_GSO_SEGMENTS } else { 1 },
+            driver: "uring",
+        }
+    }
+
+    fn counters(&self) -> IoCounters {
+        IoCounters {
+            recv_syscalls: self.other_enters.get(),
+            send_syscalls: self.send_enters.get(),
+            ..self.counters
+        }
+    }
+
+    async fn readable(&self) -> io::Result<()> {
+        loop {
+            self.submit_pending()?;
+            if !self.completed.is_empty() || self.cq_pending() {
+                return Ok(());
+            }
+            let mut guard = self.afd.readable().await?;
+            if self.cq_pending() {
+                return Ok(());
+            }
+            guard.clear_ready();
+        }
+    }
+
+    async fn writable(&self) -> io::Result<()> {
+        loop {
+            self.submit_pending()?;
+            if !self.free.is_empty() || self.cq_pending() {
+                return Ok(());
+            }
+            let mut guard = self.afd.readable().await?;
+            if self.cq_pending() {
+                return Ok(());
+            }
+            guard.clear_ready();
+        }
+    }
+
+    /// Copies each completed datagram/train from its ring buffer into
+    /// `bufs[i]` (the one copy on the receive path; `bufs[i]` grows if it is
+    /// shorter than the train) and re-provides the ring buffer at once.
+    fn try_recv_batch(
+        &mut self,
+        bufs: &mut [Vec<u8>],
+        metas: &mut [RecvMeta],
+    ) -> io::Result<usize> {
+        let n = bufs.len().min(metas.len());
+        self.submit_pending()?;
+        self.reap();
+        if n == 0 {
+            return Ok(0);
+        }
+        let mut got = 0;
+        let mut returned = 0;
+        while got < n {
+            let Some(c) = self.completed.pop_front() else {
+                break;
+            };
+            let buf = self.ring.buffer(c.bid, c.len);
+            let parsed = types::RecvMsgOut::parse(buf, &self.ring.recv_hdr)
+                .ok()
+                .and_then(|out| {
+                    let peer = parse_sockaddr(out.name_data())?;
+                    Some((out, peer))
+                });
+            if let Some((out, peer)) = parsed {
+                if out.is_payload_truncated() {
+                    self.stats.truncated += 1;
+                }
+                let (gro, local_ip) = parse_recv_cmsgs(out.control_data());
+                let payload = out.payload_data();
+                let len = payload.len();
+                let dst = &mut bufs[got];
+                if dst.len() < len {
+                    dst.resize(len, 0);
+                }
+                dst[..len].copy_from_slice(payload);
+                let meta = RecvMeta {
+                    peer,
+                    local_ip,
+                    len,
+                    stride: gro.unwrap_or(len),
+                };
+                self.counters.recv_datagrams += meta.segments() as u64;
+                self.counters.recv_bytes += len as u64;
+                metas[got] = meta;
+                got += 1;
+            } else {
+                self.stats.recv_errors += 1;
+            }
+            self.ring.stage_buffer(c.bid);
+            returned += 1;
+        }
+        if returned > 0 {
+            self.ring.publish_buffers();
+            self.arm_recv()?;
+        }
+        if got == 0 {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(got)
+    }
+
+    /// Queues the transmit (copied into pooled send slots) for the next
+    /// submit; `WouldBlock` when not enough slots are free.
+    fn try_send(&mut self, t: &Transmit<'_>) -> io::Result<()> {
+        self.reap();
+        let len = t.contents.len();
+        let seg = t.segment_size.filter(|&s| s > 0 && s < len);
+        // Plan the sends: GSO trains of at most MAX_GSO_SEGMENTS, or one
+        // datagram per send without GSO.
+        let (chunk, segment) = match seg {
+            Some(s) if self.gso => (s * MAX_GSO_SEGMENTS.min(MAX_UDP_PAYLOAD / s).max(1), s),
+            Some(s) => (s, 0),
+            None => (len.max(1), 0),
+        };
+        let needed = len.div_ceil(chunk).max(1);
+        if needed > self.free.len() {
+            // Submit what is queued so completions can free slots.
+            self.submit_pending()?;
+            self.reap();
+            if needed > self.free.len() {
+                if needed > self.slots.len() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        "transmit needs more sends than the driver has slots",
+                    ));
+                }
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+        }
+        if len == 0 {
+            return self.queue_send(t, &[], 0);
+        }
+        for part in t.contents.chunks(chunk) {
+            let segment = if segment > 0 && part.len() > segment {
+                segment
+            } else {
+                0
+            };
+            self.queue_send(t, part, segment)?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for UringUdp {
+    fn drop(&mut self) {
+        let _ = self.submit_pending();
+        let total = self.slots.len();
+        let mut busy_slots = total - self.free.len();
+        let mut armed = self.recv_armed;
+        let drained = self.ring.cancel_all_and_drain(|cqe| {
+            if let Some(cqe) = cqe {
+                match cqe.user_data() {
+                    UD_RECV if !cqueue::more(cqe.flags()) => armed = false,
+                    UD_RECV => {}
+                    UD_CANCEL => {}
+                    ud if (ud as usize) < total => busy_slots = busy_slots.saturating_sub(1),
+                    _ => {}
+                }
+            }
+            armed || busy_slots > 0
+        });
+        if !drained {
+            eprintln!(
+                "spooky-uring: io_uring requests still in flight at close; leaking their buffers"
+            );
+            self.ring.recv_mem.leak();
+            self.ring.bufring_mem.leak();
+            self.ring.bufring_registered = false;
+            mem::forget(mem::take(&mut self.slots));
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::epoll::EpollUdp;
+    use crate::split_segments;
+    use std::net::UdpSocket as StdUdp;
+
+    fn rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    fn local() -> SocketAddr {
+        "127.0.0.1:0".parse().unwrap()
+    }
+
+    /// The uring driver, or `None` (test skipped) where the kernel refuses it.
+    fn uring() -> Option<UringUdp> {
+        if let Err(why) = probe_with(false) {
+            eprintln!("skipping io_uring test: {why}");
+            return None;
+        }
+        Some(UringUdp::bind(local(), &SocketOptions::default()).unwrap())
+    }
+
+    fn epoll() -> EpollUdp {
+        EpollUdp::bind(local(), &SocketOptions::default()).unwrap()
+    }
+
+    fn blank(peer: SocketAddr) -> RecvMeta {
+        RecvMeta {
+            peer,
+            local_ip: None,
+            len: 0,
+            stride: 0,
+        }
+    }
+
+    /// Receives until `want` payload bytes arrived or `secs` passed.
+    async fn recv_bytes<D: DatagramIo>(
+        io: &mut D,
+        want: usize,
+        secs: u64,
+    ) -> Vec<(RecvMeta, Vec<u8>)> {
+        let me = io.local_addr().unwrap();
+        let mut bufs = vec![vec![0u8; MAX_RECV_BUF]; 8];
+        let mut metas = vec![blank(me); 8];
+        let mut out = Vec::new();
+        let mut total = 0;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+        while total < want {
+            match tokio::time::timeout_at(deadline, io.readable()).await {
+                Err(_) => break,
+                Ok(r) => r.unwrap(),
+            }
+            loop {
+                match io.try_recv_batch(&mut bufs, &mut metas) {
+                    Ok(n) => {
+                        for (m, b) in metas.iter().zip(&bufs).take(n) {
+                            total += m.len;
+                            out.push((*m, b[..m.len].to_vec()));
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => panic!("recv: {e}"),
+                }
+            }
+        }
+        out
+    }
+
+    /// Checks that every multi-segment receive has a consistent stride.
+    fn assert_strides(got: &[(RecvMeta, Vec<u8>)], stride: usize) {
+        for (m, b) in got {
+            assert_eq!(m.len, b.len());
+            if m.segments() > 1 {
+                assert_eq!(m.stride, stride, "GRO stride");
+                for seg in split_segments(b, m.stride).take(m.segments() - 1) {
+                    assert_eq!(seg.len(), stride);
+                }
+            } else {
+                assert_eq!(m.stride, m.len);
+            }
+        }
+    }
+
+    fn pattern(len: usize, seed: usize) -> Vec<u8> {
+        (0..len).map(|i| ((i + seed * 7) % 251) as u8).collect()
+    }
+
+    // ---- GRO / plain receive -------------------------------------------
+
+    async fn plain_datagrams_arrive_with_peer<D: DatagramIo>(mut rx: D) {
+        let dst = rx.local_addr().unwrap();
+        let tx = StdUdp::bind("127.0.0.1:0").unwrap();
+        let mut expect = Vec::new();
+        for i in 0..10 {
+            let p = pattern(1200, i);
+            tx.send_to(&p, dst).unwrap();
+            expect.extend_from_slice(&p);
+        }
+        let tail = pattern(500, 99);
+        tx.send_to(&tail, dst).unwrap();
+        expect.extend_from_slice(&tail);
+        let got = recv_bytes(&mut rx, expect.len(), 5).await;
+        assert!(got.iter().all(|(m, _)| m.peer == tx.local_addr().unwrap()));
+        assert!(got
+            .iter()
+            .all(|(m, _)| m.local_ip == Some("127.0.0.1".parse().unwrap())));
+        assert_strides(&got, 1200);
+        let all: Vec<u8> = got.iter().flat_map(|(_, b)| b.clone()).collect();
+        assert_eq!(all, expect);
+        assert_eq!(rx.counters().recv_datagrams, 11);
+        assert_eq!(rx.counters().recv_bytes, expect.len() as u64);
+    }
+
+    #[test]
+    fn uring_plain_datagrams_arrive_with_peer() {
+        rt().block_on(async {
+            if let Some(rx) = uring() {
+                plain_datagrams_arrive_with_peer(rx).await;
+            }
+        });
+    }
+
+    #[test]
+    fn epoll_plain_datagrams_arrive_with_peer() {
+        rt().block_on(async { plain_datagrams_arrive_with_peer(epoll()).await });
+    }
+
+    /// A GSO train sent over loopback reaches a `UDP_GRO` socket as one
+    /// coalesced receive: the stride must come from the GRO cmsg.
+    async fn gro_train_is_split_by_stride<D: DatagramIo>(mut rx: D) {
+        let dst = rx.local_addr().unwrap();
+        let mut tx = epoll();
+        let payload = pattern(1200 * 10 + 500, 3);
+        tx.writable().await.unwrap();
+        tx.try_send(&Transmit {
+            destination: dst,
+            src_ip: None,
+            contents: &payload,
+            segment_size: Some(1200),
+        })
+        .unwrap();
+        let got = recv_bytes(&mut rx, payload.len(), 5).await;
+        assert!(got.iter().all(|(m, _)| m.peer == tx.local_addr().unwrap()));
+        assert_strides(&got, 1200);
+        let all: Vec<u8> = got.iter().flat_map(|(_, b)| b.clone()).collect();
+        assert_eq!(all, payload);
+        let segs: usize = got.iter().map(|(m, _)| m.segments()).sum();
+        assert_eq!(segs, 11);
+        if rx.capabilities().gro_segments > 1 {
+            assert!(
+                got.iter().any(|(m, _)| m.segments() > 1),
+                "GRO enabled but nothing coalesced: {:?}",
+                got.iter()
+                    .map(|(m, _)| (m.len, m.stride))
+                    .collect::<Vec<_>>()
+            );
+        }
+        assert_eq!(rx.counters().recv_datagrams, 11);
+    }
+
+    #[test]
+    fn uring_gro_train_is_split_by_stride() {
+        rt().block_on(async {
+            if let Some(rx) = uring() {
+                gro_train_is_split_by_stride(rx).await;
+            }
+        });
+    }
+
+    #[test]
+    fn epoll_gro_train_is_split_by_stride() {
+        rt().block_on(async { gro_train_is_split_by_stride(epoll()).await });
+    }
+
+    // ---- GSO send ----------------------------------------------------------
+
+    async fn send_until_queued<D: DatagramIo>(tx: &mut D, t: &Transmit<'_>) {
+        loop {
+            match tx.try_send(t) {
+                Ok(()) => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => tx.writable().await.unwrap(),
+                Err(e) => panic!("send: {e}"),
+            }
+        }
+    }
+
+    fn recv_sizes(rx: &StdUdp, count: usize) -> (Vec<usize>, Vec<u8>) {
+        rx.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let mut sizes = Vec::new();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 2000];
+        for _ in 0..count {
+            let (n, _) = rx.recv_from(&mut buf).unwrap();
+            sizes.push(n);
+            got.extend_from_slice(&buf[..n]);
+        }
+        (sizes, got)
+    }
+
+    #[test]
+    fn uring_gso_train_arrives_as_separate_datagrams() {
+        rt().block_on(async {
+            let Some(mut tx) = uring() else { return };
+            assert_eq!(tx.capabilities().driver, "uring");
+            let rx = StdUdp::bind("127.0.0.1:0").unwrap();
+            let payload = pattern(1200 * 3 + 500, 1);
+            send_until_queued(
+                &mut tx,
+                &Transmit {
+                    destination: rx.local_addr().unwrap(),
+                    src_ip: None,
+                    contents: &payload,
+                    segment_size: Some(1200),
+                },
+            )
+            .await;
+            tx.flush().unwrap();
+            let (sizes, got) = recv_sizes(&rx, 4);
+            assert_eq!(sizes, vec![1200, 1200, 1200, 500]);
+            assert_eq!(got, payload);
+            // The completion is reaped by the next flush.
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while tx.counters().send_datagrams < 4 && Instant::now() < deadline {
+                tx.writable().await.unwrap();
+                tx.flush().unwrap();
+            }
+            let c = tx.counters();
+            assert_eq!((c.send_datagrams, c.send_bytes), (4, payload.len() as u64));
+            assert_eq!(c.send_syscalls, 1, "one io_uring_enter for the whole train");
+            assert_eq!((c.send_errors, c.gso_fallbacks), (0, 0));
+        });
+    }
+
+    #[test]
+    fn uring_send_with_src_ip_uses_pktinfo() {
+        rt().block_on(async {
+            if probe_with(false).is_err() {
+                return;
+            }
+            let mut tx =
+                UringUdp::bind("0.0.0.0:0".parse().unwrap(), &SocketOptions::default()).unwrap();
+            let rx = StdUdp::bind("127.0.0.1:0").unwrap();
+            let payload = pattern(700, 5);
+            send_until_queued(
+                &mut tx,
+                &Transmit {
+                    destination: rx.local_addr().unwrap(),
+                    src_ip: Some("127.0.0.1".parse().unwrap()),
+                    contents: &payload,
+                    segment_size: None,
+                },
+            )
+            .await;
+            tx.flush().unwrap();
+            rx.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+            let mut buf = [0u8; 2000];
+            let (n, from) = rx.recv_from(&mut buf).unwrap();
+            assert_eq!(&buf[..n], &payload[..]);
+            assert_eq!(from.ip(), "127.0.0.1".parse::<IpAddr>().unwrap());
+            assert_eq!(from.port(), tx.local_addr().unwrap().port());
+        });
+    }
+
+    /// `SO_NO_CHECK` makes the kernel refuse GSO with EINVAL (UDP GSO needs
+    /// checksum offload): a genuine refusal on loopback. The driver must
+    /// drop to unsegmented sends and still deliver the train.
+    #[test]
+    fn uring_gso_refusal_falls_back_to_single_datagrams() {
+        rt().block_on(async {
+            let Some(mut tx) = uring() else { return };
+            if tx.capabilities().max_gso_segments == 1 {
+                eprintln!("skipping: no GSO on this kernel");
+                return;
+            }
+            setsockopt_int(
+                tx.as_raw_fd(),
+                libc::SOL_SOCKET,
+                11, /* SO_NO_CHECK */
+                1,
+            )
+            .unwrap();
+            let rx = StdUdp::bind("127.0.0.1:0").unwrap();
+            let payload = pattern(1200 * 3 + 500, 2);
+            let t = Transmit {
+                destination: rx.local_addr().unwrap(),
+                src_ip: None,
+                contents: &payload,
+                segment_size: Some(1200),
+            };
+            send_until_queued(&mut tx, &t).await;
+            tx.flush().unwrap();
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while tx.counters().gso_fallbacks == 0 && Instant::now() < deadline {
+                tx.writable().await.unwrap();
+                tx.flush().unwrap();
+            }
+            let (sizes, got) = recv_sizes(&rx, 4);
+            assert_eq!(sizes, vec![1200, 1200, 1200, 500]);
+            assert_eq!(got, payload);
+            let c = tx.counters();
+            assert_eq!(c.gso_fallbacks, 1);
+            assert_eq!(c.send_errors, 0);
+            assert_eq!(tx.capabilities().max_gso_segments, 1);
+            // Later trains go out unsegmented from the start.
+            send_until_queued(&mut tx, &t).await;
+            tx.flush().unwrap();
+            let (sizes, got) = recv_sizes(&rx, 4);
+            assert_eq!(sizes, vec![1200, 1200, 1200, 500]);
+            assert_eq!(got, payload);
+            assert_eq!(tx.counters().gso_fallbacks, 1);
+        });
+    }
+
+    /// More transmits than send slots: when the slots run out, `try_send`
+    /// submits the queued batch and reuses the slots their completions free
+    /// (UDP sends over loopback complete inline, so `WouldBlock` is rare
+    /// here); nothing is lost and one `io_uring_enter` carries a whole batch.
+    #[test]
+    fn uring_more_sends_than_slots_all_arrive() {
+        rt().block_on(async {
+            let Some(mut tx) = uring() else { return };
+            let rx = StdUdp::bind("127.0.0.1:0").unwrap();
+            socket2::SockRef::from(&rx)
+                .set_recv_buffer_size(4 << 20)
+                .unwrap();
+            let n = SEND_SLOTS * 3;
+            let mut would_block = 0;
+            for i in 0..n {
+                let p = pattern(100, i);
+                let t = Transmit {
+                    destination: rx.local_addr().unwrap(),
+                    src_ip: None,
+                    contents: &p,
+                    segment_size: None,
+                };
+                loop {
+                    match tx.try_send(&t) {
+                        Ok(()) => break,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            would_block += 1;
+                            tx.writable().await.unwrap();
+                        }
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+            }
+            tx.flush().unwrap();
+            let (sizes, got) = recv_sizes(&rx, n);
+            assert_eq!(sizes.len(), n);
+            let expect: Vec<u8> = (0..n).flat_map(|i| pattern(100, i)).collect();
+            assert_eq!(got, expect);
+            let c = tx.counters();
+            assert!(
+                c.send_syscalls as usize <= n / SEND_SLOTS + 1 + would_block,
+                "{c:?}"
+            );
+        });
+    }
+
+    /// A train longer than one UDP datagram may carry (60 × 1200 > 65507)
+    /// is split into several GSO sends; every segment arrives.
+    #[test]
+    fn uring_oversized_train_is_split() {
+        rt().block_on(async {
+            let Some(mut tx) = uring() else { return };
+            let rx = StdUdp::bind("127.0.0.1:0").unwrap();
+            socket2::SockRef::from(&rx)
+                .set_recv_buffer_size(4 << 20)
+                .unwrap();
+            let payload = pattern(1200 * 60, 4);
+            send_until_queued(
+                &mut tx,
+                &Transmit {
+                    destination: rx.local_addr().unwrap(),
+                    src_ip: None,
+                    contents: &payload,
+                    segment_size: Some(1200),
+                },
+            )
+            .await;
+            tx.flush().unwrap();
+            let (sizes, got) = recv_sizes(&rx, 60);
+            assert!(sizes.iter().all(|&n| n == 1200));
+            assert_eq!(got, payload);
+            tx.flush().unwrap();
+            assert_eq!(tx.counters().send_errors, 0);
+        });
+    }
+
+    #[test]
+    fn uring_ipv6_receive_reports_peer_and_local_ip() {
+        rt().block_on(async {
+            if probe_with(false).is_err() {
+                return;
+            }
+            let Ok(tx) = StdUdp::bind("[::1]:0") else {
+                eprintln!("skipping: no IPv6 loopback");
+                return;
+            };
+            let mut rx =
+                UringUdp::bind("[::1]:0".parse().unwrap(), &SocketOptions::default()).unwrap();
+            let p = pattern(900, 8);
+            tx.send_to(&p, rx.local_addr().unwrap()).unwrap();
+            let got = recv_bytes(&mut rx, p.len(), 5).await;
+            assert_eq!(got.len(), 1);
+            assert_eq!(got[0].0.peer, tx.local_addr().unwrap());
+            assert_eq!(got[0].0.local_ip, Some("::1".parse().unwrap()));
+            assert_eq!(got[0].1, p);
+        });
+    }
+
+    // ---- burst larger than the buffer ring --------------------------------
+
+    async fn paced_burst_all_received<D: DatagramIo>(rx: &mut D) {
+        let dst = rx.local_addr().unwrap();
+        const N: usize = 1000;
+        let sender = std::thread::spawn(move || {
+            let tx = StdUdp::bind("127.0.0.1:0").unwrap();
+            for i in 0..N {
+                let mut p = pattern(1200, i);
+                p[..4].copy_from_slice(&(i as u32).to_be_bytes());
+                tx.send_to(&p, dst).unwrap();
+                if i % 16 == 15 {
+                    std::thread::sleep(Duration::from_micros(300));
+                }
+            }
+        });
+        let got = recv_bytes(rx, N * 1200, 20).await;
+        sender.join().unwrap();
+        let mut seen = vec![false; N];
+        for (m, b) in &got {
+            for seg in split_segments(b, m.stride) {
+                assert_eq!(seg.len(), 1200);
+                let i = u32::from_be_bytes([seg[0], seg[1], seg[2], seg[3]]) as usize;
+                assert_eq!(seg[4..], pattern(1200, i)[4..]);
+                assert!(!seen[i], "duplicate {i}");
+                seen[i] = true;
+            }
+        }
+        let missing = seen.iter().filter(|s| !**s).count();
+        assert_eq!(missing, 0, "{missing} of {N} datagrams lost");
+    }
+
+    #[test]
+    fn uring_burst_larger_than_buffer_ring() {
+        rt().block_on(async {
+            let Some(mut rx) = uring() else { return };
+            paced_burst_all_received(&mut rx).await;
+            let s = rx.stats();
+            assert!(s.recv_completions > u64::from(RECV_BUFS), "{s:?}");
+            assert_eq!(s.truncated, 0);
+        });
+    }
+
+    #[test]
+    fn epoll_burst_larger_than_buffer_ring() {
+        rt().block_on(async {
+            let mut rx = epoll();
+            paced_burst_all_received(&mut rx).await;
+        });
+    }
+
+    /// Datagrams arrive while nobody reads: the ring runs dry (`-ENOBUFS`
+    /// ends the multishot), and reading re-provides buffers and re-arms it.
+    #[test]
+    fn uring_rearms_after_buffer_ring_exhaustion() {
+        rt().block_on(async {
+            let Some(mut rx) = uring() else { return };
+            let dst = rx.local_addr().unwrap();
+            let tx = StdUdp::bind("127.0.0.1:0").unwrap();
+            const N: usize = 300;
+            for i in 0..N {
+                tx.send_to(&pattern(100, i), dst).unwrap();
+            }
+            // Let the kernel fill every provided buffer before reading.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let got = recv_bytes(&mut rx, N * 100, 5).await;
+            let all: Vec<u8> = got.iter().flat_map(|(_, b)| b.clone()).collect();
+            let expect: Vec<u8> = (0..N).flat_map(|i| pattern(100, i)).collect();
+            assert_eq!(all.len(), expect.len());
+            assert_eq!(all, expect);
+            let s = rx.stats();
+            assert!(s.buf_exhausted >= 1, "{s:?}");
+            assert!(s.recv_arms >= 2, "{s:?}");
+        });
+    }
+
+    // ---- feature detection / fallback ---------------------------------------
+
+    #[test]
+    fn probe_forced_off_reports_why() {
+        let err = probe_with(true).unwrap_err();
+        assert!(err.contains(FORCE_FALLBACK_ENV), "{err}");
+    }
+
+    #[test]
+    fn probe_accepts_this_kernel_unless_disabled() {
+        let disabled = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled")
+            .map(|s| s.trim() != "0")
+            .unwrap_or(false);
+        match probe_with(false) {
+            Ok(_) => {}
+            Err(why) if disabled => eprintln!("io_uring disabled here: {why}"),
+            Err(why) => panic!("probe failed on an enabled kernel: {why}"),
+        }
+    }
+
+    /// Runs in a child process with `SPOOKY_IO_FORCE_FALLBACK=1` (see
+    /// `env_var_forces_fallback`); ignored in the normal run so the
+    /// environment of this process is never changed.
+    #[test]
+    #[ignore]
+    fn child_bind_refuses_when_forced() {
+        assert!(std::env::var(FORCE_FALLBACK_ENV).is_ok_and(|v| v == "1"));
+        assert!(probe().is_err());
+        rt().block_on(async {
+            let err = match UringUdp::bind(local(), &SocketOptions::default()) {
+                Ok(_) => panic!("bind must refuse when forced off"),
+                Err(e) => e,
+            };
+            assert_eq!(err.kind(), io::ErrorKind::Unsupported);
+            assert!(err.to_string().contains(FORCE_FALLBACK_ENV), "{err}");
+            // What the caller does next: the epoll driver still works.
+            assert_eq!(epoll().capabilities().driver, "epoll");
+        });
+    }
+
+    #[test]
+    fn env_var_forces_fallback() {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "uring::tests::child_bind_refuses_when_forced",
+                "--exact",
+                "--ignored",
+                "--test-threads=1",
+            ])
+            .env(FORCE_FALLBACK_ENV, "1")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(text.contains("1 passed"), "{text}");
+    }
+
+    #[test]
+    fn cmsg_round_trip() {
+        let mut buf = [0u64; SEND_CONTROL_WORDS];
+        let n = write_send_cmsgs(&mut buf, 1200, Some("10.0.0.1".parse().unwrap()));
+        assert_eq!(
+            n,
+            cmsg_space(2) + cmsg_space(mem::size_of::<libc::in_pktinfo>())
+        );
+        let n6 = write_send_cmsgs(&mut buf, 1200, Some("::1".parse().unwrap()));
+        assert!(n6 <= SEND_CONTROL_WORDS * 8);
+        // SAFETY: all-zero is a valid sockaddr_in6.
+        let mut name: libc::sockaddr_in6 = unsafe { mem::zeroed() };
+        let a: SocketAddr = "10.1.2.3:4433".parse().unwrap();
+        let len = write_sockaddr(&mut name, a, false) as usize;
+        // SAFETY: `len` ≤ size_of::<sockaddr_in6>() and `name` outlives `bytes`.
+        let bytes: &[u8] = unsafe { std::slice::from_raw_parts((&raw const name).cast(), len) };
+        assert_eq!(parse_sockaddr(bytes), Some(a));
+        let len = write_sockaddr(&mut name, a, true) as usize;
+        // SAFETY: `len` ≤ size_of::<sockaddr_in6>() and `name` outlives `bytes`.
+        let bytes: &[u8] = unsafe { std::slice::from_raw_parts((&raw const name).cast(), len) };
+        assert_eq!(
+            parse_sockaddr(bytes),
+            Some("[::ffff:10.1.2.3]:4433".parse().unwrap())
+        );
+    }
+}
