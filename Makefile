@@ -27,6 +27,11 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 
+## io_uring vs epoll on the same load: req/s, bulk MiB/s, CPU, syscalls, RSS
+## (docs/perf.md). PERF_IO_ARGS="--quick" for a short run.
+perf-io: build certs
+	python3 perf/io_compare.py $(PERF_IO_ARGS)
+
 check: build certs
 	target/release/spooky check --config config.yaml
 

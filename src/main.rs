@@ -197,6 +197,75 @@ fn run(path: &std::path::Path) -> ExitCode {
         gro: cfg.io.gro,
         ..SocketOptions::default()
     };
+    let workers = worker_count(&cfg);
+    let use_uring = choose_uring(&cfg);
+    // Bind every worker's SO_REUSEPORT socket up front, so a bind error
+    // stops startup with one clear line (and port 0 resolves once).
+    let mut sockets = Vec::with_capacity(workers);
+    let mut addr = cfg.listen.address;
+    for _ in 0..workers {
+        match spooky_uring::epoll::bind_udp(addr, &opts) {
+            Ok(sock) => {
+                if let Ok(local) = sock.local_addr() {
+                    addr = local;
+                }
+                sockets.push(sock);
+            }
+            Err(e) => {
+                tracing::error!(address = %addr, error = %e, "cannot bind UDP listener");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    if workers > 1 {
+        match spooky_uring::steering::attach_cid_steering(&sockets[0], workers) {
+            Ok(()) => tracing::info!(workers, "reuseport steering by connection ID attached"),
+            Err(e) => tracing::warn!(
+                error = %e,
+                "cannot attach the reuseport steering program; the kernel's 4-tuple hash \
+                 spreads packets and migrated connections are handed over between workers"
+            ),
+        }
+    }
+    tracing::info!(
+        workers,
+        driver = if use_uring { "uring" } else { "epoll" },
+        "starting workers"
+    );
+
+    let mut threads = Vec::with_capacity(workers);
+    for ((id, sock), handoff) in sockets
+        .into_iter()
+        .enumerate()
+        .zip(spooky::runtime::Handoff::mesh(workers))
+    {
+        let ctx = WorkerContext {
+            id,
+            handoff,
+            config: store.clone(),
+            metrics: registry.add_worker(),
+            board: board.clone(),
+        };
+        let shutdown = shutdown_rx.clone();
+        let gso = cfg.io.gso;
+        let gro = cfg.io.gro;
+        let spawned = std::thread::Builder::new()
+            .name(format!("spooky-w{id}"))
+            .spawn(move || run_worker_thread(ctx, sock, use_uring, gso, gro, shutdown));
+        match spawned {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start worker thread");
+                let _ = shutdown_tx.send(true);
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    admin_state
+        .ready
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+
+    // The main thread waits for SIGTERM/SIGINT, or for a worker to fail.
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -204,53 +273,100 @@ fn run(path: &std::path::Path) -> ExitCode {
         Ok(rt) => rt,
         Err(e) => {
             tracing::error!(error = %e, "runtime");
+            let _ = shutdown_tx.send(true);
             return ExitCode::FAILURE;
         }
     };
-    let local = tokio::task::LocalSet::new();
-    let ctx = WorkerContext {
-        id: 0,
-        config: store.clone(),
-        metrics: registry.add_worker(),
-        board: board.clone(),
-    };
-    let result = local.block_on(&rt, async {
-        let io = match bind_io(&cfg, &opts) {
-            Ok(io) => io,
-            Err(e) => {
-                tracing::error!(address = %cfg.listen.address, error = %e, "cannot bind UDP listener");
-                return Err(e.into());
+    rt.block_on(async {
+        let all_done = async {
+            while threads.iter().any(|t| !t.is_finished()) {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
         };
-        admin_state
-            .ready
-            .store(true, std::sync::atomic::Ordering::Relaxed);
-        tokio::task::spawn_local(async move {
-            wait_for_signal().await;
-            let _ = shutdown_tx.send(true);
-        });
-        // Both drivers run the very same worker code, monomorphised.
-        match io {
-            Driver::Uring(io) => spooky::runtime::run_worker(ctx, *io, shutdown_rx).await,
-            Driver::Epoll(io) => spooky::runtime::run_worker(ctx, io, shutdown_rx).await,
+        tokio::select! {
+            _ = wait_for_signal() => {}
+            _ = all_done => {}
         }
     });
-    // Dropping the local set drops the signal task and its shutdown sender,
-    // which stops the admin server even when the worker failed early.
-    drop(local);
+    let _ = shutdown_tx.send(true);
+    let mut ok = true;
+    for t in threads {
+        match t.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "worker failed");
+                ok = false;
+            }
+            Err(_) => {
+                tracing::error!("worker panicked");
+                ok = false;
+            }
+        }
+    }
     if let Ok(t) = admin_thread {
         let _ = t.join();
     }
-    match result {
-        Ok(()) => {
-            tracing::info!("spooky stopped");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "spooky failed");
-            ExitCode::FAILURE
+    if ok {
+        tracing::info!("spooky stopped");
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// `io.workers`: `auto` = one per core.
+fn worker_count(cfg: &Config) -> usize {
+    let n = match cfg.io.workers {
+        config::Workers::Auto => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        config::Workers::Count(n) => n,
+    };
+    // The worker id is one octet of the connection ID.
+    n.clamp(1, 256)
+}
+
+/// Whether to run the io_uring driver: `auto` and `uring` use it where the
+/// kernel allows; otherwise one line says what was missing.
+fn choose_uring(cfg: &Config) -> bool {
+    if cfg.io.backend == IoBackend::Epoll {
+        return false;
+    }
+    match spooky_uring::uring::probe() {
+        Ok(_) => true,
+        Err(reason) => {
+            tracing::warn!(
+                requested = ?cfg.io.backend,
+                %reason,
+                "io_uring unavailable; using the epoll driver"
+            );
+            false
         }
     }
+}
+
+/// One worker thread: its own current-thread runtime, socket and driver.
+fn run_worker_thread(
+    ctx: WorkerContext,
+    sock: std::net::UdpSocket,
+    use_uring: bool,
+    gso: bool,
+    gro: bool,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) -> Result<(), spooky::runtime::RuntimeError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        // Both drivers run the very same worker code, monomorphised.
+        if use_uring {
+            match UringUdp::new(sock.try_clone()?, gso, gro) {
+                Ok(io) => return spooky::runtime::run_worker(ctx, io, shutdown).await,
+                Err(e) => tracing::warn!(error = %e, "io_uring setup failed; using epoll"),
+            }
+        }
+        let io = EpollUdp::new(sock, gso, gro)?;
+        spooky::runtime::run_worker(ctx, io, shutdown).await
+    })
 }
 
 /// Reloads the config on every SIGHUP.
@@ -269,32 +385,6 @@ async fn reload_on_sighup(store: Arc<ConfigStore>) {
         // The outcome is logged and counted by `reload` itself.
         let _ = tokio::task::spawn_blocking(move || store.reload("sighup")).await;
     }
-}
-
-/// The I/O driver chosen for the listener.
-enum Driver {
-    Uring(Box<UringUdp>),
-    Epoll(EpollUdp),
-}
-
-/// Binds the listener with the driver `io.backend` asks for. `auto` and
-/// `uring` use io_uring where the kernel allows and otherwise log one line
-/// saying what was missing and fall back to epoll.
-fn bind_io(cfg: &Config, opts: &SocketOptions) -> std::io::Result<Driver> {
-    if cfg.io.backend != IoBackend::Epoll {
-        match UringUdp::bind(cfg.listen.address, opts) {
-            Ok(io) => return Ok(Driver::Uring(Box::new(io))),
-            Err(e) if e.kind() == std::io::ErrorKind::Unsupported => {
-                tracing::warn!(
-                    requested = ?cfg.io.backend,
-                    reason = %e,
-                    "io_uring unavailable; using the epoll driver"
-                );
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    EpollUdp::bind(cfg.listen.address, opts).map(Driver::Epoll)
 }
 
 async fn wait_for_signal() {

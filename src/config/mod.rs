@@ -94,23 +94,11 @@ type InactiveCheck = fn(&Config) -> Option<String>;
 
 /// Settings accepted but not yet implemented. Remove an entry when the
 /// feature lands; nothing else needs to change.
-const NOT_YET_ACTIVE: &[(&str, InactiveCheck)] = &[
-    ("io.workers", |c| match c.io.workers {
-        Workers::Count(n) if n != 1 => Some(format!("{n} requested, runs one worker")),
-        _ => None,
-    }),
-    ("quic.server_id", |c| {
-        Some(format!(
-            "{} is not encoded yet, connection IDs are random (no QUIC-LB)",
-            c.quic.server_id
-        ))
-    }),
-    ("upstreams[].timeouts.idle_ms", |c| {
-        names(c, |_| true).map(|list| {
-            format!("{list}: bounds body stalls only; idle backend connections are not closed")
-        })
-    }),
-];
+const NOT_YET_ACTIVE: &[(&str, InactiveCheck)] = &[("upstreams[].timeouts.idle_ms", |c| {
+    names(c, |_| true).map(|list| {
+        format!("{list}: bounds body stalls only; idle backend connections are not closed")
+    })
+})];
 
 /// Comma-separated names of the upstreams matching `pred`, `None` if none.
 fn names(config: &Config, pred: impl Fn(&Upstream) -> bool) -> Option<String> {

@@ -1,9 +1,12 @@
 //! Connection IDs and stateless Retry tokens.
 //!
-//! spooky generates every connection ID it hands out so that a future
-//! QUIC-LB layout (server id + worker id in the first octets) can route
-//! packets of a migrated connection to their owner. Today the ID is 20
-//! random bytes whose first octet is reserved for that layout.
+//! Every connection ID spooky hands out follows the QUIC-LB plaintext layout
+//! (draft-ietf-quic-load-balancers): octet 0 carries the config rotation
+//! bits (`000`) and the self-encoded length (`len - 1`); octets 1–2 the
+//! node's `quic.server_id` and octet 3 the worker id, the rest is random.
+//! An L4 balancer (Katran, IPVS with a QUIC-LB plugin) routes on the server
+//! id; inside the node, a packet that the kernel hashed to the wrong worker
+//! (NAT rebinding, migration) is handed to the worker named in octet 3.
 
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -18,24 +21,34 @@ pub const CID_LEN: usize = 20;
 /// How long a Retry token is accepted.
 pub const TOKEN_LIFETIME: Duration = Duration::from_secs(10);
 
-/// Generates connection IDs.
+/// QUIC-LB first octet: config rotation `000`, length self-encoded.
+const FIRST_OCTET: u8 = (CID_LEN - 1) as u8;
+
+/// Generates connection IDs in the QUIC-LB plaintext layout.
 #[derive(Debug, Clone)]
 pub struct CidGenerator {
-    /// First octet: reserved for the QUIC-LB config rotation bits; kept at a
-    /// fixed value so all spooky CIDs are recognisable.
-    first_octet: u8,
+    server_id: u16,
+    worker: u8,
 }
 
 impl CidGenerator {
-    pub fn new() -> Self {
-        Self { first_octet: 0x00 }
+    pub fn new(server_id: u16, worker: u8) -> Self {
+        Self { server_id, worker }
     }
 
     pub fn generate(&self) -> quiche::ConnectionId<'static> {
         let mut id = [0u8; CID_LEN];
         rand::thread_rng().fill_bytes(&mut id);
-        id[0] = self.first_octet | (id[0] & 0x3f);
+        id[0] = FIRST_OCTET;
+        id[1..3].copy_from_slice(&self.server_id.to_be_bytes());
+        id[3] = self.worker;
         quiche::ConnectionId::from_vec(id.to_vec())
+    }
+
+    /// The worker that owns `cid`, if it is a CID this node issued.
+    pub fn owner(&self, cid: &[u8]) -> Option<u8> {
+        (cid.len() == CID_LEN && cid[0] == FIRST_OCTET && cid[1..3] == self.server_id.to_be_bytes())
+            .then(|| cid[3])
     }
 
     /// Stateless reset token for a CID (HMAC of the CID under the worker key).
@@ -53,7 +66,7 @@ impl CidGenerator {
 
 impl Default for CidGenerator {
     fn default() -> Self {
-        Self::new()
+        Self::new(1, 0)
     }
 }
 
@@ -188,10 +201,23 @@ mod tests {
 
     #[test]
     fn cids_are_full_length_and_distinct() {
-        let g = CidGenerator::new();
+        let g = CidGenerator::new(0x1234, 7);
         let a = g.generate();
         let b = g.generate();
         assert_eq!(a.len(), CID_LEN);
         assert_ne!(a, b);
+        assert_eq!(
+            a[0], 19,
+            "QUIC-LB: config rotation 000, length 20 self-encoded"
+        );
+        assert_eq!(&a[1..3], &[0x12, 0x34]);
+        assert_eq!(g.owner(&a), Some(7));
+        assert_eq!(CidGenerator::new(0x1234, 3).owner(&a), Some(7));
+        assert_eq!(
+            CidGenerator::new(0x9999, 7).owner(&a),
+            None,
+            "another node's CID"
+        );
+        assert_eq!(g.owner(&a[..8]), None);
     }
 }

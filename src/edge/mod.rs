@@ -132,6 +132,8 @@ pub struct Edge {
     by_cid: HashMap<quiche::ConnectionId<'static>, usize>,
     next_conn_serial: u64,
     cid_gen: CidGenerator,
+    /// This worker's id, carried in every CID it issues.
+    worker: u8,
     tokens: RetryTokens,
     timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
     dirty: VecDeque<usize>,
@@ -193,6 +195,7 @@ pub fn quic_config(cfg: &Config) -> Result<quiche::Config, EdgeError> {
 impl Edge {
     pub fn new(
         cfg: &Config,
+        worker: u8,
         to_edge: mpsc::UnboundedSender<(RequestKey, ToEdge)>,
         metrics: Arc<WorkerMetrics>,
     ) -> Result<Self, EdgeError> {
@@ -216,7 +219,8 @@ impl Edge {
             conns: Slab::new(),
             by_cid: HashMap::new(),
             next_conn_serial: 1,
-            cid_gen: CidGenerator::new(),
+            cid_gen: CidGenerator::new(cfg.quic.server_id, worker),
+            worker,
             tokens: RetryTokens::random(),
             timers: BinaryHeap::new(),
             dirty: VecDeque::new(),
@@ -265,14 +269,16 @@ impl Edge {
         self.requests.len()
     }
 
-    /// Feeds one received datagram (one GRO segment).
+    /// Feeds one received datagram (one GRO segment). Returns the worker to
+    /// hand it to when it belongs to a connection another worker owns (the
+    /// kernel hashed a migrated or rebound 4-tuple here).
     pub fn handle_datagram(
         &mut self,
         now: Instant,
         buf: &mut [u8],
         from: SocketAddr,
         to: SocketAddr,
-    ) {
+    ) -> Option<u8> {
         self.now = now;
         WorkerMetrics::inc(&self.metrics.datagrams_in);
         WorkerMetrics::add(&self.metrics.bytes_in, buf.len() as u64);
@@ -286,19 +292,21 @@ impl Edge {
             ),
             Err(_) => {
                 self.metrics.dropped(DropReason::Malformed);
-                return;
+                return None;
             }
         };
         let ci = match self.by_cid.get(&dcid) {
             Some(&ci) => ci,
-            None => match self.accept(buf.len(), &dcid, ty, version, &scid, token, from, to) {
-                Some(ci) => ci,
-                None => return,
-            },
+            None => {
+                if let Some(owner) = self.cid_gen.owner(&dcid) {
+                    if owner != self.worker {
+                        return Some(owner);
+                    }
+                }
+                self.accept(buf.len(), &dcid, ty, version, &scid, token, from, to)?
+            }
         };
-        let Some(conn) = self.conns.get_mut(ci) else {
-            return;
-        };
+        let conn = self.conns.get_mut(ci)?;
         match conn.quic.recv(buf, quiche::RecvInfo { from, to }) {
             Ok(_) | Err(quiche::Error::Done) => {}
             Err(e) => {
@@ -307,6 +315,7 @@ impl Edge {
             }
         }
         self.after_activity(ci, now);
+        None
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -649,7 +658,13 @@ impl Edge {
                             break;
                         }
                     }
-                    Err(quiche::Error::Done) => break,
+                    Err(quiche::Error::Done) => {
+                        // Done on the pinned path says nothing about other
+                        // paths (a migration's new path, PATH_CHALLENGEs):
+                        // come back with an unpinned `send()`.
+                        more = path.is_some();
+                        break;
+                    }
                     Err(e) => {
                         tracing::debug!(error = %e, "send failed; closing connection");
                         let _ = conn.quic.close(false, 0x1, b"send failed");

@@ -44,7 +44,7 @@ impl Pair {
         let dir = tempfile::tempdir().unwrap();
         let cfg = config(dir.path(), budget);
         let (tx, rx) = mpsc::unbounded_channel();
-        let edge = Edge::new(&cfg, tx, Arc::new(WorkerMetrics::default())).unwrap();
+        let edge = Edge::new(&cfg, 0, tx, Arc::new(WorkerMetrics::default())).unwrap();
         let mut cc = quiche::Config::new(quiche::PROTOCOL_VERSION).unwrap();
         cc.verify_peer(false);
         cc.set_application_protos(&[b"h3"]).unwrap();

@@ -34,10 +34,13 @@ pub const DRAIN_GRACE: Duration = Duration::from_secs(10);
 pub const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// What a worker shares with the rest of the process.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct WorkerContext {
-    /// Index of this worker (labels `/backends` entries).
+    /// Index of this worker (labels `/backends` entries; octet 3 of its CIDs).
     pub id: usize,
+    /// Datagrams other workers received for this worker's connections, and
+    /// the senders to hand ours to them.
+    pub handoff: Handoff,
     pub config: Arc<ConfigStore>,
     pub metrics: Arc<WorkerMetrics>,
     pub board: Arc<BackendBoard>,
@@ -52,6 +55,36 @@ pub struct WorkerContext {
 /// `Rc<Gateway>` they captured and finish on it; an old gateway's pools and
 /// h2 connections go away with its last request. The edge takes the new
 /// TLS pair and transport parameters for new handshakes and the new limits.
+/// A datagram received by one worker for a connection another worker owns.
+#[derive(Debug)]
+pub struct Forwarded {
+    pub data: Vec<u8>,
+    pub from: SocketAddr,
+    pub to: SocketAddr,
+}
+
+/// The hand-over channels between workers.
+#[derive(Debug)]
+pub struct Handoff {
+    pub rx: mpsc::UnboundedReceiver<Forwarded>,
+    /// One sender per worker, indexed by worker id.
+    pub peers: Arc<Vec<mpsc::UnboundedSender<Forwarded>>>,
+}
+
+impl Handoff {
+    /// Channels for `n` workers, in worker order.
+    pub fn mesh(n: usize) -> Vec<Handoff> {
+        let (txs, rxs): (Vec<_>, Vec<_>) = (0..n).map(|_| mpsc::unbounded_channel()).unzip();
+        let peers = Arc::new(txs);
+        rxs.into_iter()
+            .map(|rx| Handoff {
+                rx,
+                peers: peers.clone(),
+            })
+            .collect()
+    }
+}
+
 pub async fn run_worker<D: DatagramIo>(
     ctx: WorkerContext,
     mut io: D,
@@ -59,10 +92,15 @@ pub async fn run_worker<D: DatagramIo>(
 ) -> Result<(), RuntimeError> {
     let WorkerContext {
         id: worker_id,
+        handoff,
         config: store,
         metrics,
         board,
     } = ctx;
+    let Handoff {
+        rx: mut handoff_rx,
+        peers,
+    } = handoff;
     let mut config_rx = store.subscribe();
     config_rx.mark_unchanged();
     let snapshot = store.current();
@@ -79,7 +117,7 @@ pub async fn run_worker<D: DatagramIo>(
         "worker listening"
     );
     let (to_edge_tx, mut to_edge_rx) = mpsc::unbounded_channel();
-    let mut edge = Edge::new(cfg, to_edge_tx, metrics.clone())?;
+    let mut edge = Edge::new(cfg, worker_id.min(255) as u8, to_edge_tx, metrics.clone())?;
     let mut gateway = Rc::new(Gateway::new(cfg));
     gateway.warm();
     let mut checkers = gateway.start_health_checks(metrics.clone(), board.clone(), worker_id);
@@ -169,6 +207,15 @@ pub async fn run_worker<D: DatagramIo>(
         let closing_tick = closing_since.map(|_| Instant::now() + Duration::from_millis(50));
         let wake = closing_tick.map_or(sleep_until, |c| c.min(sleep_until));
         tokio::select! {
+            Some(mut f) = handoff_rx.recv() => {
+                let now = Instant::now();
+                // The owner never forwards again: a CID naming this worker
+                // that it does not know is simply dropped.
+                let _ = edge.handle_datagram(now, &mut f.data, f.from, f.to);
+                while let Ok(mut f) = handoff_rx.try_recv() {
+                    let _ = edge.handle_datagram(now, &mut f.data, f.from, f.to);
+                }
+            }
             r = io.readable() => {
                 r?;
                 let now = Instant::now();
@@ -193,7 +240,19 @@ pub async fn run_worker<D: DatagramIo>(
                                 let mut off = 0;
                                 while off < meta.len {
                                     let end = (off + stride).min(meta.len);
-                                    edge.handle_datagram(now, &mut buf[off..end], meta.peer, to);
+                                    if let Some(owner) =
+                                        edge.handle_datagram(now, &mut buf[off..end], meta.peer, to)
+                                    {
+                                        // Another worker's connection: hand it over.
+                                        if let Some(tx) = peers.get(usize::from(owner)) {
+                                            WorkerMetrics::inc(&metrics.handoffs);
+                                            let _ = tx.send(Forwarded {
+                                                data: buf[off..end].to_vec(),
+                                                from: meta.peer,
+                                                to,
+                                            });
+                                        }
+                                    }
                                     off = end;
                                 }
                             }

@@ -346,6 +346,12 @@ impl Collector for WorkerSum {
             "Requests waiting for a backend slot.",
             sum_i64(ws, |w| &w.pending),
         )?;
+        counter(
+            e,
+            "io_handoffs",
+            "Datagrams handed to the worker owning their connection (migration, NAT rebinding).",
+            sum_u64(ws, |w| &w.handoffs),
+        )?;
 
         histogram(
             e,

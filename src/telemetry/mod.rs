@@ -112,6 +112,8 @@ pub struct WorkerMetrics {
     pub circuit_rejections: AtomicU64,
     pub no_healthy_backend: AtomicU64,
     pub pending: AtomicI64,
+    /// Datagrams handed to the worker that owns their connection.
+    pub handoffs: AtomicU64,
     /// Request duration, from the request head to the last byte (or reset).
     pub request_duration: AtomicHistogram<DurationBuckets>,
     /// Smoothed RTT of each connection, sampled when it closes.

@@ -207,7 +207,9 @@ impl Options {
             extra: String::new(),
             upstreams_yaml: None,
             io_backend: test_io_backend(),
-            io_extra: String::new(),
+            // One worker unless a test asks for more: balancing state is
+            // per worker, and several tests assert exact sequences.
+            io_extra: "workers: 1".into(),
         }
     }
 }

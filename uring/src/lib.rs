@@ -10,6 +10,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod epoll;
+pub mod steering;
 pub mod uring;
 
 use std::io;

@@ -38,6 +38,10 @@ struct Args {
     /// Authority sent in `:authority`.
     #[arg(long, default_value = "localhost")]
     authority: String,
+    /// Deadline in seconds for each round of requests on a connection
+    /// (raise it for large downloads such as `/bytes/1073741824`).
+    #[arg(long, default_value_t = 30)]
+    timeout: u64,
     /// Path to request.
     #[arg(default_value = "/")]
     path: String,
@@ -68,7 +72,10 @@ fn main() {
                 args.path.clone(),
                 args.streams,
             );
-            std::thread::spawn(move || run_client(addr, &authority, &path, m, per_client, &stop))
+            let timeout = Duration::from_secs(args.timeout.max(1));
+            std::thread::spawn(move || {
+                run_client(addr, &authority, &path, m, per_client, timeout, &stop)
+            })
         })
         .collect();
     if args.requests.is_none() {
@@ -147,6 +154,7 @@ fn run_client(
     path: &str,
     m: usize,
     limit: Option<u64>,
+    timeout: Duration,
     stop: &AtomicBool,
 ) -> Tally {
     let mut t = Tally::default();
@@ -158,6 +166,7 @@ fn run_client(
             return t;
         }
     };
+    c.timeout = timeout;
     loop {
         if stop.load(Ordering::Relaxed) || limit.is_some_and(|l| t.done + t.errored >= l) {
             break;
@@ -187,7 +196,12 @@ fn run_client(
                         t.failed += 1;
                     }
                 }
-                Err(_) => t.errored += 1,
+                Err(e) => {
+                    if t.errored == 0 {
+                        eprintln!("h3load: request failed: {e}");
+                    }
+                    t.errored += 1;
+                }
             }
         }
         t.rounds.push(round.elapsed());

@@ -1,0 +1,731 @@
+#!/usr/bin/env python3
+"""io_uring vs epoll: the first I/O comparison of spooky's perf suite.
+
+Starts three demo backends once, then for each I/O driver (`io.backend:
+uring`, `io.backend: epoll`) starts spooky on the same config and runs the
+same load with `h3load`:
+
+  1. small GETs at fixed concurrency (h3load -c 4 -m 16 -d N)  -> req/s,
+     spooky CPU-seconds per 100k requests (/proc/<pid>/stat),
+     UDP syscalls per request and datagrams per syscall (spooky's /metrics)
+  2. one bulk download through one connection (/bytes/SIZE)     -> MiB/s
+  3. optionally a short small-GET run under `strace -c -f -p`   -> all
+     syscalls per request, as the kernel sees them
+  4. peak RSS (VmHWM from /proc/<pid>/status)
+
+and prints a Markdown table with one column per driver and the uring/epoll
+ratio, also written to perf/out/io-<timestamp>.md with the raw numbers in
+perf/out/io-<timestamp>.json (and a PNG of the ratios when matplotlib is
+importable). Python 3 standard library only. See docs/perf.md.
+
+Every child process is stopped on exit, Ctrl-C and SIGTERM included (and
+gets SIGTERM from the kernel should this script die without cleaning up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime as dt
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+MIB = 1024 * 1024
+
+CHILDREN: list[subprocess.Popen] = []
+
+
+# ---------------------------------------------------------------- utilities
+
+
+def log(msg: str) -> None:
+    print(f"[perf-io] {msg}", file=sys.stderr, flush=True)
+
+
+def env_default(name: str, default):
+    v = os.environ.get(name)
+    if v is None or v == "":
+        return default
+    return type(default)(v) if default is not None else v
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: ask the kernel to SIGTERM the child if we die first."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001 - best effort only
+        pass
+
+
+def spawn(cmd: list[str], **kw) -> subprocess.Popen:
+    p = subprocess.Popen(cmd, preexec_fn=_die_with_parent, **kw)
+    CHILDREN.append(p)
+    return p
+
+
+def stop(p: subprocess.Popen, sig=signal.SIGTERM, grace: float = 10.0) -> None:
+    if p.poll() is None:
+        try:
+            p.send_signal(sig)
+            p.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+        except ProcessLookupError:
+            pass
+    if p in CHILDREN:
+        CHILDREN.remove(p)
+
+
+def cleanup() -> None:
+    for p in reversed(list(CHILDREN)):
+        stop(p, grace=5.0)
+
+
+def _on_signal(signum, _frame):
+    raise SystemExit(128 + signum)
+
+
+def free_port(kind=socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_tcp(port: int, what: str, proc: subprocess.Popen, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with status {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{what} not listening on 127.0.0.1:{port} after {timeout:.0f}s")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of the whole process (all threads), in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    # fields[0] is field 3 (state); utime and stime are fields 14 and 15.
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def vm_hwm_kib(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def io_uring_fds(pid: int) -> int:
+    """How many io_uring instances the process holds (proof the driver runs)."""
+    n = 0
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                if "io_uring" in os.readlink(f"/proc/{pid}/fd/{fd}"):
+                    n += 1
+            except OSError:
+                pass
+    except OSError:
+        pass
+    return n
+
+
+METRIC_RE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
+
+
+def scrape(admin: str) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://{admin}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        m = METRIC_RE.match(line)
+        if m:
+            try:
+                out[m.group(1) + (m.group(2) or "")] = float(m.group(3))
+            except ValueError:
+                pass
+    return out
+
+
+def io_counters(m: dict[str, float]) -> dict[str, float]:
+    def get(name: str, **labels) -> float:
+        want = name + "{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}"
+        return m.get(want, 0.0)
+
+    requests = sum(v for k, v in m.items() if k.startswith("spooky_requests_total{"))
+    return {
+        "requests": requests,
+        "syscalls_in": get("spooky_io_syscalls_total", direction="in"),
+        "syscalls_out": get("spooky_io_syscalls_total", direction="out"),
+        "datagrams_in": get("spooky_io_datagrams_total", direction="in"),
+        "datagrams_out": get("spooky_io_datagrams_total", direction="out"),
+        "bytes_in": get("spooky_io_bytes_total", direction="in"),
+        "bytes_out": get("spooky_io_bytes_total", direction="out"),
+        "gso_fallbacks": m.get("spooky_io_gso_fallbacks_total", 0.0),
+        "send_errors": m.get("spooky_io_send_errors_total", 0.0),
+    }
+
+
+def delta(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    return {k: b[k] - a.get(k, 0.0) for k in b}
+
+
+def div(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+H3_FINISHED = re.compile(r"finished in ([\d.]+)s, ([\d.]+) req/s, ([\d.]+) MiB/s")
+H3_REQUESTS = re.compile(
+    r"requests: (\d+) total, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored"
+)
+H3_BYTES = re.compile(r"body bytes: (\d+)")
+
+
+def h3load(bin_: str, port: int, args: list[str], timeout: float) -> dict:
+    cmd = [bin_, "--addr", f"127.0.0.1:{port}", *args]
+    p = spawn(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stop(p, signal.SIGKILL)
+        raise RuntimeError(f"h3load did not finish in {timeout:.0f}s: {' '.join(cmd)}")
+    finally:
+        if p in CHILDREN:
+            CHILDREN.remove(p)
+    r: dict = {"cmd": " ".join(cmd), "rc": p.returncode, "stdout": out}
+    m = H3_FINISHED.search(out)
+    if not m:
+        raise RuntimeError(
+            f"h3load printed no result (rc {p.returncode}): {err.strip()[-500:]}"
+        )
+    r["secs"], r["req_s"], r["mib_s"] = (float(x) for x in m.groups())
+    m = H3_REQUESTS.search(out)
+    if m:
+        r["total"], r["done"], r["ok"], r["failed"], r["errored"] = (int(x) for x in m.groups())
+    m = H3_BYTES.search(out)
+    r["body_bytes"] = int(m.group(1)) if m else None
+    r["stderr_tail"] = "\n".join(l for l in err.splitlines() if "failed" in l)[-500:]
+    return r
+
+
+STRACE_ROW = re.compile(r"^\s*([\d.]+)\s+([\d.]+)\s+(\d+)\s+(\d+)\s+(?:(\d+)\s+)?(\S+)\s*$")
+
+
+def parse_strace(path: str) -> tuple[int | None, list[tuple[str, int]]]:
+    total, rows = None, []
+    try:
+        with open(path) as f:
+            for line in f:
+                m = STRACE_ROW.match(line)
+                if not m:
+                    continue
+                name, calls = m.group(6), int(m.group(4))
+                if name == "total":
+                    total = calls
+                else:
+                    rows.append((name, calls))
+    except OSError:
+        pass
+    rows.sort(key=lambda x: -x[1])
+    return total, rows
+
+
+# ----------------------------------------------------------------- the run
+
+CONFIG = """\
+# Written by perf/io_compare.py for the {driver} run.
+listen:
+  address: "127.0.0.1:{port}"
+  tls: {{ cert: "{certs}/cert.pem", key: "{certs}/key.pem" }}
+  alpn: ["h3"]
+quic:
+  idle_timeout_ms: 30000
+  max_streams_bidi: 256
+  initial_max_data: 16777216
+  initial_max_stream_data: 1048576
+  retry: false
+  cc: cubic
+  server_id: 1
+io:
+  backend: {driver}
+  workers: {workers}
+  batch: {batch}
+  gso: true
+  gro: true
+upstreams:
+  - name: app
+    policy: round_robin
+    backends:
+{backends}
+    pool: {{ connections_per_backend: 2, max_concurrent_streams: 100 }}
+    timeouts: {{ connect_ms: 1000, request_ms: 30000, idle_ms: 60000 }}
+routes:
+  - {{ path_prefix: "/", upstream: app }}
+limits: {{ max_connections: 100000, max_request_header_bytes: 65536, max_body_buffer_bytes: 1048576 }}
+admin: {{ address: "127.0.0.1:{admin}" }}
+watch: false
+telemetry: {{ log: warn, log_format: text, access_log: false }}
+"""
+
+
+def run_driver(a, driver: str, bins: dict, work: str, backend_ports: list[int]) -> dict:
+    port = free_port(socket.SOCK_DGRAM)
+    admin_port = free_port()
+    admin = f"127.0.0.1:{admin_port}"
+    cfg_path = os.path.join(work, f"spooky-{driver}.yaml")
+    with open(cfg_path, "w") as f:
+        f.write(
+            CONFIG.format(
+                driver=driver,
+                port=port,
+                certs=os.path.join(work, "certs"),
+                workers=a.workers,
+                batch=a.batch,
+                backends="\n".join(
+                    f'      - {{ address: "127.0.0.1:{p}", weight: 1 }}' for p in backend_ports
+                ),
+                admin=admin_port,
+            )
+        )
+    subprocess.run(
+        [bins["spooky"], "check", "--config", cfg_path],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    log_path = os.path.join(work, f"spooky-{driver}.log")
+    logf = open(log_path, "w")
+    proc = spawn([bins["spooky"], "--config", cfg_path], stdout=logf, stderr=subprocess.STDOUT)
+    res: dict = {"driver": driver, "config": cfg_path, "log": log_path}
+    try:
+        wait_tcp(admin_port, f"spooky ({driver})", proc)
+        pid = proc.pid
+        c, m = str(a.clients), str(a.streams)
+        small_args = ["-c", c, "-m", m]
+
+        if a.warmup > 0:
+            log(f"{driver}: warm-up {a.warmup}s")
+            h3load(bins["h3load"], port, [*small_args, "-d", str(a.warmup), "/"], a.warmup + 60)
+        res["io_uring_fds"] = io_uring_fds(pid)
+        with open(log_path) as f:
+            fell_back = "io_uring unavailable" in f.read()
+        res["fell_back_to_epoll"] = fell_back
+        if driver == "uring" and (fell_back or res["io_uring_fds"] == 0):
+            log(f"{driver}: WARNING: no io_uring in use (see {log_path}); figures are epoll's")
+
+        # 1. small GETs at fixed concurrency
+        log(f"{driver}: small-GET  h3load -c {c} -m {m} -d {a.duration} /")
+        m0, t0 = io_counters(scrape(admin)), cpu_seconds(pid)
+        r = h3load(bins["h3load"], port, [*small_args, "-d", str(a.duration), "/"], a.duration + 60)
+        t1, m1 = cpu_seconds(pid), io_counters(scrape(admin))
+        d = delta(m0, m1)
+        cpu = t1 - t0
+        reqs = d["requests"] or float(r.get("done", 0))
+        res["small"] = {
+            "h3load": r,
+            "req_s": r["req_s"],
+            "errors": r.get("errored", 0) + r.get("failed", 0),
+            "cpu_s": cpu,
+            "metrics_delta": d,
+            "cpu_s_per_100k": div(cpu * 100_000, reqs),
+            "req_per_cpu_s": div(reqs, cpu),
+            "syscalls_per_req": div(d["syscalls_in"] + d["syscalls_out"], reqs),
+            "dgrams_per_syscall_in": div(d["datagrams_in"], d["syscalls_in"]),
+            "dgrams_per_syscall_out": div(d["datagrams_out"], d["syscalls_out"]),
+        }
+        s = res["small"]
+        log(
+            f"{driver}: small-GET  {s['req_s']:.0f} req/s, "
+            f"{fmt(s['cpu_s_per_100k'])} CPU-s/100k, {fmt(s['syscalls_per_req'])} syscalls/req"
+            + (f", {s['errors']} errors" if s["errors"] else "")
+        )
+
+        # 2. bulk download through one connection
+        size, n = a.bulk_bytes, a.bulk_requests
+        log(f"{driver}: bulk       h3load -c 1 -m 1 -n {n} /bytes/{size}")
+        m0, t0 = io_counters(scrape(admin)), cpu_seconds(pid)
+        r = h3load(
+            bins["h3load"],
+            port,
+            ["-c", "1", "-m", "1", "-n", str(n), "--timeout", str(a.bulk_timeout), f"/bytes/{size}"],
+            a.bulk_timeout * n + 60,
+        )
+        t1, m1 = cpu_seconds(pid), io_counters(scrape(admin))
+        d = delta(m0, m1)
+        cpu = t1 - t0
+        complete = r.get("body_bytes") == size * n and r.get("ok") == n
+        res["bulk"] = {
+            "h3load": r,
+            "mib_s": r["mib_s"],
+            "complete": complete,
+            "cpu_s": cpu,
+            "cpu_s_per_gib": div(cpu * 1024 * MIB, r.get("body_bytes") or 0),
+            "metrics_delta": d,
+            "dgrams_per_syscall_in": div(d["datagrams_in"], d["syscalls_in"]),
+            "dgrams_per_syscall_out": div(d["datagrams_out"], d["syscalls_out"]),
+        }
+        b = res["bulk"]
+        log(
+            f"{driver}: bulk       {b['mib_s']:.1f} MiB/s, "
+            f"{fmt(b['dgrams_per_syscall_out'])} datagrams/send syscall"
+            + ("" if complete else f" (INCOMPLETE: {r.get('body_bytes')} of {size * n} bytes)")
+        )
+
+        # 3. all syscalls under strace (slows spooky down; its own short run)
+        strace = shutil.which("strace")
+        if a.strace_duration > 0 and strace:
+            log(f"{driver}: strace     strace -c -f -p {pid} over h3load -d {a.strace_duration}")
+            out = os.path.join(work, f"strace-{driver}.txt")
+            st = spawn(
+                [strace, "-c", "-f", "-p", str(pid), "-o", out],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            time.sleep(1.0)  # attach to every thread before the load starts
+            m0 = io_counters(scrape(admin))
+            r = h3load(
+                bins["h3load"], port, [*small_args, "-d", str(a.strace_duration), "/"],
+                a.strace_duration + 120,
+            )
+            m1 = io_counters(scrape(admin))
+            stop(st, signal.SIGINT, grace=30)
+            total, rows = parse_strace(out)
+            reqs = m1["requests"] - m0["requests"]
+            res["strace"] = {
+                "requests": reqs,
+                "req_s_under_strace": r["req_s"],
+                "total_syscalls": total,
+                "syscalls_per_req": div(total, reqs),
+                "top": rows[:12],
+                "per_req": {name: calls / reqs for name, calls in rows[:12]} if reqs else {},
+            }
+            log(f"{driver}: strace     {fmt(res['strace']['syscalls_per_req'])} syscalls/req (all)")
+        elif a.strace_duration > 0:
+            log(f"{driver}: strace     not installed; skipped")
+
+        res["vm_hwm_kib"] = vm_hwm_kib(pid)
+        res["io_uring_fds_end"] = io_uring_fds(pid)
+        if proc.poll() is not None:
+            raise RuntimeError(f"spooky ({driver}) exited with {proc.returncode}; see {log_path}")
+    finally:
+        stop(proc)
+        logf.close()
+    return res
+
+
+# ----------------------------------------------------------------- report
+
+
+def fmt(v, digits=None) -> str:
+    if v is None:
+        return "–"
+    if digits is None:
+        av = abs(v)
+        digits = 0 if av >= 1000 else 1 if av >= 100 else 2 if av >= 1 else 3
+    return f"{v:,.{digits}f}"
+
+
+def rows_for(a, res: dict) -> list[tuple[str, str, str, list]]:
+    """(key, label, better, [value per driver])"""
+
+    def get(drv, *path):
+        v = res.get(drv)
+        for p in path:
+            if not isinstance(v, dict):
+                return None
+            v = v.get(p)
+        return v
+
+    size = a.bulk_bytes
+    size_s = f"{size // (1024 * MIB)} GiB" if size % (1024 * MIB) == 0 else f"{size / MIB:g} MiB"
+    specs = [
+        ("req_s", f"small-GET req/s (c={a.clients}, m={a.streams}, {a.duration} s)", "↑", ("small", "req_s")),
+        ("req_per_cpu_s", "small-GET requests per spooky CPU-second", "↑", ("small", "req_per_cpu_s")),
+        ("cpu_s_per_100k", "spooky CPU-seconds per 100k requests", "↓", ("small", "cpu_s_per_100k")),
+        ("bulk_mib_s", f"bulk download MiB/s ({size_s}, 1 connection)", "↑", ("bulk", "mib_s")),
+        ("bulk_cpu_s_per_gib", "bulk: spooky CPU-seconds per GiB", "↓", ("bulk", "cpu_s_per_gib")),
+        ("syscalls_per_req", "UDP syscalls per request (spooky /metrics)", "↓", ("small", "syscalls_per_req")),
+        ("strace_syscalls_per_req", "all syscalls per request (strace -c -f)", "↓", ("strace", "syscalls_per_req")),
+        ("dps_in", "small-GET datagrams per syscall, in", "↑", ("small", "dgrams_per_syscall_in")),
+        ("dps_out", "small-GET datagrams per syscall, out", "↑", ("small", "dgrams_per_syscall_out")),
+        ("bulk_dps_in", "bulk datagrams per syscall, in", "↑", ("bulk", "dgrams_per_syscall_in")),
+        ("bulk_dps_out", "bulk datagrams per syscall, out", "↑", ("bulk", "dgrams_per_syscall_out")),
+        ("rss_mib", "peak RSS MiB (VmHWM)", "↓", None),
+    ]
+    out = []
+    for key, label, better, path in specs:
+        if path is None:
+            vals = [
+                (res[d]["vm_hwm_kib"] / 1024 if res.get(d, {}).get("vm_hwm_kib") else None)
+                for d in a.drivers
+            ]
+        else:
+            vals = [get(d, *path) for d in a.drivers]
+        out.append((key, label, better, vals))
+    return out
+
+
+def markdown(a, res: dict, meta: dict) -> str:
+    drivers = a.drivers
+    ratio_ok = "uring" in drivers and "epoll" in drivers
+    iu, ie = (drivers.index("uring"), drivers.index("epoll")) if ratio_ok else (0, 0)
+    head = ["figure", *drivers] + (["uring/epoll"] if ratio_ok else []) + ["better"]
+    lines = [
+        f"## spooky I/O drivers: io_uring vs epoll ({meta['when']})",
+        "",
+        f"host: {meta['cpus']} CPUs ({meta['cpu_model']}), kernel {meta['kernel']}, "
+        f"spooky {meta['git']}; io.workers={a.workers}, io.batch={a.batch}; "
+        "load generator, demo backends and spooky share the same CPUs.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "|".join(["---"] + ["---:"] * (len(head) - 2) + [":---:"]) + "|",
+    ]
+    for _key, label, better, vals in rows_for(a, res):
+        cells = [label, *(fmt(v) for v in vals)]
+        if ratio_ok:
+            r = div(vals[iu], vals[ie])
+            cells.append(f"**{r:.2f}×**" if r is not None else "–")
+        cells.append(better)
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = []
+    for d in drivers:
+        r = res.get(d, {})
+        bits = []
+        if d == "uring":
+            if r.get("fell_back_to_epoll") or not r.get("io_uring_fds"):
+                bits.append("**io_uring was NOT in use** (fallback to epoll; see the log)")
+            else:
+                bits.append(f"{r.get('io_uring_fds')} io_uring instance(s) open in the process")
+        errs = r.get("small", {}).get("errors")
+        if errs:
+            bits.append(f"{errs} small-GET requests failed")
+        if r.get("bulk") and not r["bulk"].get("complete"):
+            bits.append("bulk download incomplete")
+        for ph in ("small", "bulk"):
+            md = r.get(ph, {}).get("metrics_delta", {})
+            if md.get("gso_fallbacks"):
+                bits.append(f"{md['gso_fallbacks']:.0f} GSO fallbacks ({ph})")
+            if md.get("send_errors"):
+                bits.append(f"{md['send_errors']:.0f} send errors ({ph})")
+        st = r.get("strace")
+        if st and st.get("top"):
+            top = ", ".join(f"{n} {c / st['requests']:.2f}" for n, c in st["top"][:6] if st["requests"])
+            bits.append(f"strace per request: {top}")
+        if bits:
+            notes.append(f"- **{d}**: " + "; ".join(bits))
+    if notes:
+        lines += ["", *notes]
+    lines += [
+        "",
+        "↑/↓: higher/lower is better. Ratios are uring/epoll. CPU is utime+stime of the "
+        "spooky process (all threads); UDP syscalls count receive/send calls (epoll) or "
+        "io_uring submissions (uring) as spooky's counters report them; strace counts every "
+        "syscall of every spooky thread during a separate, slowed-down run.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def maybe_png(a, res: dict, path: str) -> bool:
+    if "uring" not in a.drivers or "epoll" not in a.drivers:
+        return False
+    try:
+        import matplotlib  # type: ignore
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt  # type: ignore
+    except Exception:  # noqa: BLE001 - no matplotlib: skip quietly
+        return False
+    iu, ie = a.drivers.index("uring"), a.drivers.index("epoll")
+    labels, ratios, colors = [], [], []
+    for _k, label, better, vals in rows_for(a, res):
+        r = div(vals[iu], vals[ie])
+        if r is None:
+            continue
+        labels.append(f"{label} {better}")
+        ratios.append(r)
+        good = r >= 1 if better == "↑" else r <= 1
+        colors.append("tab:green" if good else "tab:red")
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(labels) + 1.5))
+    ax.barh(range(len(labels)), ratios, color=colors)
+    ax.set_yticks(range(len(labels)), labels)
+    ax.invert_yaxis()
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_xlabel("uring / epoll")
+    ax.set_title("spooky: io_uring vs epoll (green = uring better)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def host_meta() -> dict:
+    model = "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        git = subprocess.run(
+            ["git", "-C", ROOT, "describe", "--always", "--dirty"],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()
+    except Exception:  # noqa: BLE001
+        git = "?"
+    return {
+        "when": dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        "cpus": os.cpu_count(),
+        "cpu_model": model,
+        "kernel": os.uname().release,
+        "git": git,
+    }
+
+
+# ------------------------------------------------------------------- main
+
+
+def parse_args():
+    p = argparse.ArgumentParser(
+        description="spooky io_uring vs epoll comparison (make perf-io). "
+        "Every option also reads an env var PERF_IO_<NAME>.",
+    )
+    p.add_argument("--duration", type=int, default=env_default("PERF_IO_DURATION", 10),
+                   help="small-GET run length in seconds (default 10)")
+    p.add_argument("--clients", type=int, default=env_default("PERF_IO_CLIENTS", 4),
+                   help="h3load -c for the small-GET run (default 4)")
+    p.add_argument("--streams", type=int, default=env_default("PERF_IO_STREAMS", 16),
+                   help="h3load -m for the small-GET run (default 16)")
+    p.add_argument("--bulk-bytes", type=int, default=env_default("PERF_IO_BULK_BYTES", 1 << 30),
+                   help="size of the bulk download in bytes (default 1073741824 = 1 GiB)")
+    p.add_argument("--bulk-requests", type=int, default=env_default("PERF_IO_BULK_REQUESTS", 1),
+                   help="bulk downloads, one after the other on one connection (default 1)")
+    p.add_argument("--bulk-timeout", type=int, default=env_default("PERF_IO_BULK_TIMEOUT", 600),
+                   help="seconds allowed per bulk download (default 600)")
+    p.add_argument("--strace-duration", type=int, default=env_default("PERF_IO_STRACE_DURATION", 3),
+                   help="seconds of the small-GET run under strace -c -f; 0 skips (default 3)")
+    p.add_argument("--warmup", type=int, default=env_default("PERF_IO_WARMUP", 1),
+                   help="seconds of unmeasured small-GET load first (default 1)")
+    p.add_argument("--workers", default=env_default("PERF_IO_WORKERS", "auto"),
+                   help="io.workers for spooky (default auto = one per core)")
+    p.add_argument("--batch", type=int, default=env_default("PERF_IO_BATCH", 64),
+                   help="io.batch for spooky (default 64)")
+    p.add_argument("--drivers", default=env_default("PERF_IO_DRIVERS", "uring,epoll"),
+                   help="comma-separated io.backend values, in run order (default uring,epoll)")
+    p.add_argument("--out-dir", default=env_default("PERF_IO_OUT", os.path.join(ROOT, "perf", "out")),
+                   help="where the .md/.json/.png reports go (default perf/out)")
+    p.add_argument("--no-build", action="store_true", default=bool(os.environ.get("PERF_IO_NO_BUILD")),
+                   help="use the binaries already built")
+    p.add_argument("--quick", action="store_true",
+                   help="short run: 5 s small-GET, 256 MiB bulk, 2 s strace")
+    a = p.parse_args()
+    if a.quick:
+        a.duration, a.bulk_bytes, a.strace_duration = 5, 256 * MIB, 2
+    a.drivers = [d.strip() for d in a.drivers.split(",") if d.strip()]
+    return a
+
+
+def main() -> int:
+    a = parse_args()
+    for s in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, _on_signal)
+    target = os.path.abspath(os.environ.get("CARGO_TARGET_DIR") or os.path.join(ROOT, "target"))
+    bins = {n: os.path.join(target, "release", n) for n in ("spooky", "h3load")}
+    work = None
+    try:
+        if not a.no_build:
+            log("build: cargo build --release --locked -p spooky -p spooky-perf")
+            subprocess.run(
+                [os.environ.get("CARGO", "cargo"), "build", "--release", "--locked",
+                 "-p", "spooky", "-p", "spooky-perf"],
+                cwd=ROOT, check=True,
+            )
+        for n, b in bins.items():
+            if not os.access(b, os.X_OK):
+                log(f"missing {b}: build it (or unset --no-build)")
+                return 2
+        work = tempfile.mkdtemp(prefix="spooky-perf-io-")
+        subprocess.run([os.path.join(ROOT, "scripts", "gen-cert.sh"), os.path.join(work, "certs")],
+                       check=True, stdout=subprocess.DEVNULL)
+        backend_ports = [free_port() for _ in range(3)]
+        log(f"backends: 3 demo backends on 127.0.0.1:{','.join(map(str, backend_ports))} (work dir {work})")
+        for i, bp in enumerate(backend_ports, 1):
+            b = spawn([bins["spooky"], "demo-backend", "--listen", f"127.0.0.1:{bp}",
+                       "--name", f"backend-{i}"],
+                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            wait_tcp(bp, f"demo backend {i}", b)
+
+        meta = host_meta()
+        res: dict = {}
+        for drv in a.drivers:
+            log(f"{drv}: starting spooky (io.backend: {drv}, io.workers: {a.workers})")
+            res[drv] = run_driver(a, drv, bins, work, backend_ports)
+
+        md = markdown(a, res, meta)
+        os.makedirs(a.out_dir, exist_ok=True)
+        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        base = os.path.join(a.out_dir, f"io-{stamp}")
+        with open(base + ".md", "w") as f:
+            f.write(md)
+        raw = {
+            "meta": meta,
+            "params": {k: v for k, v in vars(a).items()},
+            "table": {
+                key: {
+                    "label": label,
+                    "better": "higher" if better == "↑" else "lower",
+                    **dict(zip(a.drivers, vals)),
+                    **({"ratio_uring_epoll": div(vals[a.drivers.index("uring")],
+                                                 vals[a.drivers.index("epoll")])}
+                       if "uring" in a.drivers and "epoll" in a.drivers else {}),
+                }
+                for key, label, better, vals in rows_for(a, res)
+            },
+            "runs": res,
+        }
+        with open(base + ".json", "w") as f:
+            json.dump(raw, f, indent=2, default=str)
+        png = maybe_png(a, res, base + ".png")
+        print(md)
+        log(f"wrote {base}.md, {base}.json" + (f", {base}.png" if png else ""))
+        shutil.rmtree(work, ignore_errors=True)
+        return 0
+    except KeyboardInterrupt:
+        log("interrupted; stopping everything")
+        return 130
+    except (RuntimeError, subprocess.CalledProcessError, OSError) as e:
+        log(f"error: {e}")
+        if work:
+            log(f"configs and spooky logs kept in {work}")
+        return 1
+    finally:
+        cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
