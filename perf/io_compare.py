@@ -199,6 +199,25 @@ def div(a: float | None, b: float | None) -> float | None:
     return a / b
 
 
+def per_syscall(datagrams: float, syscalls: float) -> float | None:
+    """Datagrams per syscall; infinite when datagrams moved with no syscall at
+    all (io_uring multishot receives complete without entering the kernel)."""
+    if syscalls == 0:
+        return float("inf") if datagrams > 0 else None
+    return datagrams / syscalls
+
+
+def finite(v):
+    """JSON has no Infinity: write it as the string "inf"."""
+    if isinstance(v, float) and v == float("inf"):
+        return "inf"
+    if isinstance(v, dict):
+        return {k: finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [finite(x) for x in v]
+    return v
+
+
 H3_FINISHED = re.compile(r"finished in ([\d.]+)s, ([\d.]+) req/s, ([\d.]+) MiB/s")
 H3_REQUESTS = re.compile(
     r"requests: (\d+) total, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored"
@@ -312,11 +331,11 @@ def run_driver(a, driver: str, bins: dict, work: str, backend_ports: list[int]) 
                 admin=admin_port,
             )
         )
-    subprocess.run(
-        [bins["spooky"], "check", "--config", cfg_path],
-        check=True,
-        stdout=subprocess.DEVNULL,
+    chk = subprocess.run(
+        [bins["spooky"], "check", "--config", cfg_path], capture_output=True, text=True
     )
+    if chk.returncode != 0:
+        raise RuntimeError(f"spooky check rejected {cfg_path}:\n{chk.stdout}{chk.stderr}")
     log_path = os.path.join(work, f"spooky-{driver}.log")
     logf = open(log_path, "w")
     proc = spawn([bins["spooky"], "--config", cfg_path], stdout=logf, stderr=subprocess.STDOUT)
@@ -354,8 +373,11 @@ def run_driver(a, driver: str, bins: dict, work: str, backend_ports: list[int]) 
             "cpu_s_per_100k": div(cpu * 100_000, reqs),
             "req_per_cpu_s": div(reqs, cpu),
             "syscalls_per_req": div(d["syscalls_in"] + d["syscalls_out"], reqs),
-            "dgrams_per_syscall_in": div(d["datagrams_in"], d["syscalls_in"]),
-            "dgrams_per_syscall_out": div(d["datagrams_out"], d["syscalls_out"]),
+            "dgrams_per_syscall_in": per_syscall(d["datagrams_in"], d["syscalls_in"]),
+            "dgrams_per_syscall_out": per_syscall(d["datagrams_out"], d["syscalls_out"]),
+            "dgrams_per_syscall_all": per_syscall(
+                d["datagrams_in"] + d["datagrams_out"], d["syscalls_in"] + d["syscalls_out"]
+            ),
         }
         s = res["small"]
         log(
@@ -385,8 +407,11 @@ def run_driver(a, driver: str, bins: dict, work: str, backend_ports: list[int]) 
             "cpu_s": cpu,
             "cpu_s_per_gib": div(cpu * 1024 * MIB, r.get("body_bytes") or 0),
             "metrics_delta": d,
-            "dgrams_per_syscall_in": div(d["datagrams_in"], d["syscalls_in"]),
-            "dgrams_per_syscall_out": div(d["datagrams_out"], d["syscalls_out"]),
+            "dgrams_per_syscall_in": per_syscall(d["datagrams_in"], d["syscalls_in"]),
+            "dgrams_per_syscall_out": per_syscall(d["datagrams_out"], d["syscalls_out"]),
+            "dgrams_per_syscall_all": per_syscall(
+                d["datagrams_in"] + d["datagrams_out"], d["syscalls_in"] + d["syscalls_out"]
+            ),
         }
         b = res["bulk"]
         log(
@@ -443,6 +468,8 @@ def run_driver(a, driver: str, bins: dict, work: str, backend_ports: list[int]) 
 def fmt(v, digits=None) -> str:
     if v is None:
         return "–"
+    if v == float("inf"):
+        return "∞"
     if digits is None:
         av = abs(v)
         digits = 0 if av >= 1000 else 1 if av >= 100 else 2 if av >= 1 else 3
@@ -470,8 +497,10 @@ def rows_for(a, res: dict) -> list[tuple[str, str, str, list]]:
         ("bulk_cpu_s_per_gib", "bulk: spooky CPU-seconds per GiB", "↓", ("bulk", "cpu_s_per_gib")),
         ("syscalls_per_req", "UDP syscalls per request (spooky /metrics)", "↓", ("small", "syscalls_per_req")),
         ("strace_syscalls_per_req", "all syscalls per request (strace -c -f)", "↓", ("strace", "syscalls_per_req")),
+        ("dps_all", "small-GET datagrams per UDP syscall, in+out", "↑", ("small", "dgrams_per_syscall_all")),
         ("dps_in", "small-GET datagrams per syscall, in", "↑", ("small", "dgrams_per_syscall_in")),
         ("dps_out", "small-GET datagrams per syscall, out", "↑", ("small", "dgrams_per_syscall_out")),
+        ("bulk_dps_all", "bulk datagrams per UDP syscall, in+out", "↑", ("bulk", "dgrams_per_syscall_all")),
         ("bulk_dps_in", "bulk datagrams per syscall, in", "↑", ("bulk", "dgrams_per_syscall_in")),
         ("bulk_dps_out", "bulk datagrams per syscall, out", "↑", ("bulk", "dgrams_per_syscall_out")),
         ("rss_mib", "peak RSS MiB (VmHWM)", "↓", None),
@@ -508,7 +537,7 @@ def markdown(a, res: dict, meta: dict) -> str:
         cells = [label, *(fmt(v) for v in vals)]
         if ratio_ok:
             r = div(vals[iu], vals[ie])
-            cells.append(f"**{r:.2f}×**" if r is not None else "–")
+            cells.append(f"**{r:.2f}×**" if r is not None and r != float("inf") else fmt(r))
         cells.append(better)
         lines.append("| " + " | ".join(cells) + " |")
     notes = []
@@ -543,7 +572,9 @@ def markdown(a, res: dict, meta: dict) -> str:
         "",
         "↑/↓: higher/lower is better. Ratios are uring/epoll. CPU is utime+stime of the "
         "spooky process (all threads); UDP syscalls count receive/send calls (epoll) or "
-        "io_uring submissions (uring) as spooky's counters report them; strace counts every "
+        "io_uring_enter calls (uring) as spooky's counters report them — ∞ means datagrams "
+        "arrived with no syscall at all (multishot receive on a provided buffer ring); strace "
+        "counts every "
         "syscall of every spooky thread during a separate, slowed-down run.",
     ]
     return "\n".join(lines) + "\n"
@@ -563,7 +594,7 @@ def maybe_png(a, res: dict, path: str) -> bool:
     labels, ratios, colors = [], [], []
     for _k, label, better, vals in rows_for(a, res):
         r = div(vals[iu], vals[ie])
-        if r is None:
+        if r is None or r == float("inf"):
             continue
         labels.append(f"{label} {better}")
         ratios.append(r)
@@ -709,7 +740,7 @@ def main() -> int:
             "runs": res,
         }
         with open(base + ".json", "w") as f:
-            json.dump(raw, f, indent=2, default=str)
+            json.dump(finite(raw), f, indent=2, default=str)
         png = maybe_png(a, res, base + ".png")
         print(md)
         log(f"wrote {base}.md, {base}.json" + (f", {base}.png" if png else ""))
