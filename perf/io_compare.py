@@ -685,6 +685,8 @@ def main() -> int:
     a = parse_args()
     for s in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(s, _on_signal)
+    # Even when started with SIGINT ignored (a background job), Ctrl-C/SIGINT stops the run.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     target = os.path.abspath(os.environ.get("CARGO_TARGET_DIR") or os.path.join(ROOT, "target"))
     bins = {n: os.path.join(target, "release", n) for n in ("spooky", "h3load")}
     work = None
@@ -712,6 +714,10 @@ def main() -> int:
             wait_tcp(bp, f"demo backend {i}", b)
 
         meta = host_meta()
+        meta["loadavg_1m_at_start"] = os.getloadavg()[0]
+        if meta["loadavg_1m_at_start"] > 0.5 * (os.cpu_count() or 1):
+            log(f"note: 1-minute load average is {meta['loadavg_1m_at_start']:.2f}; "
+                "other work on this host makes the figures noisy")
         res: dict = {}
         for drv in a.drivers:
             log(f"{drv}: starting spooky (io.backend: {drv}, io.workers: {a.workers})")
@@ -744,7 +750,6 @@ def main() -> int:
         png = maybe_png(a, res, base + ".png")
         print(md)
         log(f"wrote {base}.md, {base}.json" + (f", {base}.png" if png else ""))
-        shutil.rmtree(work, ignore_errors=True)
         return 0
     except KeyboardInterrupt:
         log("interrupted; stopping everything")
@@ -753,9 +758,12 @@ def main() -> int:
         log(f"error: {e}")
         if work:
             log(f"configs and spooky logs kept in {work}")
+            work = None
         return 1
     finally:
         cleanup()
+        if work:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
