@@ -18,7 +18,7 @@ cat <<MSG
   spooky is starting on UDP :8443 (HTTP/3), admin on http://127.0.0.1:9901
   Try, in another terminal:
 
-    gtlsclient -q --exit-on-all-streams-close --download=/tmp/spooky-demo \\
+    mkdir -p /tmp/spooky-demo && gtlsclient -q --exit-on-all-streams-close --download=/tmp/spooky-demo \\
         127.0.0.1 8443 https://localhost:8443/ https://localhost:8443/id
     cat /tmp/spooky-demo/index.html /tmp/spooky-demo/id
     curl -s http://127.0.0.1:9901/metrics | grep spooky_requests
