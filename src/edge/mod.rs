@@ -446,6 +446,9 @@ impl Edge {
             self.by_cid.remove(&retired);
             conn.cids.retain(|c| *c != retired);
         }
+        while let Some(ev) = conn.quic.path_event_next() {
+            on_path_event(&self.metrics, ev);
+        }
         self.poll_h3(ci, now);
         self.flush_writable(ci);
         self.mark_dirty(ci);
@@ -806,3 +809,28 @@ fn close_delay(quic: &quiche::Connection) -> std::time::Duration {
 #[cfg(test)]
 mod tests;
 // x
+
+/// Logs and counts one quiche path event (client address changes).
+fn on_path_event(metrics: &WorkerMetrics, ev: quiche::PathEvent) {
+    use crate::telemetry::PathEvent as P;
+    match ev {
+        quiche::PathEvent::PeerMigrated(local, peer) => {
+            metrics.path_event(P::PeerMigrated);
+            tracing::info!(%local, %peer, "client moved to a new address");
+        }
+        quiche::PathEvent::Validated(local, peer) => {
+            metrics.path_event(P::Validated);
+            tracing::info!(%local, %peer, "path validated");
+        }
+        quiche::PathEvent::FailedValidation(local, peer) => {
+            metrics.path_event(P::FailedValidation);
+            tracing::info!(%local, %peer, "path failed validation");
+        }
+        quiche::PathEvent::Closed(local, peer) => {
+            metrics.path_event(P::Closed);
+            tracing::info!(%local, %peer, "path closed");
+        }
+        // New paths and CID reuse are part of the above; nothing to do.
+        _ => {}
+    }
+}

@@ -16,7 +16,9 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
-use super::{AtomicHistogram, Buckets, DropReason, HistogramSum, ReloadStats, WorkerMetrics};
+use super::{
+    AtomicHistogram, Buckets, DropReason, HistogramSum, PathEvent, ReloadStats, WorkerMetrics,
+};
 
 /// Prefix of every family name.
 const PREFIX: &str = "spooky";
@@ -351,6 +353,18 @@ impl Collector for WorkerSum {
             "io_handoffs",
             "Datagrams handed to the worker owning their connection (migration, NAT rebinding).",
             sum_u64(ws, |w| &w.handoffs),
+        )?;
+
+        let mut paths = [("", 0u64); PathEvent::ALL.len()];
+        for (i, (slot, ev)) in paths.iter_mut().zip(PathEvent::ALL).enumerate() {
+            *slot = (ev.as_str(), sum_u64(ws, |w| &w.path_events[i]));
+        }
+        labelled_counter(
+            e,
+            "quic_path_events",
+            "QUIC path events: peers that moved (NAT rebinding, migration), and whether the new path validated.",
+            "event",
+            &paths,
         )?;
 
         histogram(

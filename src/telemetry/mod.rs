@@ -114,6 +114,8 @@ pub struct WorkerMetrics {
     pub pending: AtomicI64,
     /// Datagrams handed to the worker that owns their connection.
     pub handoffs: AtomicU64,
+    /// QUIC path events (client migration / NAT rebinding), by [`PathEvent`].
+    pub path_events: [AtomicU64; 4],
     /// Request duration, from the request head to the last byte (or reset).
     pub request_duration: AtomicHistogram<DurationBuckets>,
     /// Smoothed RTT of each connection, sampled when it closes.
@@ -124,7 +126,44 @@ pub struct WorkerMetrics {
     pub send_batch: AtomicHistogram<BatchBuckets>,
 }
 
+/// What happened to a connection's network path; counted per event so an
+/// operator can tell migrations that worked from ones that failed validation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathEvent {
+    /// The peer moved to a new address (rebinding or active migration).
+    PeerMigrated,
+    /// A new path answered our PATH_CHALLENGE.
+    Validated,
+    /// A path never answered; its packets are no longer sent.
+    FailedValidation,
+    /// A path was closed (after failing, or replaced by another).
+    Closed,
+}
+
+impl PathEvent {
+    pub const ALL: [PathEvent; 4] = [
+        PathEvent::PeerMigrated,
+        PathEvent::Validated,
+        PathEvent::FailedValidation,
+        PathEvent::Closed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PathEvent::PeerMigrated => "peer_migrated",
+            PathEvent::Validated => "validated",
+            PathEvent::FailedValidation => "failed_validation",
+            PathEvent::Closed => "closed",
+        }
+    }
+}
+
 impl WorkerMetrics {
+    /// Counts one path event.
+    pub fn path_event(&self, ev: PathEvent) {
+        Self::inc(&self.path_events[ev as usize]);
+    }
+
     #[inline]
     pub fn inc(c: &AtomicU64) {
         c.fetch_add(1, Ordering::Relaxed);
