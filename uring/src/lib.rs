@@ -9,6 +9,7 @@
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
+mod cmsg;
 pub mod epoll;
 pub mod steering;
 pub mod uring;
