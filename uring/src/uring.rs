@@ -1244,6 +1244,8 @@ mod tests {
             segment_size: Some(1200),
         })
         .unwrap();
+        // The epoll driver queues until the flush; writable() was awaited.
+        tx.flush().unwrap();
         let got = recv_bytes(&mut rx, payload.len(), 5).await;
         assert!(got.iter().all(|(m, _)| m.peer == tx.local_addr().unwrap()));
         assert_strides(&got, 1200);
