@@ -402,9 +402,28 @@ async fn flush<D: DatagramIo>(
             }
         }
     }
-    // One submission for the whole batch (io_uring); a no-op for epoll.
-    if let Err(e) = io.flush() {
-        tracing::debug!(error = %e, "flush failed");
+    // One submission for the whole batch (io_uring: one io_uring_enter;
+    // epoll: one sendmmsg per 64 messages). `WouldBlock` means the socket's
+    // send buffer is full with sends still queued: wait for POLLOUT (a real
+    // wait, never a spin) and go on. Bounded in rounds so that a long drain
+    // does not starve receives and timers: whatever is still queued then
+    // goes out, in order, with the next loop's flush.
+    const FLUSH_WAITS: usize = 64;
+    let mut waits = 0;
+    loop {
+        match io.flush() {
+            Ok(()) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && waits < FLUSH_WAITS => {
+                waits += 1;
+                if io.writable().await.is_err() {
+                    break;
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, waits, "flush incomplete; the rest goes with the next one");
+                break;
+            }
+        }
     }
 }
 

@@ -3,12 +3,13 @@
 //! Everything above this crate (the QUIC edge, the router) talks to the network
 //! only through [`DatagramIo`]: receive a batch of datagrams (each possibly a
 //! GRO train of equal-size segments), send a batch of transmits (each possibly a
-//! GSO train). The drivers are small and swappable: [`epoll::EpollUdp`] here,
-//! the io_uring driver beside it when it lands. Callers are generic over the
-//! trait, so the choice costs no dynamic dispatch on the hot path.
+//! GSO train). The drivers are small and swappable: [`epoll::EpollUdp`] and
+//! [`uring::UringUdp`]. Callers are generic over the trait, so the choice
+//! costs no dynamic dispatch on the hot path.
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
+mod cmsg;
 pub mod epoll;
 pub mod steering;
 pub mod uring;
@@ -91,7 +92,9 @@ pub struct IoCounters {
 ///
 /// Call protocol: `readable().await`, then `try_recv_batch` until it returns
 /// `WouldBlock`; queue transmits with `try_send`, and on `WouldBlock` wait on
-/// `writable().await` and retry the same transmit. Nothing blocks the thread.
+/// `writable().await` and retry the same transmit; then `flush`, and on
+/// `WouldBlock` wait on `writable().await` and flush again. Nothing blocks
+/// the thread.
 #[allow(async_fn_in_trait)]
 pub trait DatagramIo {
     /// The address the socket is bound to.
@@ -108,11 +111,15 @@ pub trait DatagramIo {
     /// Each buffer should be [`MAX_RECV_BUF`] bytes. Returns `WouldBlock` when empty.
     fn try_recv_batch(&mut self, bufs: &mut [Vec<u8>], metas: &mut [RecvMeta])
         -> io::Result<usize>;
-    /// Sends one transmit (one syscall, many datagrams with GSO).
+    /// Queues one transmit (copied: the slice need not outlive the call) for
+    /// the next [`Self::flush`]; may send earlier when the driver's batch is
+    /// full. `WouldBlock` when it cannot be queued yet.
     fn try_send(&mut self, transmit: &Transmit<'_>) -> io::Result<()>;
-    /// Hands queued sends to the kernel. Drivers that batch submissions
-    /// (io_uring: one `io_uring_enter` per loop) do it here; the caller
-    /// calls it once after each batch of `try_send`s.
+    /// Hands queued sends to the kernel in as few syscalls as the driver can
+    /// (io_uring: one `io_uring_enter`; epoll: one `sendmmsg` per 64
+    /// messages). The caller calls it once after each batch of `try_send`s.
+    /// `WouldBlock` means the socket's send buffer is full and some sends are
+    /// still queued, in order: wait on `writable()` and call it again.
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }

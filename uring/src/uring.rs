@@ -47,7 +47,7 @@ use std::cell::Cell;
 use std::collections::VecDeque;
 use std::io;
 use std::mem;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::{AsRawFd, RawFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU16, Ordering};
@@ -57,6 +57,10 @@ use io_uring::{cqueue, opcode, types, IoUring, Probe};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
+use crate::cmsg::{
+    parse_recv_cmsgs, parse_sockaddr, setsockopt_int, write_send_cmsgs, write_sockaddr,
+    MAX_UDP_PAYLOAD, SEND_CONTROL_WORDS, SOL_UDP, UDP_GRO, UDP_SEGMENT,
+};
 use crate::epoll::{bind_udp, SocketOptions};
 use crate::{
     Capabilities, DatagramIo, IoCounters, RecvMeta, Transmit, MAX_GSO_SEGMENTS, MAX_RECV_BUF,
@@ -77,10 +81,6 @@ const CQ_ENTRIES: u32 = 1024;
 /// Buffer group id of the provided receive buffers.
 const BGID: u16 = 0;
 
-const SOL_UDP: libc::c_int = 17;
-const UDP_SEGMENT: libc::c_int = 103;
-const UDP_GRO: libc::c_int = 104;
-
 /// Size of `struct io_uring_recvmsg_out`, which prefixes every multishot buffer.
 const RECVMSG_OUT_LEN: usize = 16;
 const NAME_LEN: usize = mem::size_of::<libc::sockaddr_storage>();
@@ -90,27 +90,8 @@ const RECV_CONTROL_LEN: usize = 128;
 const RECV_BUF_LEN: usize = MAX_RECV_BUF + RECVMSG_OUT_LEN + NAME_LEN + RECV_CONTROL_LEN;
 const PAGE: usize = 4096;
 
-/// Send control buffer: UDP_SEGMENT (24) + IPV6_PKTINFO (40) fits in 128.
-const SEND_CONTROL_WORDS: usize = 16;
-
-/// Largest UDP payload over IPv4 (65535 - IP and UDP headers): a GSO train
-/// must fit in one UDP "super-datagram".
-const MAX_UDP_PAYLOAD: usize = 65_507;
-
 const UD_RECV: u64 = u64::MAX - 1;
 const UD_CANCEL: u64 = u64::MAX - 2;
-
-const fn cmsg_align(n: usize) -> usize {
-    let a = mem::size_of::<usize>();
-    (n + a - 1) & !(a - 1)
-}
-const CMSG_HDR: usize = cmsg_align(mem::size_of::<libc::cmsghdr>());
-const fn cmsg_len(n: usize) -> usize {
-    CMSG_HDR + n
-}
-const fn cmsg_space(n: usize) -> usize {
-    CMSG_HDR + cmsg_align(n)
-}
 
 /// What [`probe`] found usable on this kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -515,207 +496,6 @@ impl SendSlot {
         };
         self.hdr.msg_controllen = control_len as _;
         self.hdr.msg_flags = 0;
-    }
-}
-
-/// Writes `addr` as a sockaddr for a socket of the given family (v4 peers of
-/// a v6 socket become v4-mapped, v4-mapped peers of a v4 socket become v4).
-fn write_sockaddr(
-    out: &mut libc::sockaddr_in6,
-    addr: SocketAddr,
-    v6_socket: bool,
-) -> libc::socklen_t {
-    let addr = match (addr, v6_socket) {
-        (SocketAddr::V4(a), true) => {
-            SocketAddr::V6(SocketAddrV6::new(a.ip().to_ipv6_mapped(), a.port(), 0, 0))
-        }
-        (SocketAddr::V6(a), false) => match a.ip().to_ipv4_mapped() {
-            Some(ip) => SocketAddr::V4(SocketAddrV4::new(ip, a.port())),
-            None => SocketAddr::V6(a),
-        },
-        (a, _) => a,
-    };
-    // SAFETY: zeroed sockaddr_in6 is valid.
-    *out = unsafe { mem::zeroed() };
-    match addr {
-        SocketAddr::V4(a) => {
-            // SAFETY: zeroed sockaddr_in is valid.
-            let mut sin: libc::sockaddr_in = unsafe { mem::zeroed() };
-            sin.sin_family = libc::AF_INET as libc::sa_family_t;
-            sin.sin_port = a.port().to_be();
-            sin.sin_addr.s_addr = u32::from_ne_bytes(a.ip().octets());
-            // SAFETY: sockaddr_in (16 bytes) fits in sockaddr_in6 (28 bytes);
-            // both are plain C structs.
-            unsafe {
-                std::ptr::write(
-                    (out as *mut libc::sockaddr_in6).cast::<libc::sockaddr_in>(),
-                    sin,
-                )
-            };
-            mem::size_of::<libc::sockaddr_in>() as libc::socklen_t
-        }
-        SocketAddr::V6(a) => {
-            out.sin6_family = libc::AF_INET6 as libc::sa_family_t;
-            out.sin6_port = a.port().to_be();
-            out.sin6_flowinfo = a.flowinfo();
-            out.sin6_addr.s6_addr = a.ip().octets();
-            out.sin6_scope_id = a.scope_id();
-            mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t
-        }
-    }
-}
-
-/// Writes one cmsg at byte offset `off` of `buf`; returns the next offset.
-fn put_cmsg<T: Copy>(
-    buf: &mut [u64],
-    off: usize,
-    level: libc::c_int,
-    ty: libc::c_int,
-    data: T,
-) -> usize {
-    let space = cmsg_space(mem::size_of::<T>());
-    assert!(
-        off + space <= mem::size_of_val(buf),
-        "send cmsg buffer too small"
-    );
-    // SAFETY: cmsghdr is a plain C struct; all-zero is valid.
-    let mut h: libc::cmsghdr = unsafe { mem::zeroed() };
-    h.cmsg_len = cmsg_len(mem::size_of::<T>()) as _;
-    h.cmsg_level = level;
-    h.cmsg_type = ty;
-    let base = buf.as_mut_ptr().cast::<u8>();
-    // SAFETY: bounds checked by the assert above; unaligned writes need no
-    // alignment (though `off` is a multiple of 8 and `buf` is u64-aligned).
-    unsafe {
-        std::ptr::write_unaligned(base.add(off).cast::<libc::cmsghdr>(), h);
-        std::ptr::write_unaligned(base.add(off + CMSG_HDR).cast::<T>(), data);
-    }
-    off + space
-}
-
-/// Fills the send control buffer; returns its length in bytes (0 for none).
-fn write_send_cmsgs(
-    buf: &mut [u64; SEND_CONTROL_WORDS],
-    segment: usize,
-    src_ip: Option<IpAddr>,
-) -> usize {
-    *buf = [0; SEND_CONTROL_WORDS];
-    let mut off = 0;
-    if segment > 0 {
-        off = put_cmsg(buf, off, SOL_UDP, UDP_SEGMENT, segment as u16);
-    }
-    match src_ip {
-        Some(IpAddr::V4(ip)) => {
-            // SAFETY: in_pktinfo is a plain C struct; all-zero is valid.
-            let mut pi: libc::in_pktinfo = unsafe { mem::zeroed() };
-            pi.ipi_spec_dst.s_addr = u32::from_ne_bytes(ip.octets());
-            off = put_cmsg(buf, off, libc::IPPROTO_IP, libc::IP_PKTINFO, pi);
-        }
-        Some(IpAddr::V6(ip)) => {
-            // SAFETY: in6_pktinfo is a plain C struct; all-zero is valid.
-            let mut pi: libc::in6_pktinfo = unsafe { mem::zeroed() };
-            pi.ipi6_addr.s6_addr = ip.octets();
-            off = put_cmsg(buf, off, libc::IPPROTO_IPV6, libc::IPV6_PKTINFO, pi);
-        }
-        None => {}
-    }
-    off
-}
-
-/// Parses a peer address from the kernel's `msg_name` bytes.
-fn parse_sockaddr(name: &[u8]) -> Option<SocketAddr> {
-    if name.len() < 2 {
-        return None;
-    }
-    let family = libc::sa_family_t::from_ne_bytes([name[0], name[1]]);
-    match libc::c_int::from(family) {
-        libc::AF_INET if name.len() >= mem::size_of::<libc::sockaddr_in>() => {
-            // SAFETY: length checked; read_unaligned tolerates any alignment.
-            let sin: libc::sockaddr_in = unsafe { std::ptr::read_unaligned(name.as_ptr().cast()) };
-            Some(SocketAddr::V4(SocketAddrV4::new(
-                Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes()),
-                u16::from_be(sin.sin_port),
-            )))
-        }
-        libc::AF_INET6 if name.len() >= mem::size_of::<libc::sockaddr_in6>() => {
-            // SAFETY: length checked; read_unaligned tolerates any alignment.
-            let sin6: libc::sockaddr_in6 =
-                unsafe { std::ptr::read_unaligned(name.as_ptr().cast()) };
-            Some(SocketAddr::V6(SocketAddrV6::new(
-                Ipv6Addr::from(sin6.sin6_addr.s6_addr),
-                u16::from_be(sin6.sin6_port),
-                sin6.sin6_flowinfo,
-                sin6.sin6_scope_id,
-            )))
-        }
-        _ => None,
-    }
-}
-
-/// What the receive cmsgs said: GRO segment size and the local address.
-fn parse_recv_cmsgs(control: &[u8]) -> (Option<usize>, Option<IpAddr>) {
-    let mut gro = None;
-    let mut local = None;
-    let mut off = 0;
-    while off + CMSG_HDR <= control.len() {
-        // SAFETY: at least a header's worth of bytes remain; unaligned read.
-        let h: libc::cmsghdr =
-            unsafe { std::ptr::read_unaligned(control.as_ptr().add(off).cast()) };
-        let len = h.cmsg_len as usize;
-        if len < CMSG_HDR || off + len > control.len() {
-            break;
-        }
-        let data = &control[off + CMSG_HDR..off + len];
-        match (h.cmsg_level, h.cmsg_type) {
-            (SOL_UDP, UDP_GRO) if data.len() >= 4 => {
-                let v = i32::from_ne_bytes([data[0], data[1], data[2], data[3]]);
-                if v > 0 {
-                    gro = Some(v as usize);
-                }
-            }
-            (libc::IPPROTO_IP, libc::IP_PKTINFO)
-                if data.len() >= mem::size_of::<libc::in_pktinfo>() =>
-            {
-                // SAFETY: length checked; unaligned read of a plain C struct.
-                let pi: libc::in_pktinfo =
-                    unsafe { std::ptr::read_unaligned(data.as_ptr().cast()) };
-                local = Some(IpAddr::V4(Ipv4Addr::from(pi.ipi_addr.s_addr.to_ne_bytes())));
-            }
-            (libc::IPPROTO_IPV6, libc::IPV6_PKTINFO)
-                if data.len() >= mem::size_of::<libc::in6_pktinfo>() =>
-            {
-                // SAFETY: length checked; unaligned read of a plain C struct.
-                let pi: libc::in6_pktinfo =
-                    unsafe { std::ptr::read_unaligned(data.as_ptr().cast()) };
-                local = Some(IpAddr::V6(Ipv6Addr::from(pi.ipi6_addr.s6_addr)));
-            }
-            _ => {}
-        }
-        off += cmsg_align(len);
-    }
-    (gro, local)
-}
-
-fn setsockopt_int(
-    fd: RawFd,
-    level: libc::c_int,
-    name: libc::c_int,
-    value: libc::c_int,
-) -> io::Result<()> {
-    // SAFETY: `value` is a live c_int and its exact size is passed.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            level,
-            name,
-            (&raw const value).cast(),
-            mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
     }
 }
 
@@ -1464,6 +1244,8 @@ mod tests {
             segment_size: Some(1200),
         })
         .unwrap();
+        // The epoll driver queues until the flush; writable() was awaited.
+        tx.flush().unwrap();
         let got = recv_bytes(&mut rx, payload.len(), 5).await;
         assert!(got.iter().all(|(m, _)| m.peer == tx.local_addr().unwrap()));
         assert_strides(&got, 1200);
@@ -1869,31 +1651,5 @@ mod tests {
             String::from_utf8_lossy(&out.stderr)
         );
         assert!(text.contains("1 passed"), "{text}");
-    }
-
-    #[test]
-    fn cmsg_round_trip() {
-        let mut buf = [0u64; SEND_CONTROL_WORDS];
-        let n = write_send_cmsgs(&mut buf, 1200, Some("10.0.0.1".parse().unwrap()));
-        assert_eq!(
-            n,
-            cmsg_space(2) + cmsg_space(mem::size_of::<libc::in_pktinfo>())
-        );
-        let n6 = write_send_cmsgs(&mut buf, 1200, Some("::1".parse().unwrap()));
-        assert!(n6 <= SEND_CONTROL_WORDS * 8);
-        // SAFETY: all-zero is a valid sockaddr_in6.
-        let mut name: libc::sockaddr_in6 = unsafe { mem::zeroed() };
-        let a: SocketAddr = "10.1.2.3:4433".parse().unwrap();
-        let len = write_sockaddr(&mut name, a, false) as usize;
-        // SAFETY: `len` ≤ size_of::<sockaddr_in6>() and `name` outlives `bytes`.
-        let bytes: &[u8] = unsafe { std::slice::from_raw_parts((&raw const name).cast(), len) };
-        assert_eq!(parse_sockaddr(bytes), Some(a));
-        let len = write_sockaddr(&mut name, a, true) as usize;
-        // SAFETY: `len` ≤ size_of::<sockaddr_in6>() and `name` outlives `bytes`.
-        let bytes: &[u8] = unsafe { std::slice::from_raw_parts((&raw const name).cast(), len) };
-        assert_eq!(
-            parse_sockaddr(bytes),
-            Some("[::ffff:10.1.2.3]:4433".parse().unwrap())
-        );
     }
 }
