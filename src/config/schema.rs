@@ -129,6 +129,14 @@ pub struct Quic {
     pub cc: CongestionControl,
     /// QUIC-LB server id encoded into connection ids (1..=65535).
     pub server_id: u16,
+    /// Spread each connection's packets over time as its congestion
+    /// controller asks (quiche's `SendInfo.at`), instead of sending whole
+    /// windows as line-rate bursts that overflow shallow router queues.
+    /// Packets due within 1 ms go out at once (timer granularity).
+    pub pacing: bool,
+    /// Per-connection cap on the pacing rate in Mbit/s; 0 = none. Needs
+    /// `cc: bbr2` (quiche 0.30 paces only in its BBR2 recovery).
+    pub max_pacing_rate_mbps: u64,
 }
 
 impl Default for Quic {
@@ -141,6 +149,8 @@ impl Default for Quic {
             retry: false,
             cc: CongestionControl::default(),
             server_id: 1,
+            pacing: true,
+            max_pacing_rate_mbps: 0,
         }
     }
 }

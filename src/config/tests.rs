@@ -133,6 +133,8 @@ fn full_example_parses_with_every_value() {
             retry: false,
             cc: CongestionControl::Cubic,
             server_id: 1,
+            pacing: true,
+            max_pacing_rate_mbps: 0,
         },
         io: Io {
             backend: IoBackend::Auto,

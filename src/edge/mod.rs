@@ -69,6 +69,21 @@ pub struct EdgeSettings {
     pub max_request_header_bytes: usize,
     pub max_body_buffer_bytes: usize,
     pub access_log: bool,
+    /// Hold packets until quiche's `SendInfo.at` (see `quic.pacing`).
+    pub pacing: bool,
+}
+
+/// Packets due this soon are sent now: the driver's timers tick in
+/// milliseconds, so finer pacing would only add wake-ups.
+pub const PACING_HORIZON: std::time::Duration = std::time::Duration::from_millis(1);
+
+/// A packet quiche built but pacing says to send later.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    at: Instant,
+    from: SocketAddr,
+    to: SocketAddr,
+    len: usize,
 }
 
 /// What the driver must act on.
@@ -118,6 +133,10 @@ struct Conn {
     /// Span of this connection (`conn` id and peer); entered while the
     /// edge works on it, parent of its requests' spans.
     span: tracing::Span,
+    /// The one packet pacing holds back (bytes in `held_buf`); nothing
+    /// else is built for this connection until it has gone out.
+    held: Option<Held>,
+    held_buf: Vec<u8>,
 }
 
 /// Abandoned streams one connection may accumulate (see `Conn::abandoned`).
@@ -184,6 +203,11 @@ pub fn quic_config(cfg: &Config) -> Result<quiche::Config, EdgeError> {
     // No 0-RTT: early data can be replayed, and spooky forwards requests to
     // backends that cannot tell. (RFC 8470 `Early-Data` handling would be
     // needed first.)
+    q.enable_pacing(cfg.quic.pacing);
+    if cfg.quic.max_pacing_rate_mbps > 0 {
+        // quiche 0.30 reads this in Mbit/s, in its BBR2 recovery only.
+        q.set_max_pacing_rate(cfg.quic.max_pacing_rate_mbps);
+    }
     q.set_cc_algorithm(match cfg.quic.cc {
         CongestionControl::Cubic => quiche::CongestionControlAlgorithm::CUBIC,
         CongestionControl::Reno => quiche::CongestionControlAlgorithm::Reno,
@@ -215,6 +239,7 @@ impl Edge {
                 max_request_header_bytes: cfg.limits.max_request_header_bytes,
                 max_body_buffer_bytes: cfg.limits.max_body_buffer_bytes,
                 access_log: cfg.telemetry.access_log,
+                pacing: cfg.quic.pacing,
             },
             conns: Slab::new(),
             by_cid: HashMap::new(),
@@ -255,6 +280,7 @@ impl Edge {
             max_request_header_bytes: cfg.limits.max_request_header_bytes,
             max_body_buffer_bytes: cfg.limits.max_body_buffer_bytes,
             access_log: cfg.telemetry.access_log,
+            pacing: cfg.quic.pacing,
         };
         Ok(())
     }
@@ -403,6 +429,8 @@ impl Edge {
             close_at: None,
             abandoned: 0,
             span: tracing::info_span!("conn", conn = serial, peer = %from),
+            held: None,
+            held_buf: Vec::new(),
         });
         self.by_cid.insert(new_scid, ci);
         self.by_cid.insert(dcid.clone(), ci);
@@ -465,11 +493,18 @@ impl Edge {
     }
 
     fn update_timer(&mut self, ci: usize) {
+        let now = self.now;
         if let Some(conn) = self.conns.get_mut(ci) {
-            let t = match (conn.quic.timeout_instant(), conn.close_at) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
+            // A held packet already due needs no timer: whoever made it due
+            // (a timer, new input) also marked the connection dirty.
+            let t = [
+                conn.quic.timeout_instant(),
+                conn.close_at,
+                conn.held.map(|h| h.at).filter(|&at| at > now),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
             if t != conn.timer {
                 conn.timer = t;
                 if let Some(t) = t {
@@ -638,10 +673,31 @@ impl Edge {
             let mut total = 0;
             let mut path: Option<(SocketAddr, SocketAddr)> = None;
             let mut more = false;
+            let horizon = self.now + PACING_HORIZON;
             loop {
                 if total + mss > limit {
                     more = true;
                     break;
+                }
+                if let Some(h) = conn.held {
+                    // The paced packet goes first, once due; until then the
+                    // connection's timer (set to `h.at`) brings us back.
+                    if h.at > horizon {
+                        break;
+                    }
+                    if path.is_some_and(|p| p != (h.from, h.to)) || h.len > mss {
+                        more = true;
+                        break;
+                    }
+                    out[total..total + h.len].copy_from_slice(&conn.held_buf[..h.len]);
+                    conn.held = None;
+                    path = Some((h.from, h.to));
+                    total += h.len;
+                    if h.len < mss {
+                        more = true;
+                        break;
+                    }
+                    continue;
                 }
                 let buf = &mut out[total..total + mss];
                 let res = match path {
@@ -649,6 +705,19 @@ impl Edge {
                     Some((from, to)) => conn.quic.send_on_path(buf, Some(from), Some(to)),
                 };
                 match res {
+                    Ok((n, info)) if self.settings.pacing && info.at > horizon => {
+                        // Built but not due: keep it for its time.
+                        conn.held_buf.clear();
+                        conn.held_buf.extend_from_slice(&buf[..n]);
+                        conn.held = Some(Held {
+                            at: info.at,
+                            from: info.from,
+                            to: info.to,
+                            len: n,
+                        });
+                        WorkerMetrics::inc(&self.metrics.paced);
+                        break;
+                    }
                     Ok((n, info)) => {
                         if path.is_none() {
                             path = Some((info.from, info.to));

@@ -355,6 +355,12 @@ impl Collector for WorkerSum {
             sum_u64(ws, |w| &w.handoffs),
         )?;
 
+        counter(
+            e,
+            "quic_paced_packets",
+            "Packets held back by pacing until the time their congestion controller set (quic.pacing).",
+            sum_u64(ws, |w| &w.paced),
+        )?;
         let mut paths = [("", 0u64); PathEvent::ALL.len()];
         for (i, (slot, ev)) in paths.iter_mut().zip(PathEvent::ALL).enumerate() {
             *slot = (ev.as_str(), sum_u64(ws, |w| &w.path_events[i]));

@@ -114,6 +114,8 @@ pub struct WorkerMetrics {
     pub pending: AtomicI64,
     /// Datagrams handed to the worker that owns their connection.
     pub handoffs: AtomicU64,
+    /// Packets held back by pacing until their send time.
+    pub paced: AtomicU64,
     /// QUIC path events (client migration / NAT rebinding), by [`PathEvent`].
     pub path_events: [AtomicU64; 4],
     /// Request duration, from the request head to the last byte (or reset).
