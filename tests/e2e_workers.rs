@@ -122,3 +122,39 @@ fn connections_spread_over_workers_and_all_serve() {
     // Both workers' counters show up in the one scrape.
     assert!(spooky.metric("spooky_quic_connections_opened_total", &[]) >= 12.0);
 }
+
+#[test]
+fn io_counters_describe_the_driver_in_use() {
+    let a = Backend::start("alpha");
+    let spooky = spooky_with_workers(&[&a], 2);
+    let mut c = spooky.client();
+    for _ in 0..20 {
+        assert_eq!(c.get("/id").unwrap().status, 200);
+    }
+    assert_eq!(c.get("/bytes/1000000").unwrap().body.len(), 1_000_000);
+    // Counters are published at the end of each worker loop iteration.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let submits = spooky.metric("spooky_io_ring_submissions_total", &[]);
+    let completions = spooky.metric("spooky_io_ring_completions_total", &[]);
+    let sends = spooky.metric("spooky_io_syscalls_total", &["out"]);
+    assert_eq!(spooky.metric("spooky_io_recv_truncated_total", &[]), 0.0);
+    match crate::common::test_io_backend().as_str() {
+        "uring" => {
+            assert!(
+                submits > 0.0 && completions > submits,
+                "{submits} {completions}"
+            );
+            // Receives and sends share submissions: fewer enters than datagrams.
+            let datagrams = spooky.metric("spooky_io_datagrams_total", &[]);
+            assert!(
+                submits < datagrams,
+                "{submits} submits for {datagrams} datagrams"
+            );
+        }
+        "epoll" => {
+            assert_eq!((submits, completions), (0.0, 0.0));
+            assert!(sends > 0.0);
+        }
+        _ => {}
+    }
+}

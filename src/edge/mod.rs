@@ -153,6 +153,9 @@ pub struct Edge {
     cid_gen: CidGenerator,
     /// This worker's id, carried in every CID it issues.
     worker: u8,
+    /// Response writes into quiche so far (heads, body chunks, ends): lets
+    /// `poll_transmit` tell whether a flush produced anything to send.
+    body_writes: u64,
     tokens: RetryTokens,
     timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
     dirty: VecDeque<usize>,
@@ -246,6 +249,7 @@ impl Edge {
             next_conn_serial: 1,
             cid_gen: CidGenerator::new(cfg.quic.server_id, worker),
             worker,
+            body_writes: 0,
             tokens: RetryTokens::random(),
             timers: BinaryHeap::new(),
             dirty: VecDeque::new(),
@@ -673,7 +677,10 @@ impl Edge {
             let mut total = 0;
             let mut path: Option<(SocketAddr, SocketAddr)> = None;
             let mut more = false;
-            let horizon = self.now + PACING_HORIZON;
+            // quiche stamps `at` from its own clock: compare with the time
+            // now, not with the last input's (this call may come much later).
+            let horizon = Instant::now() + PACING_HORIZON;
+            let mut drained = false;
             loop {
                 if total + mss > limit {
                     more = true;
@@ -735,6 +742,7 @@ impl Edge {
                         // paths (a migration's new path, PATH_CHALLENGEs):
                         // come back with an unpinned `send()`.
                         more = path.is_some();
+                        drained = !more;
                         break;
                     }
                     Err(e) => {
@@ -747,6 +755,16 @@ impl Edge {
             if more {
                 conn.dirty = true;
                 self.dirty.push_back(ci);
+            } else if drained && !conn.streams.is_empty() {
+                // `send()` may have opened the congestion window (quiche
+                // recomputes it there), and no input may follow to notice:
+                // a paced connection's last packet can be an ACK-only one.
+                // Give waiting response bytes their chance now.
+                let before = self.body_writes;
+                self.flush_writable(ci);
+                if self.body_writes != before {
+                    self.mark_dirty(ci);
+                }
             }
             self.update_timer(ci);
             if total == 0 {

@@ -502,6 +502,7 @@ impl Edge {
                     Ok(()) => {
                         resp.head_sent = true;
                         resp.fin_sent = fin;
+                        self.body_writes += 1;
                     }
                     Err(h3::Error::StreamBlocked) | Err(h3::Error::Done) => {
                         resp.head = Some(head);
@@ -519,6 +520,7 @@ impl Edge {
             while let Some((chunk, budgeted)) = resp.chunks.front_mut() {
                 match h3c.send_body(&mut conn.quic, sid, chunk, false) {
                     Ok(n) => {
+                        self.body_writes += 1;
                         if *budgeted {
                             req.shared.resp_budget.add_permits(n);
                         }
@@ -549,7 +551,10 @@ impl Edge {
                     None => h3c.send_body(&mut conn.quic, sid, &[], true).map(|_| ()),
                 };
                 match res {
-                    Ok(()) => resp.fin_sent = true,
+                    Ok(()) => {
+                        resp.fin_sent = true;
+                        self.body_writes += 1;
+                    }
                     Err(h3::Error::Done) | Err(h3::Error::StreamBlocked) => {}
                     Err(e) => gone = Some(is_stream_gone(&e).unwrap_or(h3_code::INTERNAL_ERROR)),
                 }

@@ -305,8 +305,10 @@ fn garbage_is_counted_not_fatal() {
 
 #[test]
 fn pacing_holds_packets_until_their_time() {
-    // 8 Mbit/s = 1 MB/s: a 300 kB body needs about 0.3 s after the initial burst.
+    // 8 Mbit/s = 1 MB/s over a link with a 5 ms one-way delay (quiche's
+    // BBR2 also caps its window at rate × RTT, so the RTT must be real).
     let rate = 1_000_000u64;
+    let delay = std::time::Duration::from_millis(5);
     let n = 300_000usize;
     let mut p = Pair::with(1 << 20, |c| {
         // quiche 0.30 computes send times only in its BBR2 recovery.
@@ -320,41 +322,70 @@ fn pacing_holds_packets_until_their_time() {
         .send(ToEdge::Headers(vec![h3::Header::new(b":status", b"200")]));
     side.edge.send(ToEdge::Data(Bytes::from(vec![7u8; n])));
     side.edge.send(ToEdge::End);
+    while let Ok((k, m)) = p.rx.try_recv() {
+        p.edge.handle_upstream(Instant::now(), k, m);
+    }
     let start = Instant::now();
-    p.deliver();
-    let (_, first, _, _) = p.client_events();
-    assert!(
-        first.len() < n / 2,
-        "pacing let {} of {n} bytes out at once",
-        first.len()
-    );
-    // Nothing more goes out before the edge's timer says so.
+    let mut link: std::collections::VecDeque<(Instant, Vec<u8>, TransmitInfo)> = Default::default();
     let mut buf = vec![0u8; 65536];
-    let next = p.edge.poll_timeout().expect("a paced packet arms a timer");
-    assert!(p.edge.poll_transmit(&mut buf, 64).is_none());
-    assert!(next > Instant::now() - std::time::Duration::from_millis(50));
-    // Driven by its timers, the rest arrives.
-    let mut got = first.len();
-    let mut fin = false;
+    let (mut got, mut fin) = (0usize, false);
+    let mut saw_hold = false;
     while !fin && start.elapsed() < std::time::Duration::from_secs(10) {
-        if let Some(t) = p.edge.poll_timeout() {
-            std::thread::sleep(t.saturating_duration_since(Instant::now()));
+        let now = Instant::now();
+        while let Ok((len, info)) = p.client.send(&mut buf) {
+            p.edge
+                .handle_datagram(now, &mut buf[..len], info.from, info.to);
         }
-        p.edge.handle_timeout(Instant::now());
-        p.exchange();
+        if p.edge.poll_timeout().is_some_and(|t| t <= now) {
+            p.edge.handle_timeout(now);
+        }
+        while let Some(t) = p.edge.poll_transmit(&mut buf, 1) {
+            link.push_back((now + delay, buf[..t.len].to_vec(), t));
+        }
+        // A held packet means nothing else leaves until the edge's timer.
+        if p.edge.conns.iter().any(|(_, c)| c.held.is_some()) {
+            saw_hold = true;
+            assert!(p.edge.poll_transmit(&mut buf, 1).is_none());
+            assert!(p.edge.poll_timeout().is_some());
+        }
+        while link.front().is_some_and(|(at, _, _)| *at <= now) {
+            let (_, mut pkt, t) = link.pop_front().unwrap();
+            let info = quiche::RecvInfo {
+                from: t.from,
+                to: t.to,
+            };
+            let _ = p.client.recv(&mut pkt, info);
+        }
+        if p.client.timeout().is_some_and(|t| t.is_zero()) {
+            p.client.on_timeout();
+        }
         let (_, body, f, _) = p.client_events();
         got += body.len();
         fin = f;
+        let next = [
+            p.edge.poll_timeout(),
+            link.front().map(|(at, _, _)| *at),
+            p.client.timeout().map(|d| now + d),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(now + delay);
+        std::thread::sleep(
+            next.saturating_duration_since(Instant::now())
+                .min(std::time::Duration::from_millis(2)),
+        );
     }
     assert!(fin, "body did not finish: {got} of {n}");
     assert_eq!(got, n);
+    assert!(saw_hold, "pacing never held a packet back");
+    assert!(p.edge.metrics.paced.load(Ordering::Relaxed) > 0);
     let took = start.elapsed().as_secs_f64();
-    let floor = (n - first.len()) as f64 / rate as f64 * 0.5;
+    let floor = n as f64 / rate as f64 * 0.5;
     assert!(
         took >= floor,
         "{n} bytes at {rate} B/s took only {took:.3}s"
     );
-    assert!(p.edge.metrics.paced.load(Ordering::Relaxed) > 0);
 }
 
 #[test]

@@ -437,5 +437,18 @@ fn publish_io_counters<D: DatagramIo>(
     WorkerMetrics::add(&metrics.send_syscalls, c.send_syscalls - last.send_syscalls);
     WorkerMetrics::add(&metrics.gso_fallbacks, c.gso_fallbacks - last.gso_fallbacks);
     WorkerMetrics::add(&metrics.send_errors, c.send_errors - last.send_errors);
+    WorkerMetrics::add(&metrics.ring_submits, c.ring_submits - last.ring_submits);
+    WorkerMetrics::add(
+        &metrics.ring_completions,
+        c.ring_completions - last.ring_completions,
+    );
+    WorkerMetrics::add(
+        &metrics.recv_buffers_exhausted,
+        c.recv_buffers_exhausted - last.recv_buffers_exhausted,
+    );
+    WorkerMetrics::add(
+        &metrics.recv_truncated,
+        c.recv_truncated - last.recv_truncated,
+    );
     *last = c;
 }

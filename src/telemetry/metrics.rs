@@ -251,6 +251,30 @@ impl Collector for WorkerSum {
             "UDP sends that failed.",
             sum_u64(ws, |w| &w.send_errors),
         )?;
+        counter(
+            e,
+            "io_ring_submissions",
+            "io_uring_enter calls that submitted work (io_uring driver only).",
+            sum_u64(ws, |w| &w.ring_submits),
+        )?;
+        counter(
+            e,
+            "io_ring_completions",
+            "io_uring completions reaped (io_uring driver only).",
+            sum_u64(ws, |w| &w.ring_completions),
+        )?;
+        counter(
+            e,
+            "io_recv_buffers_exhausted",
+            "Times the io_uring provided receive buffers ran out; the kernel drops datagrams until they return.",
+            sum_u64(ws, |w| &w.recv_buffers_exhausted),
+        )?;
+        counter(
+            e,
+            "io_recv_truncated",
+            "Receives cut short (MSG_TRUNC); non-zero means datagrams were damaged.",
+            sum_u64(ws, |w| &w.recv_truncated),
+        )?;
 
         let mut requests = [("", 0u64); REQUEST_CLASSES.len()];
         for (i, (slot, class)) in requests.iter_mut().zip(REQUEST_CLASSES).enumerate() {
@@ -552,6 +576,12 @@ mod tests {
             ("io_syscalls", "counter"),
             ("io_gso_fallbacks", "counter"),
             ("io_send_errors", "counter"),
+            ("io_ring_submissions", "counter"),
+            ("quic_paced_packets", "counter"),
+            ("quic_path_events", "counter"),
+            ("io_ring_completions", "counter"),
+            ("io_recv_buffers_exhausted", "counter"),
+            ("io_recv_truncated", "counter"),
             ("requests", "counter"),
             ("requests_in_flight", "gauge"),
             ("requests_malformed", "counter"),

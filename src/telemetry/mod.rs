@@ -93,6 +93,11 @@ pub struct WorkerMetrics {
     pub send_syscalls: AtomicU64,
     pub gso_fallbacks: AtomicU64,
     pub send_errors: AtomicU64,
+    /// io_uring: submissions, completions, receive-buffer exhaustion, truncation.
+    pub ring_submits: AtomicU64,
+    pub ring_completions: AtomicU64,
+    pub recv_buffers_exhausted: AtomicU64,
+    pub recv_truncated: AtomicU64,
     /// Requests by status class: 1xx..5xx, index 0 = reset/aborted.
     pub requests: [AtomicU64; 6],
     pub requests_in_flight: AtomicI64,

@@ -86,6 +86,15 @@ pub struct IoCounters {
     pub send_errors: u64,
     /// Sends that had to drop from GSO to one datagram per syscall.
     pub gso_fallbacks: u64,
+    /// io_uring only (0 for epoll): `io_uring_enter` calls that submitted work,
+    pub ring_submits: u64,
+    /// completions reaped,
+    pub ring_completions: u64,
+    /// times the provided receive buffers ran out (`-ENOBUFS`; the kernel
+    /// drops datagrams until they are returned),
+    pub recv_buffers_exhausted: u64,
+    /// and receives cut short (`MSG_TRUNC`; must stay 0 with 64 KiB buffers).
+    pub recv_truncated: u64,
 }
 
 /// Batched datagram I/O for one socket, owned by one worker.

@@ -927,6 +927,10 @@ impl DatagramIo for UringUdp {
         IoCounters {
             recv_syscalls: self.other_enters.get(),
             send_syscalls: self.send_enters.get(),
+            ring_submits: self.enters.get(),
+            ring_completions: self.stats.completions,
+            recv_buffers_exhausted: self.stats.buf_exhausted,
+            recv_truncated: self.stats.truncated,
             ..self.counters
         }
     }
