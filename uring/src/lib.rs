@@ -11,6 +11,7 @@
 
 pub mod epoll;
 pub mod steering;
+pub mod tcp;
 pub mod uring;
 
 use std::io;
@@ -115,6 +116,11 @@ pub trait DatagramIo {
     /// calls it once after each batch of `try_send`s.
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+    /// The driver's io_uring, for upstream TCP streams on the same ring
+    /// ([`tcp::UringTcpStream`]); `None` for drivers without one.
+    fn tcp_ring(&self) -> Option<tcp::RingHandle> {
+        None
     }
 }
 

@@ -14,6 +14,13 @@
 //!   is not touched again until its completion has been reaped.
 //! * **Readiness**: the ring fd itself is registered with tokio through
 //!   [`AsyncFd`]; it polls readable while the completion queue is non-empty.
+//! * **Upstream TCP**: the same ring carries the worker's upstream TCP
+//!   streams ([`crate::tcp::UringTcpStream`], opened through
+//!   [`UringUdp::tcp_handle`]). Their operations wait in a shared queue until
+//!   this driver's next submit, and their completions (user data tagged
+//!   [`crate::tcp`]`::UD_TCP`) are handed back to the op table by the same
+//!   reap. A stream queuing an operation wakes the task parked in
+//!   [`DatagramIo::readable`]/[`DatagramIo::writable`], which submits it.
 //!
 //! # Submission policy
 //!
@@ -50,7 +57,9 @@ use std::mem;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsRawFd, RawFd};
 use std::ptr::NonNull;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicU16, Ordering};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use io_uring::{cqueue, opcode, types, IoUring, Probe};
@@ -58,6 +67,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
 use crate::epoll::{bind_udp, SocketOptions};
+use crate::tcp::{self, RingHandle};
 use crate::{
     Capabilities, DatagramIo, IoCounters, RecvMeta, Transmit, MAX_GSO_SEGMENTS, MAX_RECV_BUF,
 };
@@ -750,6 +760,9 @@ pub struct UringStats {
     pub truncated: u64,
     /// Receive completions with an error other than `ENOBUFS`.
     pub recv_errors: u64,
+    /// `io_uring_enter` calls that carried upstream TCP operations but no
+    /// UDP send (counted in neither `IoCounters` syscall field).
+    pub tcp_submits: u64,
 }
 
 /// A receive completion waiting for `try_recv_batch`: buffer id and byte count.
@@ -771,7 +784,8 @@ impl AsRawFd for RingFd {
 /// The io_uring datagram driver. See the module docs.
 ///
 /// Must be created and used inside a tokio runtime with IO enabled (a
-/// current-thread runtime per worker). It is `Send` but not `Sync`.
+/// current-thread runtime per worker). It is neither `Send` nor `Sync`: it
+/// shares its ring with the TCP streams of its thread through an `Rc`.
 pub struct UringUdp {
     // Field order is drop order: deregister from tokio, then tear down the
     // ring (in `Drop` the requests are cancelled and drained first), then
@@ -786,23 +800,22 @@ pub struct UringUdp {
     free: Vec<u16>,
     completed: VecDeque<Completed>,
     recv_armed: bool,
-    /// SQEs pushed but not yet submitted, and how many of them are sends.
+    /// SQEs pushed but not yet submitted, and how many of them are UDP
+    /// sends and upstream TCP operations.
     unsubmitted: Cell<usize>,
     unsubmitted_sends: Cell<usize>,
-    /// `io_uring_enter` calls: all, with sends, without sends.
+    unsubmitted_tcp: Cell<usize>,
+    /// `io_uring_enter` calls: all, with sends, TCP only, others.
     enters: Cell<u64>,
     send_enters: Cell<u64>,
+    tcp_enters: Cell<u64>,
     other_enters: Cell<u64>,
     counters: IoCounters,
     stats: UringStats,
     cqe_scratch: Vec<(u64, i32, u32)>,
+    /// The op table and queue shared with this ring's TCP streams.
+    tcp: Rc<tcp::Core>,
 }
-
-// SAFETY: the raw pointers inside (msghdrs, iovecs, the buffer ring) point
-// only into heap memory owned by this value, which moves with it; the ring
-// and socket are plain fds. Nothing is shared with another thread, and the
-// type stays !Sync so `&self` methods never run concurrently.
-unsafe impl Send for UringUdp {}
 
 impl UringUdp {
     /// Binds `addr` and sets up the ring. Fails with `ErrorKind::Unsupported`
@@ -852,12 +865,15 @@ impl UringUdp {
             recv_armed: false,
             unsubmitted: Cell::new(0),
             unsubmitted_sends: Cell::new(0),
+            unsubmitted_tcp: Cell::new(0),
             enters: Cell::new(0),
             send_enters: Cell::new(0),
+            tcp_enters: Cell::new(0),
             other_enters: Cell::new(0),
             counters: IoCounters::default(),
             stats: UringStats::default(),
             cqe_scratch: Vec::with_capacity(CQ_ENTRIES as usize),
+            tcp: Rc::new(tcp::Core::new()),
         };
         me.arm_recv()?;
         me.submit_pending()?;
@@ -868,8 +884,17 @@ impl UringUdp {
     pub fn stats(&self) -> UringStats {
         UringStats {
             submits: self.enters.get(),
+            tcp_submits: self.tcp_enters.get(),
             ..self.stats
         }
+    }
+
+    /// A handle for opening upstream TCP streams on this ring
+    /// ([`crate::tcp::UringTcpStream`]). Their operations are submitted by
+    /// this driver, so the streams make progress only while the worker loop
+    /// keeps calling `readable()`/`flush()`/`try_recv_batch()` as usual.
+    pub fn tcp_handle(&self) -> RingHandle {
+        RingHandle::new(self.tcp.clone())
     }
 
     /// Submits every queued SQE (sends, receive re-arm) in one `io_uring_enter`
@@ -904,8 +929,46 @@ impl UringUdp {
         ))
     }
 
-    /// One `io_uring_enter` for everything queued; no-op when nothing is.
+    /// Moves the TCP streams' queued operations into the SQ, submitting
+    /// first whenever it is full.
+    fn push_tcp_queued(&self) -> io::Result<()> {
+        while self.tcp.has_queued() {
+            let n = {
+                // SAFETY: no other `SubmissionQueue` of this ring exists
+                // now: the `&mut self` ones (`push`) are dropped before
+                // their methods return and this type is !Sync, so nothing
+                // runs concurrently with this `&self` method.
+                let mut sq = unsafe { self.ring.ring.submission_shared() };
+                self.tcp.drain_into(|entry| {
+                    // SAFETY: a queued TCP entry points only into a buffer
+                    // owned by the op table, which keeps it (and the fd)
+                    // until the operation's final completion is reaped, or
+                    // leaks it if `Drop` cannot drain the ring.
+                    unsafe { sq.push(entry) }.is_ok()
+                })
+            };
+            self.unsubmitted.set(self.unsubmitted.get() + n);
+            self.unsubmitted_tcp.set(self.unsubmitted_tcp.get() + n);
+            if self.tcp.has_queued() {
+                // SQ full: hand what is there to the kernel and go on.
+                let before = self.unsubmitted.get();
+                self.submit_queued()?;
+                if self.unsubmitted.get() == before {
+                    break; // the kernel took nothing (EBUSY); retry later
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One `io_uring_enter` for everything queued (the TCP streams' queue
+    /// included); no-op when nothing is.
     fn submit_pending(&self) -> io::Result<()> {
+        self.push_tcp_queued()?;
+        self.submit_queued()
+    }
+
+    fn submit_queued(&self) -> io::Result<()> {
         while self.unsubmitted.get() > 0 {
             match self.ring.ring.submit() {
                 Ok(n) => {
@@ -914,6 +977,7 @@ impl UringUdp {
                     self.unsubmitted.set(left);
                     if left == 0 {
                         self.unsubmitted_sends.set(0);
+                        self.unsubmitted_tcp.set(0);
                     }
                     if n == 0 {
                         break;
@@ -933,8 +997,37 @@ impl UringUdp {
         self.enters.set(self.enters.get() + 1);
         if self.unsubmitted_sends.get() > 0 {
             self.send_enters.set(self.send_enters.get() + 1);
+        } else if self.unsubmitted_tcp.get() > 0 {
+            self.tcp_enters.set(self.tcp_enters.get() + 1);
         } else {
             self.other_enters.set(self.other_enters.get() + 1);
+        }
+    }
+
+    /// Submits everything queued, then is `Ready` when `ready(self)` or the
+    /// CQ has entries; otherwise parks on the ring fd with `cx` registered
+    /// both there and as the TCP streams' submitter, so an operation queued
+    /// by a stream wakes this task to submit it.
+    fn poll_ring(
+        &self,
+        cx: &mut Context<'_>,
+        ready: impl Fn(&Self) -> bool,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            self.submit_pending()?;
+            if ready(self) || self.cq_pending() {
+                return Poll::Ready(Ok(()));
+            }
+            self.tcp.set_submitter(cx.waker());
+            let mut guard = match self.afd.poll_read_ready(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(guard)) => guard,
+            };
+            if self.cq_pending() {
+                return Poll::Ready(Ok(()));
+            }
+            guard.clear_ready();
         }
     }
 
@@ -1004,6 +1097,7 @@ impl UringUdp {
                 }
             }
             UD_CANCEL => {}
+            ud if tcp::is_tcp(ud) => self.tcp.complete(ud, res),
             i if (i as usize) < self.slots.len() => self.send_done(i as usize, res),
             _ => {}
         }
@@ -1151,32 +1245,18 @@ impl DatagramIo for UringUdp {
         }
     }
 
+    /// Also `Ready` when only TCP completions arrived: the caller's next
+    /// `try_recv_batch` reaps them (and returns `WouldBlock`).
     async fn readable(&self) -> io::Result<()> {
-        loop {
-            self.submit_pending()?;
-            if !self.completed.is_empty() || self.cq_pending() {
-                return Ok(());
-            }
-            let mut guard = self.afd.readable().await?;
-            if self.cq_pending() {
-                return Ok(());
-            }
-            guard.clear_ready();
-        }
+        std::future::poll_fn(|cx| self.poll_ring(cx, |me| !me.completed.is_empty())).await
     }
 
     async fn writable(&self) -> io::Result<()> {
-        loop {
-            self.submit_pending()?;
-            if !self.free.is_empty() || self.cq_pending() {
-                return Ok(());
-            }
-            let mut guard = self.afd.readable().await?;
-            if self.cq_pending() {
-                return Ok(());
-            }
-            guard.clear_ready();
-        }
+        std::future::poll_fn(|cx| self.poll_ring(cx, |me| !me.free.is_empty())).await
+    }
+
+    fn tcp_ring(&self) -> Option<RingHandle> {
+        Some(self.tcp_handle())
     }
 
     /// Copies each completed datagram/train from its ring buffer into
@@ -1289,26 +1369,32 @@ impl DatagramIo for UringUdp {
 
 impl Drop for UringUdp {
     fn drop(&mut self) {
+        // TCP operations still queued never reach the kernel: fail them
+        // (their streams may outlive the ring) and refuse new ones.
+        self.tcp.close();
         let _ = self.submit_pending();
         let total = self.slots.len();
         let mut busy_slots = total - self.free.len();
         let mut armed = self.recv_armed;
+        let tcp = &self.tcp;
         let drained = self.ring.cancel_all_and_drain(|cqe| {
             if let Some(cqe) = cqe {
                 match cqe.user_data() {
                     UD_RECV if !cqueue::more(cqe.flags()) => armed = false,
                     UD_RECV => {}
                     UD_CANCEL => {}
+                    ud if tcp::is_tcp(ud) => tcp.complete(ud, cqe.result()),
                     ud if (ud as usize) < total => busy_slots = busy_slots.saturating_sub(1),
                     _ => {}
                 }
             }
-            armed || busy_slots > 0
+            armed || busy_slots > 0 || tcp.in_kernel() > 0
         });
         if !drained {
             eprintln!(
                 "spooky-uring: io_uring requests still in flight at close; leaking their buffers"
             );
+            self.tcp.leak_in_kernel();
             self.ring.recv_mem.leak();
             self.ring.bufring_mem.leak();
             self.ring.bufring_registered = false;
