@@ -18,9 +18,11 @@
 //!   streams ([`crate::tcp::UringTcpStream`], opened through
 //!   [`UringUdp::tcp_handle`]). Their operations wait in a shared queue until
 //!   this driver's next submit, and their completions (user data tagged
-//!   [`crate::tcp`]`::UD_TCP`) are handed back to the op table by the same
-//!   reap. A stream queuing an operation wakes the task parked in
-//!   [`DatagramIo::readable`]/[`DatagramIo::writable`], which submits it.
+//!   `UD_TCP` in [`crate::tcp`]) go back to the op table, waking the
+//!   stream's task. A stream queuing an operation wakes the task parked in
+//!   [`DatagramIo::readable`]/[`DatagramIo::writable`], which submits it;
+//!   TCP completions are handed over inside those waits (and by every
+//!   reap), so they do not make the worker loop go round.
 //!
 //! # Submission policy
 //!
@@ -50,7 +52,7 @@
 //! are in [`UringStats`].
 
 use std::alloc::{self, Layout};
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::io;
 use std::mem;
@@ -815,6 +817,11 @@ pub struct UringUdp {
     cqe_scratch: Vec<(u64, i32, u32)>,
     /// The op table and queue shared with this ring's TCP streams.
     tcp: Rc<tcp::Core>,
+    /// UDP completions taken off the CQ by `drain_tcp_cqes` (which runs
+    /// from `&self`), handled first by the next `reap`.
+    deferred: RefCell<Vec<(u64, i32, u32)>>,
+    /// TCP completions handled by `drain_tcp_cqes`.
+    tcp_reaped: Cell<u64>,
 }
 
 impl UringUdp {
@@ -874,6 +881,8 @@ impl UringUdp {
             stats: UringStats::default(),
             cqe_scratch: Vec::with_capacity(CQ_ENTRIES as usize),
             tcp: Rc::new(tcp::Core::new()),
+            deferred: RefCell::new(Vec::new()),
+            tcp_reaped: Cell::new(0),
         };
         me.arm_recv()?;
         me.submit_pending()?;
@@ -885,6 +894,7 @@ impl UringUdp {
         UringStats {
             submits: self.enters.get(),
             tcp_submits: self.tcp_enters.get(),
+            completions: self.stats.completions + self.tcp_reaped.get(),
             ..self.stats
         }
     }
@@ -1004,10 +1014,12 @@ impl UringUdp {
         }
     }
 
-    /// Submits everything queued, then is `Ready` when `ready(self)` or the
-    /// CQ has entries; otherwise parks on the ring fd with `cx` registered
-    /// both there and as the TCP streams' submitter, so an operation queued
-    /// by a stream wakes this task to submit it.
+    /// Submits everything queued, then is `Ready` when `ready(self)` or UDP
+    /// completions are waiting; otherwise parks on the ring fd with `cx`
+    /// registered both there and as the TCP streams' submitter, so an
+    /// operation queued by a stream wakes this task to submit it. TCP
+    /// completions are handed to their streams on the way, without making
+    /// the worker loop go round for them.
     fn poll_ring(
         &self,
         cx: &mut Context<'_>,
@@ -1015,7 +1027,7 @@ impl UringUdp {
     ) -> Poll<io::Result<()>> {
         loop {
             self.submit_pending()?;
-            if ready(self) || self.cq_pending() {
+            if ready(self) || self.drain_tcp_cqes() {
                 return Poll::Ready(Ok(()));
             }
             self.tcp.set_submitter(cx.waker());
@@ -1024,11 +1036,33 @@ impl UringUdp {
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Ready(Ok(guard)) => guard,
             };
-            if self.cq_pending() {
+            if self.drain_tcp_cqes() {
                 return Poll::Ready(Ok(()));
             }
+            // The CQ is empty now: new completions make the fd ready again.
             guard.clear_ready();
         }
+    }
+
+    /// Takes every completion off the CQ: TCP ones go to their streams
+    /// (waking their tasks), the others wait in `deferred` for `reap`.
+    /// True when UDP completions are waiting.
+    fn drain_tcp_cqes(&self) -> bool {
+        let mut deferred = self.deferred.borrow_mut();
+        // SAFETY: the only other CompletionQueue borrows are made in `&mut
+        // self` methods and dropped before they return, and the type is !Sync,
+        // so none exists while this `&self` method runs.
+        let cq = unsafe { self.ring.ring.completion_shared() };
+        for cqe in cq {
+            let ud = cqe.user_data();
+            if tcp::is_tcp(ud) {
+                self.tcp_reaped.set(self.tcp_reaped.get() + 1);
+                self.tcp.complete(ud, cqe.result());
+            } else {
+                deferred.push((ud, cqe.result(), cqe.flags()));
+            }
+        }
+        !deferred.is_empty()
     }
 
     /// Arms the multishot receive if it is not running and buffers are free.
@@ -1046,18 +1080,11 @@ impl UringUdp {
         Ok(())
     }
 
-    /// True when the kernel has posted completions we have not reaped.
-    fn cq_pending(&self) -> bool {
-        // SAFETY: the only other CompletionQueue borrows are made in `&mut
-        // self` methods and dropped before they return, and the type is !Sync,
-        // so none exists while this `&self` method runs.
-        !unsafe { self.ring.ring.completion_shared() }.is_empty()
-    }
-
     /// Moves every posted completion out of the CQ and handles it.
     fn reap(&mut self) {
         let mut scratch = mem::take(&mut self.cqe_scratch);
         scratch.clear();
+        scratch.append(self.deferred.get_mut());
         scratch.extend(
             self.ring
                 .ring
@@ -1245,8 +1272,9 @@ impl DatagramIo for UringUdp {
         }
     }
 
-    /// Also `Ready` when only TCP completions arrived: the caller's next
-    /// `try_recv_batch` reaps them (and returns `WouldBlock`).
+    /// TCP completions that arrive meanwhile are handed to their streams
+    /// without returning; `Ready` means datagrams (or other UDP
+    /// completions) are waiting.
     async fn readable(&self) -> io::Result<()> {
         std::future::poll_fn(|cx| self.poll_ring(cx, |me| !me.completed.is_empty())).await
     }
@@ -1369,6 +1397,8 @@ impl DatagramIo for UringUdp {
 
 impl Drop for UringUdp {
     fn drop(&mut self) {
+        // Completions already taken off the CQ are accounted for first.
+        self.reap();
         // TCP operations still queued never reach the kernel: fail them
         // (their streams may outlive the ring) and refuse new ones.
         self.tcp.close();
