@@ -19,8 +19,14 @@ use tokio::net::TcpStream;
 use crate::config::UpstreamIo;
 
 /// What `io.upstream_io: auto` means on the io_uring driver: the transport
-/// that measured faster there (`make perf-io`, docs/perf.md).
-pub const AUTO_ON_URING: UpstreamIo = UpstreamIo::Ring;
+/// that measured faster there (`make perf-io`, docs/perf.md). On the 2-core
+/// development VM the two are within noise of each other, with tokio ahead
+/// by a hair: ring/tokio small-GET req/s 0.98× and requests per CPU-second
+/// 0.99× (medians of 9 runs), bulk MiB/s 1.03× but CPU per GiB 1.06× (the
+/// ring adapter copies once more per direction), while the ring needs
+/// 0.4–0.5× the syscalls per request. Revisit on hosts where syscalls cost
+/// more.
+pub const AUTO_ON_URING: UpstreamIo = UpstreamIo::Tokio;
 
 /// A connected backend stream on either transport.
 #[derive(Debug)]
