@@ -540,6 +540,8 @@ struct WriteOp {
 /// `poll_shutdown` flushes, then shuts the write side down. An operation's
 /// error is returned by the next poll of that direction; write errors are
 /// sticky. Must be used on the thread of the ring it was opened on.
+/// Dropping it discards bytes not yet flushed, cancels the operations in
+/// flight and closes the socket once the last of them has completed.
 pub struct UringTcpStream {
     core: Rc<Core>,
     fd: Rc<OwnedFd>,

@@ -84,7 +84,11 @@ pub const SEND_SLOTS: usize = 128;
 
 const SQ_ENTRIES: u32 = 256;
 /// Completions outstanding are bounded by receive buffers + send slots +
-/// the cancel/re-arm ops; keep the CQ well above that so it never overflows.
+/// the cancel/re-arm ops + the upstream TCP streams' operations (at most a
+/// receive, a send and a shutdown per stream, plus cancels); keep the CQ well
+/// above that. Beyond it (hundreds of upstream connections per worker) the
+/// kernel holds the overflow (`IORING_FEAT_NODROP`) and a submit answers
+/// `EBUSY` until the next reap: slower, never lost.
 const CQ_ENTRIES: u32 = 1024;
 /// Buffer group id of the provided receive buffers.
 const BGID: u16 = 0;
