@@ -17,10 +17,12 @@ certs:
 run: build certs
 	@scripts/run-demo.sh
 
-## Formatting, lints, unit tests, and the end-to-end suite once per I/O driver.
+## Formatting, lints, unit tests, and the end-to-end suite once per I/O driver,
+## plus once with upstream TCP on the io_uring (io.upstream_io: ring).
 test: bootstrap lint
 	$(CARGO) test --workspace --locked --lib --bins
 	SPOOKY_TEST_IO_BACKEND=uring $(CARGO) test --locked --test main
+	SPOOKY_TEST_IO_BACKEND=uring SPOOKY_TEST_UPSTREAM_IO=ring $(CARGO) test --locked --test main
 	SPOOKY_TEST_IO_BACKEND=epoll $(CARGO) test --locked --test main
 
 lint:

@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """io_uring vs epoll: the first I/O comparison of spooky's perf suite.
 
-Starts three demo backends once, then for each I/O driver (`io.backend:
-uring`, `io.backend: epoll`) starts spooky on the same config and runs the
-same load with `h3load`:
+Starts three demo backends once, then for each variant -- an I/O driver
+(`io.backend: uring | epoll`) and an upstream TCP transport
+(`io.upstream_io: ring | tokio`), by default `uring+ring`, `uring+tokio` and
+`epoll` (which always uses tokio) -- starts spooky on the same config and
+runs the same load with `h3load`:
 
   1. small GETs at fixed concurrency (h3load -c 4 -m 16 -d N)  -> req/s,
      spooky CPU-seconds per 100k requests (/proc/<pid>/stat),
@@ -13,8 +15,9 @@ same load with `h3load`:
      syscalls per request, as the kernel sees them
   4. peak RSS (VmHWM from /proc/<pid>/status)
 
-and prints a Markdown table with one column per driver and the uring/epoll
-ratio, also written to perf/out/io-<timestamp>.md with the raw numbers in
+and prints a Markdown table with one column per variant and the ratios
+ring/tokio (upstream TCP on the ring vs tokio, both on the io_uring driver)
+and uring/epoll (the UDP drivers, both with tokio TCP), also written to perf/out/io-<timestamp>.md with the raw numbers in
 perf/out/io-<timestamp>.json (and a PNG of the ratios when matplotlib is
 importable). Python 3 standard library only. See docs/perf.md.
 
@@ -69,8 +72,13 @@ def _die_with_parent() -> None:
         pass
 
 
-def spawn(cmd: list[str], **kw) -> subprocess.Popen:
-    p = subprocess.Popen(cmd, preexec_fn=_die_with_parent, **kw)
+def spawn(cmd: list[str], cpus: set[int] | None = None, **kw) -> subprocess.Popen:
+    def pre() -> None:
+        _die_with_parent()
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+
+    p = subprocess.Popen(cmd, preexec_fn=pre, **kw)
     CHILDREN.append(p)
     return p
 
@@ -185,6 +193,8 @@ def io_counters(m: dict[str, float]) -> dict[str, float]:
         "bytes_in": get("spooky_io_bytes_total", direction="in"),
         "bytes_out": get("spooky_io_bytes_total", direction="out"),
         "gso_fallbacks": m.get("spooky_io_gso_fallbacks_total", 0.0),
+        "ring_ops": m.get("spooky_upstream_ring_ops_total", 0.0),
+        "ring_workers": m.get("spooky_upstream_ring_workers", 0.0),
         "send_errors": m.get("spooky_io_send_errors_total", 0.0),
     }
 
@@ -196,7 +206,8 @@ def delta(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
 def div(a: float | None, b: float | None) -> float | None:
     if a is None or b is None or b == 0:
         return None
-    return a / b
+    r = a / b
+    return None if r != r else r  # inf/inf: no ratio
 
 
 def per_syscall(datagrams: float, syscalls: float) -> float | None:
@@ -276,6 +287,26 @@ def parse_strace(path: str) -> tuple[int | None, list[tuple[str, int]]]:
 
 # ----------------------------------------------------------------- the run
 
+
+def variant(name: str) -> tuple[str, str]:
+    """`uring+ring` -> ("uring", "ring"); a bare driver keeps the default
+    upstream transport (`auto`; epoll always runs tokio)."""
+    backend, _, upstream = name.partition("+")
+    return backend, upstream or "auto"
+
+
+# Ratio columns: (numerator, denominator, heading), shown when both ran.
+RATIOS = [
+    ("uring+ring", "uring+tokio", "ring/tokio"),
+    ("uring+tokio", "epoll", "uring/epoll"),
+    ("uring", "epoll", "uring/epoll"),
+]
+
+
+def ratio_pairs(drivers: list[str]) -> list[tuple[str, str, str]]:
+    return [(n, d, h) for n, d, h in RATIOS if n in drivers and d in drivers]
+
+
 CONFIG = """\
 # Written by perf/io_compare.py for the {driver} run.
 listen:
@@ -291,7 +322,8 @@ quic:
   cc: cubic
   server_id: 1
 io:
-  backend: {driver}
+  backend: {backend}
+  upstream_io: {upstream_io}
   workers: {workers}
   batch: {batch}
   gso: true
@@ -316,11 +348,14 @@ def run_driver(a, driver: str, bins: dict, work: str, backend_ports: list[int]) 
     port = free_port(socket.SOCK_DGRAM)
     admin_port = free_port()
     admin = f"127.0.0.1:{admin_port}"
+    backend, upstream_io = variant(driver)
     cfg_path = os.path.join(work, f"spooky-{driver}.yaml")
     with open(cfg_path, "w") as f:
         f.write(
             CONFIG.format(
                 driver=driver,
+                backend=backend,
+                upstream_io=upstream_io,
                 port=port,
                 certs=os.path.join(work, "certs"),
                 workers=a.workers,
@@ -338,7 +373,12 @@ def run_driver(a, driver: str, bins: dict, work: str, backend_ports: list[int]) 
         raise RuntimeError(f"spooky check rejected {cfg_path}:\n{chk.stdout}{chk.stderr}")
     log_path = os.path.join(work, f"spooky-{driver}.log")
     logf = open(log_path, "w")
-    proc = spawn([bins["spooky"], "--config", cfg_path], stdout=logf, stderr=subprocess.STDOUT)
+    proc = spawn(
+        [bins["spooky"], "--config", cfg_path],
+        cpus=a.spooky_cpus,
+        stdout=logf,
+        stderr=subprocess.STDOUT,
+    )
     res: dict = {"driver": driver, "config": cfg_path, "log": log_path}
     try:
         wait_tcp(admin_port, f"spooky ({driver})", proc)
@@ -353,8 +393,11 @@ def run_driver(a, driver: str, bins: dict, work: str, backend_ports: list[int]) 
         with open(log_path) as f:
             fell_back = "io_uring unavailable" in f.read()
         res["fell_back_to_epoll"] = fell_back
-        if driver == "uring" and (fell_back or res["io_uring_fds"] == 0):
+        if backend == "uring" and (fell_back or res["io_uring_fds"] == 0):
             log(f"{driver}: WARNING: no io_uring in use (see {log_path}); figures are epoll's")
+        res["ring_workers"] = io_counters(scrape(admin))["ring_workers"]
+        if upstream_io == "ring" and not res["ring_workers"]:
+            log(f"{driver}: WARNING: upstream TCP is not on the ring (see {log_path})")
 
         # 1. small GETs at fixed concurrency
         log(f"{driver}: small-GET  h3load -c {c} -m {m} -d {a.duration} /")
@@ -373,6 +416,7 @@ def run_driver(a, driver: str, bins: dict, work: str, backend_ports: list[int]) 
             "cpu_s_per_100k": div(cpu * 100_000, reqs),
             "req_per_cpu_s": div(reqs, cpu),
             "syscalls_per_req": div(d["syscalls_in"] + d["syscalls_out"], reqs),
+            "ring_ops_per_req": div(d["ring_ops"], reqs),
             "dgrams_per_syscall_in": per_syscall(d["datagrams_in"], d["syscalls_in"]),
             "dgrams_per_syscall_out": per_syscall(d["datagrams_out"], d["syscalls_out"]),
             "dgrams_per_syscall_all": per_syscall(
@@ -406,6 +450,7 @@ def run_driver(a, driver: str, bins: dict, work: str, backend_ports: list[int]) 
             "complete": complete,
             "cpu_s": cpu,
             "cpu_s_per_gib": div(cpu * 1024 * MIB, r.get("body_bytes") or 0),
+            "ring_ops_per_mib": div(d["ring_ops"] * MIB, r.get("body_bytes") or 0),
             "metrics_delta": d,
             "dgrams_per_syscall_in": per_syscall(d["datagrams_in"], d["syscalls_in"]),
             "dgrams_per_syscall_out": per_syscall(d["datagrams_out"], d["syscalls_out"]),
@@ -497,6 +542,8 @@ def rows_for(a, res: dict) -> list[tuple[str, str, str, list]]:
         ("bulk_cpu_s_per_gib", "bulk: spooky CPU-seconds per GiB", "↓", ("bulk", "cpu_s_per_gib")),
         ("syscalls_per_req", "UDP syscalls per request (spooky /metrics)", "↓", ("small", "syscalls_per_req")),
         ("strace_syscalls_per_req", "all syscalls per request (strace -c -f)", "↓", ("strace", "syscalls_per_req")),
+        ("ring_ops_per_req", "upstream TCP ring operations per request", "", ("small", "ring_ops_per_req")),
+        ("bulk_ring_ops_per_mib", "bulk: upstream TCP ring operations per MiB", "", ("bulk", "ring_ops_per_mib")),
         ("dps_all", "small-GET datagrams per UDP syscall, in+out", "↑", ("small", "dgrams_per_syscall_all")),
         ("dps_in", "small-GET datagrams per syscall, in", "↑", ("small", "dgrams_per_syscall_in")),
         ("dps_out", "small-GET datagrams per syscall, out", "↑", ("small", "dgrams_per_syscall_out")),
@@ -520,23 +567,24 @@ def rows_for(a, res: dict) -> list[tuple[str, str, str, list]]:
 
 def markdown(a, res: dict, meta: dict) -> str:
     drivers = a.drivers
-    ratio_ok = "uring" in drivers and "epoll" in drivers
-    iu, ie = (drivers.index("uring"), drivers.index("epoll")) if ratio_ok else (0, 0)
-    head = ["figure", *drivers] + (["uring/epoll"] if ratio_ok else []) + ["better"]
+    pairs = ratio_pairs(drivers)
+    head = ["figure", *drivers] + [h for _n, _d, h in pairs] + ["better"]
     lines = [
-        f"## spooky I/O drivers: io_uring vs epoll ({meta['when']})",
+        f"## spooky I/O: io_uring vs epoll, upstream TCP on the ring vs tokio ({meta['when']})",
         "",
         f"host: {meta['cpus']} CPUs ({meta['cpu_model']}), kernel {meta['kernel']}, "
-        f"spooky {meta['git']}; io.workers={a.workers}, io.batch={a.batch}; "
-        "load generator, demo backends and spooky share the same CPUs.",
+        f"spooky {meta['git']} ({meta.get('profile', 'release')}); io.workers={a.workers}, "
+        f"io.batch={a.batch}; "
+        + (f"spooky pinned to CPU {sorted(a.spooky_cpus)}, load generator and backends on the others."
+           if a.spooky_cpus else "load generator, demo backends and spooky share the same CPUs."),
         "",
         "| " + " | ".join(head) + " |",
         "|" + "|".join(["---"] + ["---:"] * (len(head) - 2) + [":---:"]) + "|",
     ]
     for _key, label, better, vals in rows_for(a, res):
         cells = [label, *(fmt(v) for v in vals)]
-        if ratio_ok:
-            r = div(vals[iu], vals[ie])
+        for n, d, _h in pairs:
+            r = div(vals[drivers.index(n)], vals[drivers.index(d)]) if better else None
             cells.append(f"**{r:.2f}×**" if r is not None and r != float("inf") else fmt(r))
         cells.append(better)
         lines.append("| " + " | ".join(cells) + " |")
@@ -544,11 +592,16 @@ def markdown(a, res: dict, meta: dict) -> str:
     for d in drivers:
         r = res.get(d, {})
         bits = []
-        if d == "uring":
+        backend, upstream_io = variant(d)
+        if backend == "uring":
             if r.get("fell_back_to_epoll") or not r.get("io_uring_fds"):
                 bits.append("**io_uring was NOT in use** (fallback to epoll; see the log)")
             else:
                 bits.append(f"{r.get('io_uring_fds')} io_uring instance(s) open in the process")
+        if r.get("ring_workers"):
+            bits.append(f"upstream TCP on the ring in {r['ring_workers']:.0f} worker(s)")
+        elif upstream_io == "ring":
+            bits.append("**upstream TCP was NOT on the ring**")
         errs = r.get("small", {}).get("errors")
         if errs:
             bits.append(f"{errs} small-GET requests failed")
@@ -570,7 +623,9 @@ def markdown(a, res: dict, meta: dict) -> str:
         lines += ["", *notes]
     lines += [
         "",
-        "↑/↓: higher/lower is better. Ratios are uring/epoll. CPU is utime+stime of the "
+        "↑/↓: higher/lower is better. ring/tokio compares upstream TCP on the worker's "
+        "io_uring with tokio's TCP, both on the io_uring UDP driver; uring/epoll compares the "
+        "UDP drivers, both with tokio's TCP. CPU is utime+stime of the "
         "spooky process (all threads); UDP syscalls count receive/send calls (epoll) or "
         "io_uring_enter calls (uring) as spooky's counters report them — ∞ means datagrams "
         "arrived with no syscall at all (multishot receive on a provided buffer ring); strace "
@@ -581,7 +636,8 @@ def markdown(a, res: dict, meta: dict) -> str:
 
 
 def maybe_png(a, res: dict, path: str) -> bool:
-    if "uring" not in a.drivers or "epoll" not in a.drivers:
+    pairs = ratio_pairs(a.drivers)
+    if not pairs:
         return False
     try:
         import matplotlib  # type: ignore
@@ -590,11 +646,12 @@ def maybe_png(a, res: dict, path: str) -> bool:
         import matplotlib.pyplot as plt  # type: ignore
     except Exception:  # noqa: BLE001 - no matplotlib: skip quietly
         return False
-    iu, ie = a.drivers.index("uring"), a.drivers.index("epoll")
+    num, den, heading = pairs[0]
+    iu, ie = a.drivers.index(num), a.drivers.index(den)
     labels, ratios, colors = [], [], []
     for _k, label, better, vals in rows_for(a, res):
         r = div(vals[iu], vals[ie])
-        if r is None or r == float("inf"):
+        if r is None or r == float("inf") or not better:
             continue
         labels.append(f"{label} {better}")
         ratios.append(r)
@@ -605,8 +662,8 @@ def maybe_png(a, res: dict, path: str) -> bool:
     ax.set_yticks(range(len(labels)), labels)
     ax.invert_yaxis()
     ax.axvline(1.0, color="black", linewidth=0.8)
-    ax.set_xlabel("uring / epoll")
-    ax.set_title("spooky: io_uring vs epoll (green = uring better)")
+    ax.set_xlabel(f"{num} / {den}")
+    ax.set_title(f"spooky: {heading} (green = {num} better)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return True
@@ -666,18 +723,35 @@ def parse_args():
                    help="io.workers for spooky (default auto = one per core)")
     p.add_argument("--batch", type=int, default=env_default("PERF_IO_BATCH", 64),
                    help="io.batch for spooky (default 64)")
-    p.add_argument("--drivers", default=env_default("PERF_IO_DRIVERS", "uring,epoll"),
-                   help="comma-separated io.backend values, in run order (default uring,epoll)")
+    p.add_argument("--drivers", default=env_default("PERF_IO_DRIVERS", "uring+ring,uring+tokio,epoll"),
+                   help="comma-separated variants in run order: io.backend[+io.upstream_io] "
+                   "(default uring+ring,uring+tokio,epoll)")
     p.add_argument("--out-dir", default=env_default("PERF_IO_OUT", os.path.join(ROOT, "perf", "out")),
                    help="where the .md/.json/.png reports go (default perf/out)")
     p.add_argument("--no-build", action="store_true", default=bool(os.environ.get("PERF_IO_NO_BUILD")),
                    help="use the binaries already built")
+    p.add_argument("--profile", default=env_default("PERF_IO_PROFILE", "release"),
+                   help="how the binaries were built, for the report header (default release: "
+                   "fat LTO; say e.g. 'release, thin LTO' when CARGO_PROFILE_RELEASE_LTO=thin)")
+    p.add_argument("--pin", action="store_true", default=bool(os.environ.get("PERF_IO_PIN")),
+                   help="spooky on the last CPU (io.workers 1 unless --workers is given), the "
+                   "load generator and backends on the others: less scheduler noise on small hosts")
     p.add_argument("--quick", action="store_true",
                    help="short run: 5 s small-GET, 256 MiB bulk, 2 s strace")
     a = p.parse_args()
     if a.quick:
         a.duration, a.bulk_bytes, a.strace_duration = 5, 256 * MIB, 2
     a.drivers = [d.strip() for d in a.drivers.split(",") if d.strip()]
+    a.spooky_cpus = None
+    if a.pin:
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            p.error("--pin needs at least 2 CPUs")
+        a.spooky_cpus = {cpus[-1]}
+        # This script and every other child (h3load, backends) stay off it.
+        os.sched_setaffinity(0, set(cpus[:-1]))
+        if a.workers == "auto":
+            a.workers = "1"
     return a
 
 
@@ -718,9 +792,12 @@ def main() -> int:
         if meta["loadavg_1m_at_start"] > 0.5 * (os.cpu_count() or 1):
             log(f"note: 1-minute load average is {meta['loadavg_1m_at_start']:.2f}; "
                 "other work on this host makes the figures noisy")
+        meta["profile"] = a.profile
         res: dict = {}
         for drv in a.drivers:
-            log(f"{drv}: starting spooky (io.backend: {drv}, io.workers: {a.workers})")
+            backend, upstream_io = variant(drv)
+            log(f"{drv}: starting spooky (io.backend: {backend}, io.upstream_io: {upstream_io}, "
+                f"io.workers: {a.workers})")
             res[drv] = run_driver(a, drv, bins, work, backend_ports)
 
         md = markdown(a, res, meta)
@@ -735,11 +812,12 @@ def main() -> int:
             "table": {
                 key: {
                     "label": label,
-                    "better": "higher" if better == "↑" else "lower",
+                    "better": {"↑": "higher", "↓": "lower"}.get(better, "n/a"),
                     **dict(zip(a.drivers, vals)),
-                    **({"ratio_uring_epoll": div(vals[a.drivers.index("uring")],
-                                                 vals[a.drivers.index("epoll")])}
-                       if "uring" in a.drivers and "epoll" in a.drivers else {}),
+                    **{
+                        f"ratio_{n}_vs_{d}": div(vals[a.drivers.index(n)], vals[a.drivers.index(d)])
+                        for n, d, _h in ratio_pairs(a.drivers)
+                    },
                 }
                 for key, label, better, vals in rows_for(a, res)
             },

@@ -6,8 +6,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
-use spooky::config::IoBackend;
 use spooky::config::{self, Config};
+use spooky::config::{IoBackend, UpstreamIo};
 use spooky::control::admin::{self, AdminState};
 use spooky::control::reload::{self as reload, ConfigStore};
 use spooky::runtime::WorkerContext;
@@ -75,6 +75,10 @@ fn check(path: &std::path::Path) -> ExitCode {
         return ExitCode::from(2);
     };
     print!("{}", cfg.to_yaml());
+    for line in cfg.warnings() {
+        println!("# warning: {line}");
+        eprintln!("spooky: warning: {line}");
+    }
     let inactive = cfg.not_yet_active();
     if !inactive.is_empty() {
         println!("# parsed and validated, not yet active:");
@@ -128,6 +132,9 @@ fn run(path: &std::path::Path) -> ExitCode {
     telemetry::init_logging(&cfg.telemetry);
     for line in cfg.not_yet_active() {
         tracing::warn!(setting = %line, "parsed but not yet active");
+    }
+    for line in cfg.warnings() {
+        tracing::warn!(setting = %line, "config warning");
     }
     tracing::info!(version = env!("CARGO_PKG_VERSION"), config = %path.display(), "spooky starting");
 
@@ -199,6 +206,12 @@ fn run(path: &std::path::Path) -> ExitCode {
     };
     let workers = worker_count(&cfg);
     let use_uring = choose_uring(&cfg);
+    if !use_uring && cfg.io.upstream_io == UpstreamIo::Ring && cfg.io.backend != IoBackend::Epoll {
+        tracing::warn!(
+            "io.upstream_io: `ring` needs the io_uring driver, which is not running; \
+             upstream TCP uses tokio"
+        );
+    }
     // Bind every worker's SO_REUSEPORT socket up front, so a bind error
     // stops startup with one clear line (and port 0 resolves once).
     let mut sockets = Vec::with_capacity(workers);

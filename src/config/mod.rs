@@ -24,7 +24,7 @@ pub use error::{ConfigError, ConfigErrors};
 pub use schema::{
     Admin, Backend, Circuit, Config, CongestionControl, HashKey, HealthCheck, Io, IoBackend,
     Limits, Listen, LogFormat, OnAllUnhealthy, Outlier, Policy, Pool, Quic, Retries, RetryOn,
-    Route, Telemetry, Timeouts, Tls, Upstream, Workers,
+    Route, Telemetry, Timeouts, Tls, Upstream, UpstreamIo, Workers,
 };
 
 use locate::KeyLocations;
@@ -86,6 +86,21 @@ impl Config {
             .iter()
             .filter_map(|(key, describe)| describe(self).map(|what| format!("{key}: {what}")))
             .collect()
+    }
+
+    /// Valid combinations that will not do what they say, one line each
+    /// (`key: what happens instead`): printed by `spooky check` and logged
+    /// once at startup.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut lines = Vec::new();
+        if self.io.upstream_io == UpstreamIo::Ring && self.io.backend == IoBackend::Epoll {
+            lines.push(
+                "io.upstream_io: `ring` needs the io_uring driver and io.backend is `epoll`; \
+                 upstream TCP uses tokio"
+                    .to_string(),
+            );
+        }
+        lines
     }
 }
 

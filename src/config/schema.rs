@@ -182,6 +182,8 @@ pub struct Io {
     pub gso: bool,
     /// UDP generic receive offload.
     pub gro: bool,
+    /// What carries the upstream TCP connections (h2 pools, health checks).
+    pub upstream_io: UpstreamIo,
 }
 
 impl Default for Io {
@@ -192,6 +194,7 @@ impl Default for Io {
             batch: 64,
             gso: true,
             gro: true,
+            upstream_io: UpstreamIo::default(),
         }
     }
 }
@@ -207,6 +210,21 @@ pub enum IoBackend {
     Uring,
     /// epoll with recvmmsg/sendmmsg.
     Epoll,
+}
+
+/// Transport of the upstream TCP connections (h2 pools and health checks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamIo {
+    /// On the io_uring driver, whichever of `ring` and `tokio` measured
+    /// faster (docs/perf.md); `tokio` on the epoll driver.
+    #[default]
+    Auto,
+    /// io_uring operations on the worker's own ring (io_uring driver only;
+    /// with the epoll driver this falls back to `tokio` with a warning).
+    Ring,
+    /// tokio's `TcpStream` (epoll readiness and read/write syscalls).
+    Tokio,
 }
 
 /// Worker thread count: `auto` (one per core) or an explicit positive count.

@@ -29,6 +29,7 @@ io:
   batch: 64
   gso: true
   gro: true
+  upstream_io: auto
 upstreams:
   - name: app
     policy: round_robin
@@ -142,6 +143,7 @@ fn full_example_parses_with_every_value() {
             batch: 64,
             gso: true,
             gro: true,
+            upstream_io: UpstreamIo::Auto,
         },
         upstreams: vec![Upstream {
             name: "app".to_string(),
@@ -240,7 +242,7 @@ listen:
   address: "[::]:443"
   alpn: [h3, h3-29]
 quic: { cc: bbr2, server_id: 65535, retry: true }
-io: { backend: uring, workers: 4, batch: 1024 }
+io: { backend: uring, workers: 4, batch: 1024, upstream_io: tokio }
 upstreams:
   - name: api.v2_x-1
     policy: consistent_hash
@@ -265,6 +267,7 @@ telemetry: { log: "info,spooky=debug", log_format: text }
     assert_eq!(config.quic.server_id, 65535);
     assert_eq!(config.io.backend, IoBackend::Uring);
     assert_eq!(config.io.workers, Workers::Count(4));
+    assert_eq!(config.io.upstream_io, UpstreamIo::Tokio);
     let api = &config.upstreams[0];
     assert_eq!(api.hash_key, HashKey::Header("x-user".to_string()));
     assert_eq!(api.backends[0].address, addr("[::1]:9000"));
@@ -428,6 +431,39 @@ fn weight_zero() {
     );
     assert_at(&e, 6, 9, "upstreams[0].backends[1].weight");
     assert_eq!(e.problem, "must be greater than 0");
+}
+
+#[test]
+fn unknown_upstream_io() {
+    let fx = Fixture::new();
+    let e = fx.error(
+        "io:\n  upstream_io: uring\nupstreams:\n  - name: a\n    backends: [{address: \"127.0.0.1:1\"}]\n",
+    );
+    assert_at(&e, 2, 16, "io.upstream_io");
+    assert!(e.problem.contains("unknown variant `uring`"), "{e}");
+    assert!(e.problem.contains("`ring`"), "{e}");
+}
+
+#[test]
+fn ring_upstream_io_on_epoll_is_a_warning_not_an_error() {
+    let fx = Fixture::new();
+    let ups = "upstreams: [{name: a, backends: [{address: \"127.0.0.1:1\"}]}]\n";
+    let config = fx.ok(&format!(
+        "io: {{ backend: epoll, upstream_io: ring }}\n{ups}"
+    ));
+    let warnings = config.warnings();
+    assert_eq!(warnings.len(), 1, "{warnings:#?}");
+    assert!(warnings[0].starts_with("io.upstream_io: "), "{warnings:#?}");
+    assert!(warnings[0].contains("tokio"), "{warnings:#?}");
+    for io in [
+        "{ backend: uring, upstream_io: ring }",
+        "{ backend: auto, upstream_io: ring }",
+        "{ backend: epoll, upstream_io: auto }",
+        "{ backend: epoll, upstream_io: tokio }",
+    ] {
+        let config = fx.ok(&format!("io: {io}\n{ups}"));
+        assert!(config.warnings().is_empty(), "{io}");
+    }
 }
 
 #[test]

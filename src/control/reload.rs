@@ -184,6 +184,9 @@ pub fn restart_required(old: &Config, new: &Config) -> Vec<String> {
     if old.io.gro != new.io.gro {
         keys.push("io.gro".to_string());
     }
+    if old.io.upstream_io != new.io.upstream_io {
+        keys.push("io.upstream_io".to_string());
+    }
     if old.admin.address != new.admin.address {
         keys.push("admin.address".to_string());
     }

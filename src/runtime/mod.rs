@@ -5,6 +5,7 @@
 
 use std::net::SocketAddr;
 use std::rc::Rc;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,7 +18,7 @@ use crate::control::reload::ConfigStore;
 use crate::edge::{Edge, EdgeError, EdgeEvent};
 use crate::telemetry::backends::BackendBoard;
 use crate::telemetry::WorkerMetrics;
-use crate::upstream::{proxy, Gateway};
+use crate::upstream::{proxy, Connector, Gateway};
 
 /// Errors that stop a worker.
 #[derive(Debug, thiserror::Error)]
@@ -109,16 +110,23 @@ pub async fn run_worker<D: DatagramIo>(
     let cfg: &Config = &snapshot.config;
     let local = io.local_addr()?;
     let caps = io.capabilities();
+    // Upstream TCP rides the driver's ring when it has one and the config
+    // asks for it; fixed for the worker's life (`io.*` needs a restart).
+    let connector = Connector::for_worker(cfg.io.upstream_io, io.tcp_ring());
+    metrics
+        .upstream_ring_workers
+        .store(i64::from(connector.ring().is_some()), Ordering::Relaxed);
     tracing::info!(
         address = %local,
         driver = caps.driver,
+        upstream_io = connector.name(),
         gso_segments = caps.max_gso_segments,
         gro_segments = caps.gro_segments,
         "worker listening"
     );
     let (to_edge_tx, mut to_edge_rx) = mpsc::unbounded_channel();
     let mut edge = Edge::new(cfg, worker_id.min(255) as u8, to_edge_tx, metrics.clone())?;
-    let mut gateway = Rc::new(Gateway::new(cfg));
+    let mut gateway = Rc::new(Gateway::new(cfg, &connector));
     gateway.warm();
     let mut checkers = gateway.start_health_checks(metrics.clone(), board.clone(), worker_id);
 
@@ -139,6 +147,7 @@ pub async fn run_worker<D: DatagramIo>(
     let mut closing_since: Option<Instant> = None;
     let mut forced = false;
     let mut last_counters = io.counters();
+    let mut last_ring_ops = 0;
 
     loop {
         // A new config generation applies from here on, to new requests.
@@ -154,6 +163,7 @@ pub async fn run_worker<D: DatagramIo>(
                     &snap.config,
                     generation,
                     worker_id,
+                    &connector,
                     &mut edge,
                     &mut gateway,
                     &mut checkers,
@@ -184,6 +194,11 @@ pub async fn run_worker<D: DatagramIo>(
         }
         flush(&mut edge, &mut io, &mut out, local, &metrics).await;
         publish_io_counters(&io, &metrics, &mut last_counters);
+        if let Some(ring) = connector.ring() {
+            let ops = ring.stats().completions;
+            WorkerMetrics::add(&metrics.upstream_ring_ops, ops - last_ring_ops);
+            last_ring_ops = ops;
+        }
 
         if let Some(since) = closing_since {
             if edge.connections() == 0 || since.elapsed() > DRAIN_GRACE + CLOSE_GRACE {
@@ -324,6 +339,7 @@ fn apply_config(
     cfg: &Config,
     generation: u64,
     worker_id: usize,
+    connector: &Connector,
     edge: &mut Edge,
     gateway: &mut Rc<Gateway>,
     checkers: &mut Vec<tokio::task::JoinHandle<()>>,
@@ -335,7 +351,7 @@ fn apply_config(
         // files changed since. Keep serving with the previous one.
         tracing::error!(generation, error = %e, "reload: keeping the previous TLS and transport config");
     }
-    let fresh = Rc::new(Gateway::new(cfg));
+    let fresh = Rc::new(Gateway::new(cfg, connector));
     fresh.warm();
     // The old gateway's checkers hold its pools: stop them so the pools go
     // away with the last request that uses them.

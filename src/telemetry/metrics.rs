@@ -312,6 +312,18 @@ impl Collector for WorkerSum {
             "Failed connection attempts to backends.",
             sum_u64(ws, |w| &w.upstream_connect_failures),
         )?;
+        gauge(
+            e,
+            "upstream_ring_workers",
+            "Workers whose upstream TCP runs on their io_uring (io.upstream_io).",
+            sum_i64(ws, |w| &w.upstream_ring_workers),
+        )?;
+        counter(
+            e,
+            "upstream_ring_ops",
+            "io_uring operations (receive, send, shutdown) completed for upstream TCP.",
+            sum_u64(ws, |w| &w.upstream_ring_ops),
+        )?;
         counter(
             e,
             "upstream_resets",
@@ -588,6 +600,8 @@ mod tests {
             ("requests_client_cancelled", "counter"),
             ("upstream_connect_failures", "counter"),
             ("upstream_resets", "counter"),
+            ("upstream_ring_workers", "gauge"),
+            ("upstream_ring_ops", "counter"),
             ("upstream_timeouts", "counter"),
             ("balancer_picks", "counter"),
             ("request_duration_seconds", "histogram"),

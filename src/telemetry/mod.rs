@@ -107,6 +107,10 @@ pub struct WorkerMetrics {
     pub upstream_resets: AtomicU64,
     pub upstream_timeouts: AtomicU64,
     pub upstream_picks: AtomicU64,
+    /// 1 when this worker's upstream TCP runs on its io_uring (`io.upstream_io`).
+    pub upstream_ring_workers: AtomicI64,
+    /// io_uring operations completed for upstream TCP streams.
+    pub upstream_ring_ops: AtomicU64,
     /// Balancer and upstream health (issue 4).
     pub health_transitions: AtomicU64,
     pub ejections: AtomicU64,

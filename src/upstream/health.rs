@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use h2::client::SendRequest;
-use tokio::net::TcpStream;
 
 use super::pool::BackendPool;
+use super::transport::Connector;
 use crate::config::HealthCheck;
 use crate::telemetry::backends::{BackendBoard, BackendSnapshot, HealthState};
 use crate::telemetry::WorkerMetrics;
@@ -158,19 +158,23 @@ pub async fn run_checker(
     let timeout = Duration::from_millis(cfg.timeout_ms.max(1));
     let mut conn: Option<SendRequest<Bytes>> = None;
     loop {
-        let ok =
-            match tokio::time::timeout(timeout, probe(pool.address, &cfg.path, &mut conn)).await {
-                Ok(Ok(())) => true,
-                Ok(Err(e)) => {
-                    tracing::debug!(backend = %pool.address, error = %e, "health check failed");
-                    false
-                }
-                Err(_) => {
-                    conn = None;
-                    tracing::debug!(backend = %pool.address, "health check timed out");
-                    false
-                }
-            };
+        let ok = match tokio::time::timeout(
+            timeout,
+            probe(pool.connector(), pool.address, &cfg.path, &mut conn),
+        )
+        .await
+        {
+            Ok(Ok(())) => true,
+            Ok(Err(e)) => {
+                tracing::debug!(backend = %pool.address, error = %e, "health check failed");
+                false
+            }
+            Err(_) => {
+                conn = None;
+                tracing::debug!(backend = %pool.address, "health check timed out");
+                false
+            }
+        };
         if let Some(state) = pool.health.check_result(ok, &cfg) {
             WorkerMetrics::inc(&metrics.health_transitions);
             match state {
@@ -186,6 +190,7 @@ pub async fn run_checker(
 }
 
 async fn probe(
+    connector: &Connector,
     addr: SocketAddr,
     path: &str,
     conn: &mut Option<SendRequest<Bytes>>,
@@ -193,8 +198,7 @@ async fn probe(
     let sr = match conn.take() {
         Some(sr) => sr,
         None => {
-            let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-            let _ = tcp.set_nodelay(true);
+            let tcp = connector.connect(addr).await.map_err(|e| e.to_string())?;
             let (sr, c) = h2::client::handshake(tcp)
                 .await
                 .map_err(|e| e.to_string())?;

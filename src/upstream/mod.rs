@@ -4,6 +4,7 @@
 pub mod health;
 pub mod pool;
 mod proxy;
+pub mod transport;
 
 use std::cell::Cell;
 use std::net::SocketAddr;
@@ -13,6 +14,7 @@ use std::time::{Duration, Instant};
 
 pub use pool::{BackendPool, PoolSettings};
 pub use proxy::proxy;
+pub use transport::{Connector, UpstreamStream};
 
 use crate::balancer::{BackendView, PickContext, Policy};
 use crate::config::{Config, OnAllUnhealthy};
@@ -256,7 +258,8 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    pub fn new(cfg: &Config) -> Self {
+    /// Pools for every upstream of `cfg`, opening connections with `connector`.
+    pub fn new(cfg: &Config, connector: &Connector) -> Self {
         let upstreams = cfg
             .upstreams
             .iter()
@@ -275,7 +278,7 @@ impl Gateway {
                     backends: u
                         .backends
                         .iter()
-                        .map(|b| BackendPool::new(b.address, b.weight, settings))
+                        .map(|b| BackendPool::new(b.address, b.weight, settings, connector.clone()))
                         .collect(),
                     timeouts: UpstreamTimeouts {
                         connect: Duration::from_millis(u.timeouts.connect_ms),

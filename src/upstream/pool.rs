@@ -15,9 +15,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use h2::client::SendRequest;
-use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
+use super::transport::{Connector, UpstreamStream};
 use super::UpstreamError;
 
 /// Pool tuning from the upstream's config.
@@ -93,6 +93,8 @@ pub struct BackendPool {
     last_error: RefCell<Option<String>>,
     in_flight: Cell<u32>,
     notify: Notify,
+    /// tokio or io_uring TCP, per worker.
+    connector: Connector,
 }
 
 impl std::fmt::Debug for BackendPool {
@@ -105,7 +107,12 @@ impl std::fmt::Debug for BackendPool {
 }
 
 impl BackendPool {
-    pub fn new(address: SocketAddr, weight: u32, settings: PoolSettings) -> Rc<Self> {
+    pub fn new(
+        address: SocketAddr,
+        weight: u32,
+        settings: PoolSettings,
+        connector: Connector,
+    ) -> Rc<Self> {
         let n = settings.connections.max(1);
         Rc::new(Self {
             address,
@@ -119,7 +126,13 @@ impl BackendPool {
             last_error: RefCell::new(None),
             in_flight: Cell::new(0),
             notify: Notify::new(),
+            connector,
         })
+    }
+
+    /// How this pool (and its health checker) opens connections.
+    pub fn connector(&self) -> &Connector {
+        &self.connector
     }
 
     /// Whether a policy may pick this backend now: healthy, not ejected,
@@ -239,16 +252,21 @@ impl BackendPool {
 
     async fn connect(
         &self,
-    ) -> Result<(SendRequest<Bytes>, h2::client::Connection<TcpStream, Bytes>), UpstreamError> {
+    ) -> Result<
+        (
+            SendRequest<Bytes>,
+            h2::client::Connection<UpstreamStream, Bytes>,
+        ),
+        UpstreamError,
+    > {
         let addr = self.address;
-        let tcp = tokio::time::timeout(self.settings.connect_timeout, TcpStream::connect(addr))
+        let tcp = tokio::time::timeout(self.settings.connect_timeout, self.connector.connect(addr))
             .await
             .map_err(|_| UpstreamError::ConnectTimeout { backend: addr })?
             .map_err(|e| UpstreamError::Connect {
                 backend: addr,
                 error: e.to_string(),
             })?;
-        let _ = tcp.set_nodelay(true);
         let handshake = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONN_WINDOW)

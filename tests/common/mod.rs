@@ -165,6 +165,8 @@ pub struct Spooky {
     pub admin: SocketAddr,
     pub dir: tempfile::TempDir,
     pub config_path: PathBuf,
+    /// The `io.upstream_io` it was started with (empty = default).
+    pub upstream_io: String,
     child: Option<Child>,
 }
 
@@ -187,11 +189,34 @@ pub struct Options {
     pub io_backend: String,
     /// More `io:` keys, e.g. `workers: 3`.
     pub io_extra: String,
+    /// `io.upstream_io` (ring | tokio | auto): from `SPOOKY_TEST_UPSTREAM_IO`;
+    /// empty = not written (the default, `auto`).
+    pub upstream_io: String,
 }
 
 /// The I/O driver the suite runs on (`SPOOKY_TEST_IO_BACKEND`).
 pub fn test_io_backend() -> String {
     std::env::var("SPOOKY_TEST_IO_BACKEND").unwrap_or_else(|_| "auto".into())
+}
+
+/// The upstream TCP transport the suite asks for (`SPOOKY_TEST_UPSTREAM_IO`:
+/// ring | tokio | auto); empty when unset.
+pub fn test_upstream_io() -> String {
+    std::env::var("SPOOKY_TEST_UPSTREAM_IO").unwrap_or_default()
+}
+
+/// The `upstream_io` a worker must report for `driver` (uring | epoll) and
+/// the `io.upstream_io` setting (empty = default).
+pub fn expected_upstream_io(driver: &str, setting: &str) -> &'static str {
+    match (driver, setting) {
+        ("uring", "ring") => "ring",
+        ("uring", "tokio") | ("epoll", _) => "tokio",
+        // `auto` on the io_uring driver: whichever measured faster.
+        _ => match spooky::upstream::transport::AUTO_ON_URING {
+            spooky::config::UpstreamIo::Tokio => "tokio",
+            _ => "ring",
+        },
+    }
 }
 
 impl Options {
@@ -210,6 +235,7 @@ impl Options {
             // One worker unless a test asks for more: balancing state is
             // per worker, and several tests assert exact sequences.
             io_extra: "workers: 1".into(),
+            upstream_io: test_upstream_io(),
         }
     }
 }
@@ -231,11 +257,14 @@ impl Spooky {
                 o.connect_ms, o.request_ms, o.idle_ms
             )
         });
-        let io = if o.io_extra.is_empty() {
-            format!("io: {{ backend: {} }}\n", o.io_backend)
-        } else {
-            format!("io: {{ backend: {}, {} }}\n", o.io_backend, o.io_extra)
-        };
+        let mut io_keys = vec![format!("backend: {}", o.io_backend)];
+        if !o.io_extra.is_empty() {
+            io_keys.push(o.io_extra.clone());
+        }
+        if !o.upstream_io.is_empty() {
+            io_keys.push(format!("upstream_io: {}", o.upstream_io));
+        }
+        let io = format!("io: {{ {} }}\n", io_keys.join(", "));
         format!(
             "listen:\n  address: \"127.0.0.1:{port}\"\n  tls: {{ cert: cert.pem, key: key.pem }}\nquic:\n  retry: {}\n  idle_timeout_ms: 10000\n{io}{upstreams}limits: {{ max_body_buffer_bytes: {}, max_request_header_bytes: {} }}\nadmin: {{ address: \"127.0.0.1:{admin}\" }}\ntelemetry: {{ log: \"info\", log_format: text, access_log: true }}\n{}",
             o.retry, o.max_body_buffer_bytes, o.max_request_header_bytes, o.extra
@@ -262,6 +291,7 @@ impl Spooky {
             admin: SocketAddr::from(([127, 0, 0, 1], admin)),
             dir,
             config_path,
+            upstream_io: o.upstream_io.clone(),
             child: Some(child),
         };
         s.wait_ready();
@@ -283,6 +313,14 @@ impl Spooky {
                     assert!(
                         self.log().contains(&needle),
                         "asked for the {want} driver but spooky runs another:\n{}",
+                        self.log()
+                    );
+                    // ...and on the upstream transport it asked for.
+                    let upstream = expected_upstream_io(&want, &self.upstream_io);
+                    let needle = format!("upstream_io=\"{upstream}\"");
+                    assert!(
+                        self.log().contains(&needle),
+                        "expected upstream_io={upstream}:\n{}",
                         self.log()
                     );
                 }

@@ -12,6 +12,7 @@
 mod cmsg;
 pub mod epoll;
 pub mod steering;
+pub mod tcp;
 pub mod uring;
 
 use std::io;
@@ -131,6 +132,11 @@ pub trait DatagramIo {
     /// still queued, in order: wait on `writable()` and call it again.
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+    /// The driver's io_uring, for upstream TCP streams on the same ring
+    /// ([`tcp::UringTcpStream`]); `None` for drivers without one.
+    fn tcp_ring(&self) -> Option<tcp::RingHandle> {
+        None
     }
 }
 

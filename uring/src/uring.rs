@@ -14,6 +14,15 @@
 //!   is not touched again until its completion has been reaped.
 //! * **Readiness**: the ring fd itself is registered with tokio through
 //!   [`AsyncFd`]; it polls readable while the completion queue is non-empty.
+//! * **Upstream TCP**: the same ring carries the worker's upstream TCP
+//!   streams ([`crate::tcp::UringTcpStream`], opened through
+//!   [`UringUdp::tcp_handle`]). Their operations wait in a shared queue until
+//!   this driver's next submit, and their completions (user data tagged
+//!   `UD_TCP` in [`crate::tcp`]) go back to the op table, waking the
+//!   stream's task. A stream queuing an operation wakes the task parked in
+//!   [`DatagramIo::readable`]/[`DatagramIo::writable`], which submits it;
+//!   TCP completions are handed over inside those waits (and by every
+//!   reap), so they do not make the worker loop go round.
 //!
 //! # Submission policy
 //!
@@ -43,14 +52,16 @@
 //! are in [`UringStats`].
 
 use std::alloc::{self, Layout};
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::io;
 use std::mem;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::{AsRawFd, RawFd};
 use std::ptr::NonNull;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicU16, Ordering};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use io_uring::{cqueue, opcode, types, IoUring, Probe};
@@ -62,6 +73,7 @@ use crate::cmsg::{
     MAX_UDP_PAYLOAD, SEND_CONTROL_WORDS, SOL_UDP, UDP_GRO, UDP_SEGMENT,
 };
 use crate::epoll::{bind_udp, SocketOptions};
+use crate::tcp::{self, RingHandle};
 use crate::{
     Capabilities, DatagramIo, IoCounters, RecvMeta, Transmit, MAX_GSO_SEGMENTS, MAX_RECV_BUF,
 };
@@ -76,7 +88,11 @@ pub const SEND_SLOTS: usize = 128;
 
 const SQ_ENTRIES: u32 = 256;
 /// Completions outstanding are bounded by receive buffers + send slots +
-/// the cancel/re-arm ops; keep the CQ well above that so it never overflows.
+/// the cancel/re-arm ops + the upstream TCP streams' operations (at most a
+/// receive, a send and a shutdown per stream, plus cancels); keep the CQ well
+/// above that. Beyond it (hundreds of upstream connections per worker) the
+/// kernel holds the overflow (`IORING_FEAT_NODROP`) and a submit answers
+/// `EBUSY` until the next reap: slower, never lost.
 const CQ_ENTRIES: u32 = 1024;
 /// Buffer group id of the provided receive buffers.
 const BGID: u16 = 0;
@@ -530,6 +546,9 @@ pub struct UringStats {
     pub truncated: u64,
     /// Receive completions with an error other than `ENOBUFS`.
     pub recv_errors: u64,
+    /// `io_uring_enter` calls that carried upstream TCP operations but no
+    /// UDP send (counted in neither `IoCounters` syscall field).
+    pub tcp_submits: u64,
 }
 
 /// A receive completion waiting for `try_recv_batch`: buffer id and byte count.
@@ -551,7 +570,8 @@ impl AsRawFd for RingFd {
 /// The io_uring datagram driver. See the module docs.
 ///
 /// Must be created and used inside a tokio runtime with IO enabled (a
-/// current-thread runtime per worker). It is `Send` but not `Sync`.
+/// current-thread runtime per worker). It is neither `Send` nor `Sync`: it
+/// shares its ring with the TCP streams of its thread through an `Rc`.
 pub struct UringUdp {
     // Field order is drop order: deregister from tokio, then tear down the
     // ring (in `Drop` the requests are cancelled and drained first), then
@@ -566,23 +586,27 @@ pub struct UringUdp {
     free: Vec<u16>,
     completed: VecDeque<Completed>,
     recv_armed: bool,
-    /// SQEs pushed but not yet submitted, and how many of them are sends.
+    /// SQEs pushed but not yet submitted, and how many of them are UDP
+    /// sends and upstream TCP operations.
     unsubmitted: Cell<usize>,
     unsubmitted_sends: Cell<usize>,
-    /// `io_uring_enter` calls: all, with sends, without sends.
+    unsubmitted_tcp: Cell<usize>,
+    /// `io_uring_enter` calls: all, with sends, TCP only, others.
     enters: Cell<u64>,
     send_enters: Cell<u64>,
+    tcp_enters: Cell<u64>,
     other_enters: Cell<u64>,
     counters: IoCounters,
     stats: UringStats,
     cqe_scratch: Vec<(u64, i32, u32)>,
+    /// The op table and queue shared with this ring's TCP streams.
+    tcp: Rc<tcp::Core>,
+    /// UDP completions taken off the CQ by `drain_tcp_cqes` (which runs
+    /// from `&self`), handled first by the next `reap`.
+    deferred: RefCell<Vec<(u64, i32, u32)>>,
+    /// TCP completions handled by `drain_tcp_cqes`.
+    tcp_reaped: Cell<u64>,
 }
-
-// SAFETY: the raw pointers inside (msghdrs, iovecs, the buffer ring) point
-// only into heap memory owned by this value, which moves with it; the ring
-// and socket are plain fds. Nothing is shared with another thread, and the
-// type stays !Sync so `&self` methods never run concurrently.
-unsafe impl Send for UringUdp {}
 
 impl UringUdp {
     /// Binds `addr` and sets up the ring. Fails with `ErrorKind::Unsupported`
@@ -632,12 +656,17 @@ impl UringUdp {
             recv_armed: false,
             unsubmitted: Cell::new(0),
             unsubmitted_sends: Cell::new(0),
+            unsubmitted_tcp: Cell::new(0),
             enters: Cell::new(0),
             send_enters: Cell::new(0),
+            tcp_enters: Cell::new(0),
             other_enters: Cell::new(0),
             counters: IoCounters::default(),
             stats: UringStats::default(),
             cqe_scratch: Vec::with_capacity(CQ_ENTRIES as usize),
+            tcp: Rc::new(tcp::Core::new()),
+            deferred: RefCell::new(Vec::new()),
+            tcp_reaped: Cell::new(0),
         };
         me.arm_recv()?;
         me.submit_pending()?;
@@ -648,8 +677,18 @@ impl UringUdp {
     pub fn stats(&self) -> UringStats {
         UringStats {
             submits: self.enters.get(),
+            tcp_submits: self.tcp_enters.get(),
+            completions: self.stats.completions + self.tcp_reaped.get(),
             ..self.stats
         }
+    }
+
+    /// A handle for opening upstream TCP streams on this ring
+    /// ([`crate::tcp::UringTcpStream`]). Their operations are submitted by
+    /// this driver, so the streams make progress only while the worker loop
+    /// keeps calling `readable()`/`flush()`/`try_recv_batch()` as usual.
+    pub fn tcp_handle(&self) -> RingHandle {
+        RingHandle::new(self.tcp.clone())
     }
 
     /// Submits every queued SQE (sends, receive re-arm) in one `io_uring_enter`
@@ -684,8 +723,46 @@ impl UringUdp {
         ))
     }
 
-    /// One `io_uring_enter` for everything queued; no-op when nothing is.
+    /// Moves the TCP streams' queued operations into the SQ, submitting
+    /// first whenever it is full.
+    fn push_tcp_queued(&self) -> io::Result<()> {
+        while self.tcp.has_queued() {
+            let n = {
+                // SAFETY: no other `SubmissionQueue` of this ring exists
+                // now: the `&mut self` ones (`push`) are dropped before
+                // their methods return and this type is !Sync, so nothing
+                // runs concurrently with this `&self` method.
+                let mut sq = unsafe { self.ring.ring.submission_shared() };
+                self.tcp.drain_into(|entry| {
+                    // SAFETY: a queued TCP entry points only into a buffer
+                    // owned by the op table, which keeps it (and the fd)
+                    // until the operation's final completion is reaped, or
+                    // leaks it if `Drop` cannot drain the ring.
+                    unsafe { sq.push(entry) }.is_ok()
+                })
+            };
+            self.unsubmitted.set(self.unsubmitted.get() + n);
+            self.unsubmitted_tcp.set(self.unsubmitted_tcp.get() + n);
+            if self.tcp.has_queued() {
+                // SQ full: hand what is there to the kernel and go on.
+                let before = self.unsubmitted.get();
+                self.submit_queued()?;
+                if self.unsubmitted.get() == before {
+                    break; // the kernel took nothing (EBUSY); retry later
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One `io_uring_enter` for everything queued (the TCP streams' queue
+    /// included); no-op when nothing is.
     fn submit_pending(&self) -> io::Result<()> {
+        self.push_tcp_queued()?;
+        self.submit_queued()
+    }
+
+    fn submit_queued(&self) -> io::Result<()> {
         while self.unsubmitted.get() > 0 {
             match self.ring.ring.submit() {
                 Ok(n) => {
@@ -694,6 +771,7 @@ impl UringUdp {
                     self.unsubmitted.set(left);
                     if left == 0 {
                         self.unsubmitted_sends.set(0);
+                        self.unsubmitted_tcp.set(0);
                     }
                     if n == 0 {
                         break;
@@ -713,9 +791,62 @@ impl UringUdp {
         self.enters.set(self.enters.get() + 1);
         if self.unsubmitted_sends.get() > 0 {
             self.send_enters.set(self.send_enters.get() + 1);
+        } else if self.unsubmitted_tcp.get() > 0 {
+            self.tcp_enters.set(self.tcp_enters.get() + 1);
         } else {
             self.other_enters.set(self.other_enters.get() + 1);
         }
+    }
+
+    /// Submits everything queued, then is `Ready` when `ready(self)` or UDP
+    /// completions are waiting; otherwise parks on the ring fd with `cx`
+    /// registered both there and as the TCP streams' submitter, so an
+    /// operation queued by a stream wakes this task to submit it. TCP
+    /// completions are handed to their streams on the way, without making
+    /// the worker loop go round for them.
+    fn poll_ring(
+        &self,
+        cx: &mut Context<'_>,
+        ready: impl Fn(&Self) -> bool,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            self.submit_pending()?;
+            if ready(self) || self.drain_tcp_cqes() {
+                return Poll::Ready(Ok(()));
+            }
+            self.tcp.set_submitter(cx.waker());
+            let mut guard = match self.afd.poll_read_ready(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(guard)) => guard,
+            };
+            if self.drain_tcp_cqes() {
+                return Poll::Ready(Ok(()));
+            }
+            // The CQ is empty now: new completions make the fd ready again.
+            guard.clear_ready();
+        }
+    }
+
+    /// Takes every completion off the CQ: TCP ones go to their streams
+    /// (waking their tasks), the others wait in `deferred` for `reap`.
+    /// True when UDP completions are waiting.
+    fn drain_tcp_cqes(&self) -> bool {
+        let mut deferred = self.deferred.borrow_mut();
+        // SAFETY: the only other CompletionQueue borrows are made in `&mut
+        // self` methods and dropped before they return, and the type is !Sync,
+        // so none exists while this `&self` method runs.
+        let cq = unsafe { self.ring.ring.completion_shared() };
+        for cqe in cq {
+            let ud = cqe.user_data();
+            if tcp::is_tcp(ud) {
+                self.tcp_reaped.set(self.tcp_reaped.get() + 1);
+                self.tcp.complete(ud, cqe.result());
+            } else {
+                deferred.push((ud, cqe.result(), cqe.flags()));
+            }
+        }
+        !deferred.is_empty()
     }
 
     /// Arms the multishot receive if it is not running and buffers are free.
@@ -733,18 +864,11 @@ impl UringUdp {
         Ok(())
     }
 
-    /// True when the kernel has posted completions we have not reaped.
-    fn cq_pending(&self) -> bool {
-        // SAFETY: the only other CompletionQueue borrows are made in `&mut
-        // self` methods and dropped before they return, and the type is !Sync,
-        // so none exists while this `&self` method runs.
-        !unsafe { self.ring.ring.completion_shared() }.is_empty()
-    }
-
     /// Moves every posted completion out of the CQ and handles it.
     fn reap(&mut self) {
         let mut scratch = mem::take(&mut self.cqe_scratch);
         scratch.clear();
+        scratch.append(self.deferred.get_mut());
         scratch.extend(
             self.ring
                 .ring
@@ -784,6 +908,7 @@ impl UringUdp {
                 }
             }
             UD_CANCEL => {}
+            ud if tcp::is_tcp(ud) => self.tcp.complete(ud, res),
             i if (i as usize) < self.slots.len() => self.send_done(i as usize, res),
             _ => {}
         }
@@ -935,32 +1060,19 @@ impl DatagramIo for UringUdp {
         }
     }
 
+    /// TCP completions that arrive meanwhile are handed to their streams
+    /// without returning; `Ready` means datagrams (or other UDP
+    /// completions) are waiting.
     async fn readable(&self) -> io::Result<()> {
-        loop {
-            self.submit_pending()?;
-            if !self.completed.is_empty() || self.cq_pending() {
-                return Ok(());
-            }
-            let mut guard = self.afd.readable().await?;
-            if self.cq_pending() {
-                return Ok(());
-            }
-            guard.clear_ready();
-        }
+        std::future::poll_fn(|cx| self.poll_ring(cx, |me| !me.completed.is_empty())).await
     }
 
     async fn writable(&self) -> io::Result<()> {
-        loop {
-            self.submit_pending()?;
-            if !self.free.is_empty() || self.cq_pending() {
-                return Ok(());
-            }
-            let mut guard = self.afd.readable().await?;
-            if self.cq_pending() {
-                return Ok(());
-            }
-            guard.clear_ready();
-        }
+        std::future::poll_fn(|cx| self.poll_ring(cx, |me| !me.free.is_empty())).await
+    }
+
+    fn tcp_ring(&self) -> Option<RingHandle> {
+        Some(self.tcp_handle())
     }
 
     /// Copies each completed datagram/train from its ring buffer into
@@ -1073,26 +1185,34 @@ impl DatagramIo for UringUdp {
 
 impl Drop for UringUdp {
     fn drop(&mut self) {
+        // Completions already taken off the CQ are accounted for first.
+        self.reap();
+        // TCP operations still queued never reach the kernel: fail them
+        // (their streams may outlive the ring) and refuse new ones.
+        self.tcp.close();
         let _ = self.submit_pending();
         let total = self.slots.len();
         let mut busy_slots = total - self.free.len();
         let mut armed = self.recv_armed;
+        let tcp = &self.tcp;
         let drained = self.ring.cancel_all_and_drain(|cqe| {
             if let Some(cqe) = cqe {
                 match cqe.user_data() {
                     UD_RECV if !cqueue::more(cqe.flags()) => armed = false,
                     UD_RECV => {}
                     UD_CANCEL => {}
+                    ud if tcp::is_tcp(ud) => tcp.complete(ud, cqe.result()),
                     ud if (ud as usize) < total => busy_slots = busy_slots.saturating_sub(1),
                     _ => {}
                 }
             }
-            armed || busy_slots > 0
+            armed || busy_slots > 0 || tcp.in_kernel() > 0
         });
         if !drained {
             eprintln!(
                 "spooky-uring: io_uring requests still in flight at close; leaking their buffers"
             );
+            self.tcp.leak_in_kernel();
             self.ring.recv_mem.leak();
             self.ring.bufring_mem.leak();
             self.ring.bufring_registered = false;
