@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use spooky_uring::{DatagramIo, RecvMeta, Transmit, MAX_RECV_BUF};
+use spooky_uring::{DatagramIo, RecvMeta, SendMeta, MAX_RECV_BUF};
 use tokio::sync::{mpsc, watch};
 use tracing::Instrument;
 
@@ -143,7 +143,6 @@ pub async fn run_worker<D: DatagramIo>(
         };
         bufs.len()
     ];
-    let mut out = vec![0u8; MAX_RECV_BUF];
     let mut closing_since: Option<Instant> = None;
     let mut forced = false;
     let mut last_counters = io.counters();
@@ -192,7 +191,7 @@ pub async fn run_worker<D: DatagramIo>(
                 }
             }
         }
-        flush(&mut edge, &mut io, &mut out, local, &metrics).await;
+        flush(&mut edge, &mut io, local, &metrics).await;
         publish_io_counters(&io, &metrics, &mut last_counters);
         if let Some(ring) = connector.ring() {
             let ops = ring.stats().completions;
@@ -378,44 +377,47 @@ fn apply_config(
 async fn flush<D: DatagramIo>(
     edge: &mut Edge,
     io: &mut D,
-    out: &mut [u8],
     local: SocketAddr,
     metrics: &WorkerMetrics,
 ) {
     let max_segments = io.capabilities().max_gso_segments;
-    while let Some(t) = edge.poll_transmit(out, max_segments) {
-        let from_ip = if local.ip().is_unspecified() {
-            Some(t.from.ip())
-        } else {
-            None
-        };
-        let transmit = Transmit {
-            destination: t.to,
-            src_ip: from_ip,
-            contents: &out[..t.len],
-            segment_size: if t.len > t.segment_size {
-                Some(t.segment_size)
-            } else {
-                None
-            },
-        };
-        loop {
-            match io.try_send(&transmit) {
-                Ok(()) => {
-                    let segments = t.len.div_ceil(t.segment_size.max(1)).max(1);
-                    metrics.send_batch.observe(segments as f64);
-                    break;
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if io.writable().await.is_err() {
-                        break;
-                    }
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, "send failed");
-                    break;
-                }
+    // Each train is encrypted straight into the driver's send buffer: the
+    // bytes quiche writes are the bytes the kernel reads.
+    let mut starved = 0;
+    loop {
+        let Some(buf) = io.send_buf() else {
+            // Every send buffer is queued or in flight: hand them to the
+            // kernel and wait until one comes back (bounded, never a spin).
+            starved += 1;
+            if starved > 64 {
+                tracing::debug!("no send buffer came back; the rest goes with the next flush");
+                break;
             }
+            match io.flush() {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => tracing::debug!(error = %e, "flush failed"),
+            }
+            if io.writable().await.is_err() {
+                break;
+            }
+            continue;
+        };
+        let Some(t) = edge.poll_transmit(buf, max_segments) else {
+            break;
+        };
+        let meta = SendMeta {
+            destination: t.to,
+            src_ip: local.ip().is_unspecified().then(|| t.from.ip()),
+            len: t.len,
+            segment_size: (t.len > t.segment_size).then_some(t.segment_size),
+        };
+        match io.commit_send(&meta) {
+            Ok(()) => {
+                let segments = t.len.div_ceil(t.segment_size.max(1)).max(1);
+                metrics.send_batch.observe(segments as f64);
+            }
+            Err(e) => tracing::debug!(error = %e, "send failed"),
         }
     }
     // One submission for the whole batch (io_uring: one io_uring_enter;

@@ -17,7 +17,7 @@ pub(crate) const SEND_CONTROL_WORDS: usize = 16;
 
 /// Largest UDP payload over IPv4 (65535 - IP and UDP headers): a GSO train
 /// must fit in one UDP "super-datagram".
-pub(crate) const MAX_UDP_PAYLOAD: usize = 65_507;
+pub(crate) const MAX_UDP_PAYLOAD: usize = crate::MAX_SEND;
 
 const fn cmsg_align(n: usize) -> usize {
     let a = mem::size_of::<usize>();

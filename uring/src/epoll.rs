@@ -42,7 +42,8 @@ use tokio::net::UdpSocket;
 
 use crate::cmsg::{write_send_cmsgs, write_sockaddr, MAX_UDP_PAYLOAD, SEND_CONTROL_WORDS};
 use crate::{
-    Capabilities, DatagramIo, IoCounters, RecvMeta, Transmit, MAX_GSO_SEGMENTS, MAX_RECV_BUF,
+    Capabilities, DatagramIo, IoCounters, RecvMeta, SendMeta, Transmit, MAX_GSO_SEGMENTS,
+    MAX_RECV_BUF,
 };
 
 /// Transmits (GSO trains or datagrams) one flush may queue, and messages one
@@ -104,8 +105,10 @@ pub fn bind_udp(addr: SocketAddr, opts: &SocketOptions) -> io::Result<std::net::
 /// One queued send: a copy of the payload plus everything its `msghdr`
 /// points at, so that `sendmmsg` can run after the caller's buffer is gone.
 struct Queued {
-    /// Allocated once with [`SEND_BUF_LEN`] bytes of capacity and reused.
+    /// [`SEND_BUF_LEN`] bytes once first used (calloc'd, so untouched pages
+    /// cost nothing) and reused; the message is `payload[..len]`.
     payload: Vec<u8>,
+    len: usize,
     name: libc::sockaddr_in6,
     name_len: libc::socklen_t,
     control: [u64; SEND_CONTROL_WORDS],
@@ -124,7 +127,8 @@ struct Queued {
 impl Queued {
     fn new() -> Self {
         Self {
-            payload: Vec::with_capacity(SEND_BUF_LEN),
+            payload: Vec::new(),
+            len: 0,
             // SAFETY: sockaddr_in6 is a plain C struct; all-zero is valid.
             name: unsafe { mem::zeroed() },
             name_len: 0,
@@ -136,6 +140,14 @@ impl Queued {
             destination: SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)),
             src_ip: None,
         }
+    }
+
+    /// The entry's buffer, allocated on first use.
+    fn buffer(&mut self) -> &mut [u8] {
+        if self.payload.len() < SEND_BUF_LEN {
+            self.payload = vec![0; SEND_BUF_LEN];
+        }
+        &mut self.payload
     }
 
     /// Sends the rest of this train without `UDP_SEGMENT`.
@@ -183,9 +195,9 @@ impl SendQueue {
         self.entries.len() - (self.tail - self.head)
     }
 
-    /// The next free entry, moving the queued ones to the front if needed.
-    /// The caller must have checked [`Self::free`].
-    fn push(&mut self) -> &mut Queued {
+    /// The next free entry, moving the queued ones to the front if needed;
+    /// [`Self::push`] queues it. The caller must have checked [`Self::free`].
+    fn next_free(&mut self) -> &mut Queued {
         if self.tail == self.entries.len() && self.head > 0 {
             // Entries own their buffers: rotating moves ~200-byte structs,
             // not payloads; the sent ones become the free tail.
@@ -193,6 +205,12 @@ impl SendQueue {
             self.tail -= self.head;
             self.head = 0;
         }
+        &mut self.entries[self.tail]
+    }
+
+    /// Queues the next free entry and returns it for filling in.
+    fn push(&mut self) -> &mut Queued {
+        self.next_free();
         let i = self.tail;
         self.tail += 1;
         &mut self.entries[i]
@@ -222,7 +240,7 @@ impl SendQueue {
     ) -> usize {
         let mut n = 0;
         'entries: for q in self.entries[self.head..self.tail].iter_mut() {
-            let total = q.payload.len();
+            let total = q.len;
             let step = if q.gso || q.segment == 0 {
                 total
             } else {
@@ -281,6 +299,8 @@ pub struct EpollUdp {
     gro: bool,
     queue: SendQueue,
     counters: IoCounters,
+    /// `send_buf` lent the next free entry's buffer; `commit_send` consumes it.
+    lent: bool,
 }
 
 impl EpollUdp {
@@ -301,6 +321,7 @@ impl EpollUdp {
             gro,
             queue: SendQueue::new(),
             counters: IoCounters::default(),
+            lent: false,
         })
     }
 
@@ -484,6 +505,8 @@ impl DatagramIo for EpollUdp {
     /// driver splits them). Sends the batch first when it is full;
     /// `WouldBlock` when it is still full after that.
     fn try_send(&mut self, t: &Transmit<'_>) -> io::Result<()> {
+        // A lent buffer is no longer the next free entry once this queues.
+        self.lent = false;
         let len = t.contents.len();
         let seg = t.segment_size.filter(|&s| s > 0 && s < len);
         let max_gso = self.max_gso_segments();
@@ -521,8 +544,8 @@ impl DatagramIo for EpollUdp {
                 _ => 0,
             };
             let q = self.queue.push();
-            q.payload.clear();
-            q.payload.extend_from_slice(part);
+            q.buffer()[..part.len()].copy_from_slice(part);
+            q.len = part.len();
             q.name_len = write_sockaddr(&mut q.name, t.destination, v6);
             q.gso = gso && segment > 0;
             q.control_len =
@@ -532,6 +555,50 @@ impl DatagramIo for EpollUdp {
             q.destination = t.destination;
             q.src_ip = t.src_ip;
         }
+        Ok(())
+    }
+
+    fn send_buf(&mut self) -> Option<&mut [u8]> {
+        if self.queue.free() == 0 {
+            match self.send_queued() {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => return None,
+            }
+            if self.queue.free() == 0 {
+                return None;
+            }
+        }
+        self.lent = true;
+        Some(&mut self.queue.next_free().buffer()[..MAX_UDP_PAYLOAD])
+    }
+
+    fn commit_send(&mut self, meta: &SendMeta) -> io::Result<()> {
+        let lent = mem::take(&mut self.lent) && self.queue.free() > 0;
+        if !lent {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "no send buffer lent",
+            ));
+        }
+        let len = meta.len.min(MAX_UDP_PAYLOAD);
+        let seg = meta.segment_size.filter(|&s| s > 0 && s < len);
+        let max_gso = self.max_gso_segments();
+        // A train that one GSO message cannot carry goes out one message
+        // per datagram, still from this buffer.
+        let gso = seg.is_some_and(|s| max_gso > 1 && len.div_ceil(s) <= max_gso);
+        let v6 = self.v6;
+        let q = self.queue.push();
+        q.len = len;
+        q.name_len = write_sockaddr(&mut q.name, meta.destination, v6);
+        let segment = seg.unwrap_or(0);
+        q.gso = gso;
+        q.control_len =
+            write_send_cmsgs(&mut q.control, if gso { segment } else { 0 }, meta.src_ip);
+        q.segment = segment;
+        q.sent = 0;
+        q.destination = meta.destination;
+        q.src_ip = meta.src_ip;
         Ok(())
     }
 

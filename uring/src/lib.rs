@@ -63,6 +63,21 @@ pub struct Transmit<'a> {
     pub segment_size: Option<usize>,
 }
 
+/// A transmit built in place, in the buffer [`DatagramIo::send_buf`] lent.
+#[derive(Debug, Clone, Copy)]
+pub struct SendMeta {
+    pub destination: SocketAddr,
+    /// Source IP to send from (for sockets bound to a wildcard address).
+    pub src_ip: Option<IpAddr>,
+    /// Bytes written at the start of the lent buffer.
+    pub len: usize,
+    /// `Some(n)` makes this a GSO train of `len.div_ceil(n)` datagrams.
+    pub segment_size: Option<usize>,
+}
+
+/// Largest payload of one UDP send (a whole GSO train included).
+pub const MAX_SEND: usize = 65_507;
+
 /// What a driver could enable on its socket; logged once at start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Capabilities {
@@ -123,8 +138,18 @@ pub trait DatagramIo {
         -> io::Result<usize>;
     /// Queues one transmit (copied: the slice need not outlive the call) for
     /// the next [`Self::flush`]; may send earlier when the driver's batch is
-    /// full. `WouldBlock` when it cannot be queued yet.
+    /// full. `WouldBlock` when it cannot be queued yet. The hot path uses
+    /// `send_buf`/`commit_send` instead, which spare the copy.
     fn try_send(&mut self, transmit: &Transmit<'_>) -> io::Result<()>;
+    /// Lends the buffer of the next send ([`MAX_SEND`] bytes), so a packet
+    /// train is written once, by quiche's encryption, and reaches the kernel
+    /// from there without another copy. `None` while every send buffer is in
+    /// flight: `flush`, await `writable()`, ask again.
+    fn send_buf(&mut self) -> Option<&mut [u8]>;
+    /// Queues the transmit built at the start of the buffer the last
+    /// `send_buf` lent (sent at the next `flush`). Fails with `InvalidInput`
+    /// when no buffer was lent.
+    fn commit_send(&mut self, meta: &SendMeta) -> io::Result<()>;
     /// Hands queued sends to the kernel in as few syscalls as the driver can
     /// (io_uring: one `io_uring_enter`; epoll: one `sendmmsg` per 64
     /// messages). The caller calls it once after each batch of `try_send`s.

@@ -75,7 +75,8 @@ use crate::cmsg::{
 use crate::epoll::{bind_udp, SocketOptions};
 use crate::tcp::{self, RingHandle};
 use crate::{
-    Capabilities, DatagramIo, IoCounters, RecvMeta, Transmit, MAX_GSO_SEGMENTS, MAX_RECV_BUF,
+    Capabilities, DatagramIo, IoCounters, RecvMeta, SendMeta, Transmit, MAX_GSO_SEGMENTS,
+    MAX_RECV_BUF,
 };
 
 /// Environment variable that makes [`probe`] report io_uring as unsupported.
@@ -456,7 +457,10 @@ struct SendSlot {
     iov: libc::iovec,
     name: libc::sockaddr_in6,
     control: [u64; SEND_CONTROL_WORDS],
+    /// [`MAX_UDP_PAYLOAD`] bytes once first used (calloc'd, so untouched
+    /// pages cost nothing); the send is `payload[..len]`.
     payload: Vec<u8>,
+    len: usize,
     /// GSO segment size of the queued send, 0 for a single datagram.
     segment: usize,
     src_ip: Option<IpAddr>,
@@ -474,6 +478,7 @@ impl SendSlot {
             name: unsafe { mem::zeroed() },
             control: [0; SEND_CONTROL_WORDS],
             payload: Vec::new(),
+            len: 0,
             segment: 0,
             src_ip: None,
             destination: SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)),
@@ -490,8 +495,28 @@ impl SendSlot {
         contents: &[u8],
         segment: usize,
     ) {
-        self.payload.clear();
-        self.payload.extend_from_slice(contents);
+        self.buffer()[..contents.len()].copy_from_slice(contents);
+        self.prepare_in_place(v6_socket, dst, src_ip, contents.len(), segment);
+    }
+
+    /// The slot's payload buffer, allocated on first use.
+    fn buffer(&mut self) -> &mut [u8] {
+        if self.payload.len() < MAX_UDP_PAYLOAD {
+            self.payload = vec![0; MAX_UDP_PAYLOAD];
+        }
+        &mut self.payload
+    }
+
+    /// Sets the msghdr up for the first `len` bytes already in the buffer.
+    fn prepare_in_place(
+        &mut self,
+        v6_socket: bool,
+        dst: SocketAddr,
+        src_ip: Option<IpAddr>,
+        len: usize,
+        segment: usize,
+    ) {
+        self.len = len;
         self.segment = segment;
         self.src_ip = src_ip;
         self.destination = dst;
@@ -499,7 +524,7 @@ impl SendSlot {
         let control_len = write_send_cmsgs(&mut self.control, segment, src_ip);
         self.iov = libc::iovec {
             iov_base: self.payload.as_mut_ptr().cast(),
-            iov_len: self.payload.len(),
+            iov_len: len,
         };
         self.hdr.msg_name = (&raw mut self.name).cast();
         self.hdr.msg_namelen = name_len;
@@ -599,6 +624,8 @@ pub struct UringUdp {
     counters: IoCounters,
     stats: UringStats,
     cqe_scratch: Vec<(u64, i32, u32)>,
+    /// `send_buf` lent the top free slot's buffer; `commit_send` consumes it.
+    lent: bool,
     /// The op table and queue shared with this ring's TCP streams.
     tcp: Rc<tcp::Core>,
     /// UDP completions taken off the CQ by `drain_tcp_cqes` (which runs
@@ -664,6 +691,7 @@ impl UringUdp {
             counters: IoCounters::default(),
             stats: UringStats::default(),
             cqe_scratch: Vec::with_capacity(CQ_ENTRIES as usize),
+            lent: false,
             tcp: Rc::new(tcp::Core::new()),
             deferred: RefCell::new(Vec::new()),
             tcp_reaped: Cell::new(0),
@@ -918,7 +946,7 @@ impl UringUdp {
         let slot = &self.slots[i];
         if res >= 0 {
             let segs = if slot.segment > 0 {
-                slot.payload.len().div_ceil(slot.segment)
+                slot.len.div_ceil(slot.segment)
             } else {
                 1
             };
@@ -964,12 +992,13 @@ impl UringUdp {
         let seg = self.slots[i].segment.max(1);
         let (dst, src_ip) = (self.slots[i].destination, self.slots[i].src_ip);
         let payload = mem::take(&mut self.slots[i].payload);
+        let len = self.slots[i].len.min(payload.len());
         // SAFETY: zeroed sockaddr_in6 is valid.
         let mut name: libc::sockaddr_in6 = unsafe { mem::zeroed() };
         let name_len = write_sockaddr(&mut name, dst, v6);
         let mut control = [0u64; SEND_CONTROL_WORDS];
         let control_len = write_send_cmsgs(&mut control, 0, src_ip);
-        for chunk in payload.chunks(seg) {
+        for chunk in payload[..len].chunks(seg) {
             let mut iov = libc::iovec {
                 iov_base: chunk.as_ptr().cast_mut().cast(),
                 iov_len: chunk.len(),
@@ -1000,13 +1029,21 @@ impl UringUdp {
 
     /// Queues one `SendMsg` for `contents` in a free slot.
     fn queue_send(&mut self, t: &Transmit<'_>, contents: &[u8], segment: usize) -> io::Result<()> {
+        // A lent buffer is no longer the top free slot's once this pops it.
+        self.lent = false;
         let Some(i) = self.free.pop() else {
             return Err(io::ErrorKind::WouldBlock.into());
         };
         let i = usize::from(i);
         let v6 = self.v6;
-        let slot = &mut self.slots[i];
-        slot.prepare(v6, t.destination, t.src_ip, contents, segment);
+        self.slots[i].prepare(v6, t.destination, t.src_ip, contents, segment);
+        self.submit_slot(i)
+    }
+
+    /// Pushes the `SendMsg` of slot `i`, which is off the free list and
+    /// prepared; the slot goes back to the free list if that fails.
+    fn submit_slot(&mut self, i: usize) -> io::Result<()> {
+        let slot = &self.slots[i];
         let entry = opcode::SendMsg::new(types::Fd(self.ring.fd), &raw const slot.hdr)
             .build()
             .user_data(i as u64);
@@ -1142,6 +1179,60 @@ impl DatagramIo for UringUdp {
 
     /// Queues the transmit (copied into pooled send slots) for the next
     /// submit; `WouldBlock` when not enough slots are free.
+    fn send_buf(&mut self) -> Option<&mut [u8]> {
+        if self.free.is_empty() {
+            // Completions may be waiting to free a slot.
+            let _ = self.submit_pending();
+            self.reap();
+        }
+        let i = usize::from(*self.free.last()?);
+        self.lent = true;
+        Some(self.slots[i].buffer())
+    }
+
+    fn commit_send(&mut self, meta: &SendMeta) -> io::Result<()> {
+        let lent = self
+            .free
+            .last()
+            .map(|&i| usize::from(i))
+            .filter(|_| mem::take(&mut self.lent));
+        let Some(i) = lent else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "no send buffer lent",
+            ));
+        };
+        let len = meta.len.min(MAX_UDP_PAYLOAD);
+        let seg = meta.segment_size.filter(|&s| s > 0 && s < len);
+        match seg {
+            // The whole train fits one GSO send: it leaves from the buffer
+            // quiche wrote it into.
+            Some(s) if self.gso && len.div_ceil(s) <= MAX_GSO_SEGMENTS => {}
+            None => {}
+            // Without GSO (or with more segments than one send may carry)
+            // the copying path splits it over several slots.
+            Some(_) => {
+                // Slot `i` stays off the free list while its bytes are
+                // copied out, so `try_send` cannot pick it.
+                self.free.pop();
+                let payload = mem::take(&mut self.slots[i].payload);
+                let r = self.try_send(&Transmit {
+                    destination: meta.destination,
+                    src_ip: meta.src_ip,
+                    contents: &payload[..len],
+                    segment_size: seg,
+                });
+                self.slots[i].payload = payload;
+                self.free.push(i as u16);
+                return r;
+            }
+        }
+        self.free.pop();
+        let v6 = self.v6;
+        self.slots[i].prepare_in_place(v6, meta.destination, meta.src_ip, len, seg.unwrap_or(0));
+        self.submit_slot(i)
+    }
+
     fn try_send(&mut self, t: &Transmit<'_>) -> io::Result<()> {
         self.reap();
         let len = t.contents.len();
@@ -1387,6 +1478,136 @@ mod tests {
             );
         }
         assert_eq!(rx.counters().recv_datagrams, 11);
+    }
+
+    // ---- sends built in the driver's own buffer ---------------------------
+
+    /// Trains and lone datagrams written into `send_buf` leave from there:
+    /// a plain socket gets each datagram with the right size and bytes, and
+    /// committing without a lent buffer is refused.
+    async fn lent_buffers_carry_trains_and_datagrams<D: DatagramIo>(mut tx: D) {
+        let rx = StdUdp::bind("127.0.0.1:0").unwrap();
+        rx.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let dst = rx.local_addr().unwrap();
+        let no_lend = SendMeta {
+            destination: dst,
+            src_ip: None,
+            len: 10,
+            segment_size: None,
+        };
+        let err = tx.commit_send(&no_lend).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        // A 10-datagram train (last one short), then a lone datagram, then
+        // a train of 100 tiny segments (more than one GSO send may carry).
+        let sends = [
+            (1200 * 9 + 700, Some(1200)),
+            (333, None),
+            (100 * 20, Some(20)),
+        ];
+        let mut expect: Vec<Vec<u8>> = Vec::new();
+        for (k, &(len, seg)) in sends.iter().enumerate() {
+            let p = pattern(len, k + 1);
+            let buf = tx.send_buf().expect("a free send buffer");
+            assert!(buf.len() >= crate::MAX_SEND);
+            buf[..len].copy_from_slice(&p);
+            tx.commit_send(&SendMeta {
+                destination: dst,
+                src_ip: None,
+                len,
+                segment_size: seg,
+            })
+            .unwrap();
+            let step = seg.unwrap_or(len);
+            expect.extend(p.chunks(step).map(<[u8]>::to_vec));
+        }
+        // epoll sends only once the socket reported writable.
+        loop {
+            tx.writable().await.unwrap();
+            match tx.flush() {
+                Ok(()) => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => panic!("flush: {e}"),
+            }
+        }
+        let mut buf = vec![0u8; 65536];
+        for (i, want) in expect.iter().enumerate() {
+            let n = loop {
+                match rx.recv_from(&mut buf) {
+                    Ok((n, _)) => break n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => panic!("recv: {e}"),
+                }
+            };
+            assert_eq!(&buf[..n], &want[..], "datagram {i}");
+        }
+        let c = tx.counters();
+        assert_eq!(c.send_datagrams, expect.len() as u64);
+        assert_eq!(c.send_errors, 0);
+    }
+
+    #[test]
+    fn uring_lent_buffers_carry_trains_and_datagrams() {
+        rt().block_on(async {
+            if let Some(tx) = uring() {
+                lent_buffers_carry_trains_and_datagrams(tx).await;
+            }
+        });
+    }
+
+    #[test]
+    fn epoll_lent_buffers_carry_trains_and_datagrams() {
+        rt().block_on(async { lent_buffers_carry_trains_and_datagrams(epoll()).await });
+    }
+
+    /// More lent sends than the driver has slots, with no flush in between:
+    /// `send_buf` submits and reaps to get slots back (never lending one the
+    /// kernel may still read), and every datagram arrives, in order.
+    #[test]
+    fn uring_lent_buffers_recycle_through_the_pool() {
+        rt().block_on(async {
+            let Some(mut tx) = uring() else { return };
+            let rx = StdUdp::bind("127.0.0.1:0").unwrap();
+            rx.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let dst = rx.local_addr().unwrap();
+            // (The receiver's default buffer holds about 256 such datagrams.)
+            let total = SEND_SLOTS + SEND_SLOTS / 2;
+            for i in 0..total {
+                let buf = loop {
+                    if tx.send_buf().is_some() {
+                        break tx.send_buf().unwrap();
+                    }
+                    tokio::time::timeout(Duration::from_secs(5), tx.writable())
+                        .await
+                        .unwrap()
+                        .unwrap();
+                };
+                buf[..8].copy_from_slice(&(i as u64).to_le_bytes());
+                let meta = SendMeta {
+                    destination: dst,
+                    src_ip: None,
+                    len: 8,
+                    segment_size: None,
+                };
+                tx.commit_send(&meta).unwrap();
+            }
+            tx.flush().unwrap();
+            let mut buf = [0u8; 64];
+            for i in 0..total {
+                let n = loop {
+                    match rx.recv_from(&mut buf) {
+                        Ok((n, _)) => break n,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(e) => panic!(
+                            "recv {i} of {total}: {e}; {:?} {:?}",
+                            tx.counters(),
+                            tx.stats()
+                        ),
+                    }
+                };
+                assert_eq!(&buf[..n], &(i as u64).to_le_bytes(), "datagram {i}");
+            }
+            assert!(tx.stats().submits > 1, "slots came back through submits");
+        });
     }
 
     #[test]
