@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use spooky_uring::{DatagramIo, RecvMeta, SendMeta, MAX_RECV_BUF};
+use spooky_uring::{DatagramIo, SendMeta};
 use tokio::sync::{mpsc, watch};
 use tracing::Instrument;
 
@@ -130,19 +130,9 @@ pub async fn run_worker<D: DatagramIo>(
     gateway.warm();
     let mut checkers = gateway.start_health_checks(metrics.clone(), board.clone(), worker_id);
 
-    let batch = cfg.io.batch.clamp(1, 1024);
-    let mut bufs: Vec<Vec<u8>> = (0..batch.min(64))
-        .map(|_| vec![0u8; MAX_RECV_BUF])
-        .collect();
-    let mut metas = vec![
-        RecvMeta {
-            peer: local,
-            local_ip: None,
-            len: 0,
-            stride: 0,
-        };
-        bufs.len()
-    ];
+    // Datagrams/trains taken per receive call (io.batch; at most 64, the
+    // epoll driver's recvmmsg batch).
+    let batch = cfg.io.batch.clamp(1, 64);
     let mut closing_since: Option<Instant> = None;
     let mut forced = false;
     let mut last_counters = io.counters();
@@ -235,42 +225,39 @@ pub async fn run_worker<D: DatagramIo>(
                 let now = Instant::now();
                 // Drain the socket, bounded so upstream events are not starved.
                 for _ in 0..16 {
-                    match io.try_recv_batch(&mut bufs, &mut metas) {
-                        Ok(n) => {
-                            if n > 0 {
-                                let datagrams: usize = metas
-                                    .iter()
-                                    .take(n)
-                                    .map(|m| m.len.div_ceil(m.stride.max(1)).max(1))
-                                    .sum();
-                                metrics.recv_batch.observe(datagrams as f64);
-                            }
-                            for (buf, meta) in bufs.iter_mut().zip(metas.iter()).take(n) {
-                                let to = meta
-                                    .local_ip
-                                    .map(|ip| SocketAddr::new(ip, local.port()))
-                                    .unwrap_or(local);
-                                let stride = meta.stride.max(1);
-                                let mut off = 0;
-                                while off < meta.len {
-                                    let end = (off + stride).min(meta.len);
-                                    if let Some(owner) =
-                                        edge.handle_datagram(now, &mut buf[off..end], meta.peer, to)
-                                    {
-                                        // Another worker's connection: hand it over.
-                                        if let Some(tx) = peers.get(usize::from(owner)) {
-                                            WorkerMetrics::inc(&metrics.handoffs);
-                                            let _ = tx.send(Forwarded {
-                                                data: buf[off..end].to_vec(),
-                                                from: meta.peer,
-                                                to,
-                                            });
-                                        }
-                                    }
-                                    off = end;
+                    let mut datagrams = 0usize;
+                    let got = io.recv_with(batch, |meta, buf| {
+                        datagrams += meta.segments();
+                        let to = meta
+                            .local_ip
+                            .map(|ip| SocketAddr::new(ip, local.port()))
+                            .unwrap_or(local);
+                        let stride = meta.stride.max(1);
+                        let mut off = 0;
+                        while off < meta.len {
+                            let end = (off + stride).min(meta.len);
+                            if let Some(owner) =
+                                edge.handle_datagram(now, &mut buf[off..end], meta.peer, to)
+                            {
+                                // Another worker's connection: hand it over.
+                                if let Some(tx) = peers.get(usize::from(owner)) {
+                                    WorkerMetrics::inc(&metrics.handoffs);
+                                    let _ = tx.send(Forwarded {
+                                        data: buf[off..end].to_vec(),
+                                        from: meta.peer,
+                                        to,
+                                    });
                                 }
                             }
-                            if n < bufs.len() {
+                            off = end;
+                        }
+                    });
+                    match got {
+                        Ok(n) => {
+                            if n > 0 {
+                                metrics.recv_batch.observe(datagrams as f64);
+                            }
+                            if n < batch {
                                 break;
                             }
                         }

@@ -301,7 +301,13 @@ pub struct EpollUdp {
     counters: IoCounters,
     /// `send_buf` lent the next free entry's buffer; `commit_send` consumes it.
     lent: bool,
+    /// Receive buffers for `recv_with` (up to [`RECV_BATCH`], made on demand).
+    recv_bufs: Vec<Vec<u8>>,
+    recv_metas: Vec<RecvMeta>,
 }
+
+/// Most datagrams/trains one `recv_with` takes (one `recvmmsg`).
+const RECV_BATCH: usize = 64;
 
 impl EpollUdp {
     /// Wraps a bound non-blocking socket. Must be called inside a tokio runtime.
@@ -322,6 +328,8 @@ impl EpollUdp {
             queue: SendQueue::new(),
             counters: IoCounters::default(),
             lent: false,
+            recv_bufs: Vec::new(),
+            recv_metas: Vec::new(),
         })
     }
 
@@ -464,6 +472,39 @@ impl DatagramIo for EpollUdp {
     /// clears (through `try_io`) whenever the kernel says `EAGAIN`.
     async fn writable(&self) -> io::Result<()> {
         self.socket.writable().await
+    }
+
+    fn recv_with<F: FnMut(&RecvMeta, &mut [u8])>(
+        &mut self,
+        max: usize,
+        mut f: F,
+    ) -> io::Result<usize> {
+        // recvmmsg writes into buffers the driver keeps (allocated on first
+        // use, calloc'd); `f` reads them where the kernel put the bytes.
+        let n = max.min(RECV_BATCH);
+        if self.recv_bufs.len() < n {
+            self.recv_bufs.resize_with(n, || vec![0; MAX_RECV_BUF]);
+            self.recv_metas.resize(
+                n,
+                RecvMeta {
+                    peer: SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)),
+                    local_ip: None,
+                    len: 0,
+                    stride: 0,
+                },
+            );
+        }
+        let mut bufs = mem::take(&mut self.recv_bufs);
+        let mut metas = mem::take(&mut self.recv_metas);
+        let r = self.try_recv_batch(&mut bufs[..n], &mut metas[..n]);
+        if let Ok(got) = r {
+            for (m, b) in metas.iter().zip(bufs.iter_mut()).take(got) {
+                f(m, &mut b[..m.len]);
+            }
+        }
+        self.recv_bufs = bufs;
+        self.recv_metas = metas;
+        r
     }
 
     fn try_recv_batch(

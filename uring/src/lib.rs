@@ -136,6 +136,12 @@ pub trait DatagramIo {
     /// Each buffer should be [`MAX_RECV_BUF`] bytes. Returns `WouldBlock` when empty.
     fn try_recv_batch(&mut self, bufs: &mut [Vec<u8>], metas: &mut [RecvMeta])
         -> io::Result<usize>;
+    /// Receives up to `max` datagrams/trains and hands each to `f` in the
+    /// driver's own buffer, which `f` may modify (quiche decrypts in place):
+    /// with io_uring that is the provided-buffer ring itself, returned to the
+    /// kernel after `f`, so received bytes are never copied in user space.
+    /// Returns how many; `WouldBlock` when none is waiting.
+    fn recv_with<F: FnMut(&RecvMeta, &mut [u8])>(&mut self, max: usize, f: F) -> io::Result<usize>;
     /// Queues one transmit (copied: the slice need not outlive the call) for
     /// the next [`Self::flush`]; may send earlier when the driver's batch is
     /// full. `WouldBlock` when it cannot be queued yet. The hot path uses

@@ -334,6 +334,21 @@ impl Ring {
         }
     }
 
+    /// Like [`Self::buffer`], writable: for handing a completed receive to
+    /// the caller in place.
+    fn buffer_mut(&mut self, bid: u16, len: usize) -> &mut [u8] {
+        let len = len.min(self.buf_len);
+        let bid = bid.min(self.nbufs - 1);
+        // SAFETY: as in `buffer`; `&mut self` makes this the only view of the
+        // buffer until it is staged back to the kernel.
+        unsafe {
+            std::slice::from_raw_parts_mut(
+                self.recv_mem.addr().add(usize::from(bid) * self.buf_len),
+                len,
+            )
+        }
+    }
+
     fn recv_entry(&self) -> io_uring::squeue::Entry {
         opcode::RecvMsgMulti::new(types::Fd(self.fd), &*self.recv_hdr, BGID)
             .build()
@@ -1112,6 +1127,72 @@ impl DatagramIo for UringUdp {
         Some(self.tcp_handle())
     }
 
+    fn recv_with<F: FnMut(&RecvMeta, &mut [u8])>(
+        &mut self,
+        max: usize,
+        mut f: F,
+    ) -> io::Result<usize> {
+        self.submit_pending()?;
+        self.reap();
+        if max == 0 {
+            return Ok(0);
+        }
+        let mut got = 0;
+        let mut returned = 0;
+        while got < max {
+            let Some(c) = self.completed.pop_front() else {
+                break;
+            };
+            // Where the payload sits in the buffer, and what it came with.
+            let buf = self.ring.buffer(c.bid, c.len);
+            let base = buf.as_ptr() as usize;
+            let parsed = types::RecvMsgOut::parse(buf, &self.ring.recv_hdr)
+                .ok()
+                .and_then(|out| {
+                    let peer = parse_sockaddr(out.name_data())?;
+                    let (gro, local_ip) = parse_recv_cmsgs(out.control_data());
+                    let payload = out.payload_data();
+                    let off = payload.as_ptr() as usize - base;
+                    Some((
+                        out.is_payload_truncated(),
+                        peer,
+                        gro,
+                        local_ip,
+                        off,
+                        payload.len(),
+                    ))
+                });
+            if let Some((truncated, peer, gro, local_ip, off, len)) = parsed {
+                if truncated {
+                    self.stats.truncated += 1;
+                }
+                let meta = RecvMeta {
+                    peer,
+                    local_ip,
+                    len,
+                    stride: gro.unwrap_or(len),
+                };
+                self.counters.recv_datagrams += meta.segments() as u64;
+                self.counters.recv_bytes += len as u64;
+                let buf = self.ring.buffer_mut(c.bid, c.len);
+                f(&meta, &mut buf[off..off + len]);
+                got += 1;
+            } else {
+                self.stats.recv_errors += 1;
+            }
+            self.ring.stage_buffer(c.bid);
+            returned += 1;
+        }
+        if returned > 0 {
+            self.ring.publish_buffers();
+            self.arm_recv()?;
+        }
+        if got == 0 {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(got)
+    }
+
     /// Copies each completed datagram/train from its ring buffer into
     /// `bufs[i]` (the one copy on the receive path; `bufs[i]` grows if it is
     /// shorter than the train) and re-provides the ring buffer at once.
@@ -1359,6 +1440,16 @@ mod tests {
         want: usize,
         secs: u64,
     ) -> Vec<(RecvMeta, Vec<u8>)> {
+        recv_bytes_via(io, want, secs, false).await
+    }
+
+    /// `recv_bytes` through `recv_with` (in place) or `try_recv_batch`.
+    async fn recv_bytes_via<D: DatagramIo>(
+        io: &mut D,
+        want: usize,
+        secs: u64,
+        in_place: bool,
+    ) -> Vec<(RecvMeta, Vec<u8>)> {
         let me = io.local_addr().unwrap();
         let mut bufs = vec![vec![0u8; MAX_RECV_BUF]; 8];
         let mut metas = vec![blank(me); 8];
@@ -1371,6 +1462,16 @@ mod tests {
                 Ok(r) => r.unwrap(),
             }
             loop {
+                if in_place {
+                    match io.recv_with(8, |m, b| {
+                        total += m.len;
+                        out.push((*m, b.to_vec()));
+                    }) {
+                        Ok(_) => continue,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) => panic!("recv: {e}"),
+                    }
+                }
                 match io.try_recv_batch(&mut bufs, &mut metas) {
                     Ok(n) => {
                         for (m, b) in metas.iter().zip(&bufs).take(n) {
@@ -1608,6 +1709,73 @@ mod tests {
             }
             assert!(tx.stats().submits > 1, "slots came back through submits");
         });
+    }
+
+    /// `recv_with` hands each datagram/train to the callback in the
+    /// driver's own buffer, writable, with its peer and GRO stride.
+    async fn received_in_place<D: DatagramIo>(mut rx: D) {
+        let dst = rx.local_addr().unwrap();
+        let mut tx = epoll();
+        let train = pattern(1200 * 6 + 100, 8);
+        let lone = pattern(700, 9);
+        tx.writable().await.unwrap();
+        tx.try_send(&Transmit {
+            destination: dst,
+            src_ip: None,
+            contents: &train,
+            segment_size: Some(1200),
+        })
+        .unwrap();
+        tx.try_send(&Transmit {
+            destination: dst,
+            src_ip: None,
+            contents: &lone,
+            segment_size: None,
+        })
+        .unwrap();
+        tx.flush().unwrap();
+        let want = train.len() + lone.len();
+        let mut got: Vec<u8> = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while got.len() < want {
+            match tokio::time::timeout_at(deadline, rx.readable()).await {
+                Err(_) => break,
+                Ok(r) => r.unwrap(),
+            }
+            loop {
+                let r = rx.recv_with(8, |meta, buf| {
+                    assert_eq!(meta.peer, tx.local_addr().unwrap());
+                    assert_eq!(buf.len(), meta.len);
+                    assert!(meta.segments() == 1 || meta.stride == 1200);
+                    got.extend_from_slice(buf);
+                    // The buffer is ours until the callback returns.
+                    buf.fill(0);
+                });
+                match r {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => panic!("recv_with: {e}"),
+                }
+            }
+        }
+        let mut expect = train.clone();
+        expect.extend_from_slice(&lone);
+        assert_eq!(got, expect);
+        assert_eq!(rx.counters().recv_datagrams, 8);
+    }
+
+    #[test]
+    fn uring_received_in_place() {
+        rt().block_on(async {
+            if let Some(rx) = uring() {
+                received_in_place(rx).await;
+            }
+        });
+    }
+
+    #[test]
+    fn epoll_received_in_place() {
+        rt().block_on(async { received_in_place(epoll()).await });
     }
 
     #[test]
@@ -1863,7 +2031,7 @@ mod tests {
 
     // ---- burst larger than the buffer ring --------------------------------
 
-    async fn paced_burst_all_received<D: DatagramIo>(rx: &mut D) {
+    async fn paced_burst_all_received<D: DatagramIo>(rx: &mut D, in_place: bool) {
         let dst = rx.local_addr().unwrap();
         const N: usize = 1000;
         let sender = std::thread::spawn(move || {
@@ -1877,7 +2045,7 @@ mod tests {
                 }
             }
         });
-        let got = recv_bytes(rx, N * 1200, 20).await;
+        let got = recv_bytes_via(rx, N * 1200, 20, in_place).await;
         sender.join().unwrap();
         let mut seen = vec![false; N];
         for (m, b) in &got {
@@ -1895,21 +2063,25 @@ mod tests {
 
     #[test]
     fn uring_burst_larger_than_buffer_ring() {
-        rt().block_on(async {
-            let Some(mut rx) = uring() else { return };
-            paced_burst_all_received(&mut rx).await;
-            let s = rx.stats();
-            assert!(s.recv_completions > u64::from(RECV_BUFS), "{s:?}");
-            assert_eq!(s.truncated, 0);
-        });
+        for in_place in [false, true] {
+            rt().block_on(async {
+                let Some(mut rx) = uring() else { return };
+                paced_burst_all_received(&mut rx, in_place).await;
+                let s = rx.stats();
+                assert!(s.recv_completions > u64::from(RECV_BUFS), "{s:?}");
+                assert_eq!(s.truncated, 0);
+            });
+        }
     }
 
     #[test]
     fn epoll_burst_larger_than_buffer_ring() {
-        rt().block_on(async {
-            let mut rx = epoll();
-            paced_burst_all_received(&mut rx).await;
-        });
+        for in_place in [false, true] {
+            rt().block_on(async {
+                let mut rx = epoll();
+                paced_burst_all_received(&mut rx, in_place).await;
+            });
+        }
     }
 
     /// Datagrams arrive while nobody reads: the ring runs dry (`-ENOBUFS`
