@@ -1506,6 +1506,26 @@ mod tests {
         (0..len).map(|i| ((i + seed * 7) % 251) as u8).collect()
     }
 
+    /// One `#[test]` per driver for an async check generic over
+    /// `DatagramIo` (the io_uring one skips where the kernel refuses it).
+    macro_rules! per_driver {
+        ($uring:ident, $epoll:ident, $check:ident) => {
+            #[test]
+            fn $uring() {
+                rt().block_on(async {
+                    if let Some(io) = uring() {
+                        $check(io).await;
+                    }
+                });
+            }
+
+            #[test]
+            fn $epoll() {
+                rt().block_on(async { $check(epoll()).await });
+            }
+        };
+    }
+
     // ---- GRO / plain receive -------------------------------------------
 
     async fn plain_datagrams_arrive_with_peer<D: DatagramIo>(mut rx: D) {
@@ -1532,19 +1552,11 @@ mod tests {
         assert_eq!(rx.counters().recv_bytes, expect.len() as u64);
     }
 
-    #[test]
-    fn uring_plain_datagrams_arrive_with_peer() {
-        rt().block_on(async {
-            if let Some(rx) = uring() {
-                plain_datagrams_arrive_with_peer(rx).await;
-            }
-        });
-    }
-
-    #[test]
-    fn epoll_plain_datagrams_arrive_with_peer() {
-        rt().block_on(async { plain_datagrams_arrive_with_peer(epoll()).await });
-    }
+    per_driver!(
+        uring_plain_datagrams_arrive_with_peer,
+        epoll_plain_datagrams_arrive_with_peer,
+        plain_datagrams_arrive_with_peer
+    );
 
     /// A GSO train sent over loopback reaches a `UDP_GRO` socket as one
     /// coalesced receive: the stride must come from the GRO cmsg.
@@ -1646,19 +1658,11 @@ mod tests {
         assert_eq!(c.send_errors, 0);
     }
 
-    #[test]
-    fn uring_lent_buffers_carry_trains_and_datagrams() {
-        rt().block_on(async {
-            if let Some(tx) = uring() {
-                lent_buffers_carry_trains_and_datagrams(tx).await;
-            }
-        });
-    }
-
-    #[test]
-    fn epoll_lent_buffers_carry_trains_and_datagrams() {
-        rt().block_on(async { lent_buffers_carry_trains_and_datagrams(epoll()).await });
-    }
+    per_driver!(
+        uring_lent_buffers_carry_trains_and_datagrams,
+        epoll_lent_buffers_carry_trains_and_datagrams,
+        lent_buffers_carry_trains_and_datagrams
+    );
 
     /// More lent sends than the driver has slots, with no flush in between:
     /// `send_buf` submits and reaps to get slots back (never lending one the
@@ -1764,33 +1768,17 @@ mod tests {
         assert_eq!(rx.counters().recv_datagrams, 8);
     }
 
-    #[test]
-    fn uring_received_in_place() {
-        rt().block_on(async {
-            if let Some(rx) = uring() {
-                received_in_place(rx).await;
-            }
-        });
-    }
+    per_driver!(
+        uring_received_in_place,
+        epoll_received_in_place,
+        received_in_place
+    );
 
-    #[test]
-    fn epoll_received_in_place() {
-        rt().block_on(async { received_in_place(epoll()).await });
-    }
-
-    #[test]
-    fn uring_gro_train_is_split_by_stride() {
-        rt().block_on(async {
-            if let Some(rx) = uring() {
-                gro_train_is_split_by_stride(rx).await;
-            }
-        });
-    }
-
-    #[test]
-    fn epoll_gro_train_is_split_by_stride() {
-        rt().block_on(async { gro_train_is_split_by_stride(epoll()).await });
-    }
+    per_driver!(
+        uring_gro_train_is_split_by_stride,
+        epoll_gro_train_is_split_by_stride,
+        gro_train_is_split_by_stride
+    );
 
     // ---- GSO send ----------------------------------------------------------
 
