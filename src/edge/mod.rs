@@ -312,6 +312,13 @@ impl Edge {
         self.now = now;
         WorkerMetrics::inc(&self.metrics.datagrams_in);
         WorkerMetrics::add(&self.metrics.bytes_in, buf.len() as u64);
+        if from.port() == 0 {
+            // No reply can reach source port 0, and the kernel refuses GSO
+            // sends to it with EINVAL, which would read as "GSO unsupported"
+            // and cost the whole worker its GSO: a spoofed packet must not.
+            self.metrics.dropped(DropReason::Malformed);
+            return None;
+        }
         let (dcid, ty, version, scid, token) = match quiche::Header::from_slice(buf, CID_LEN) {
             Ok(h) => (
                 h.dcid.into_owned(),

@@ -298,6 +298,15 @@ fn garbage_is_counted_not_fatal() {
         let mut j = junk.to_vec();
         p.edge.handle_datagram(Instant::now(), &mut j, from, to);
     }
+    // A datagram claiming source port 0 is dropped before quiche sees it.
+    let mut initial = vec![0xc0u8; 1200];
+    let from0 = SocketAddr::new(from.ip(), 0);
+    assert_eq!(
+        p.edge
+            .handle_datagram(Instant::now(), &mut initial, from0, to),
+        None
+    );
+    assert_eq!(p.edge.connections(), 1);
     p.request("GET", "/still-works", true);
     let (env, _side) = p.take_request();
     assert_eq!(env.path, "/still-works");

@@ -38,7 +38,7 @@ pub fn init_logging(t: &Telemetry) {
 /// Why a datagram was dropped without reaching a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DropReason {
-    /// Not a parseable QUIC header (garbage, truncated).
+    /// Not a parseable QUIC header (garbage, truncated), or from source port 0.
     Malformed,
     /// Short header or non-Initial long header for an unknown connection.
     UnknownConnection,
