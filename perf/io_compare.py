@@ -290,9 +290,16 @@ def parse_strace(path: str) -> tuple[int | None, list[tuple[str, int]]]:
 
 def variant(name: str) -> tuple[str, str]:
     """`uring+ring` -> ("uring", "ring"); a bare driver keeps the default
-    upstream transport (`auto`; epoll always runs tokio)."""
-    backend, _, upstream = name.partition("+")
-    return backend, upstream or "auto"
+    upstream transport (`auto`; epoll always runs tokio). A `+zc` part
+    (see `zerocopy`) is not an upstream transport."""
+    backend, *rest = name.split("+")
+    upstream = [r for r in rest if r != "zc"]
+    return backend, upstream[0] if upstream else "auto"
+
+
+def zerocopy(name: str) -> bool:
+    """`uring+tokio+zc`: `io.zerocopy_send: true` (io_uring SENDMSG_ZC)."""
+    return "zc" in name.split("+")[1:]
 
 
 # Ratio columns: (numerator, denominator, heading), shown when both ran.
@@ -300,6 +307,7 @@ RATIOS = [
     ("uring+ring", "uring+tokio", "ring/tokio"),
     ("uring+tokio", "epoll", "uring/epoll"),
     ("uring", "epoll", "uring/epoll"),
+    ("uring+tokio+zc", "uring+tokio", "zc/copy"),
 ]
 
 
@@ -324,6 +332,7 @@ quic:
 io:
   backend: {backend}
   upstream_io: {upstream_io}
+  zerocopy_send: {zerocopy}
   workers: {workers}
   batch: {batch}
   gso: true
@@ -356,6 +365,7 @@ def run_driver(a, driver: str, bins: dict, work: str, backend_ports: list[int]) 
                 driver=driver,
                 backend=backend,
                 upstream_io=upstream_io,
+                zerocopy="true" if zerocopy(driver) else "false",
                 port=port,
                 certs=os.path.join(work, "certs"),
                 workers=a.workers,
@@ -724,7 +734,7 @@ def parse_args():
     p.add_argument("--batch", type=int, default=env_default("PERF_IO_BATCH", 64),
                    help="io.batch for spooky (default 64)")
     p.add_argument("--drivers", default=env_default("PERF_IO_DRIVERS", "uring+ring,uring+tokio,epoll"),
-                   help="comma-separated variants in run order: io.backend[+io.upstream_io] "
+                   help="comma-separated variants in run order: io.backend[+io.upstream_io][+zc] "
                    "(default uring+ring,uring+tokio,epoll)")
     p.add_argument("--out-dir", default=env_default("PERF_IO_OUT", os.path.join(ROOT, "perf", "out")),
                    help="where the .md/.json/.png reports go (default perf/out)")

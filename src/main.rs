@@ -262,9 +262,10 @@ fn run(path: &std::path::Path) -> ExitCode {
         let shutdown = shutdown_rx.clone();
         let gso = cfg.io.gso;
         let gro = cfg.io.gro;
+        let zerocopy = cfg.io.zerocopy_send;
         let spawned = std::thread::Builder::new()
             .name(format!("spooky-w{id}"))
-            .spawn(move || run_worker_thread(ctx, sock, use_uring, gso, gro, shutdown));
+            .spawn(move || run_worker_thread(ctx, sock, use_uring, gso, gro, zerocopy, shutdown));
         match spawned {
             Ok(t) => threads.push(t),
             Err(e) => {
@@ -363,6 +364,7 @@ fn run_worker_thread(
     use_uring: bool,
     gso: bool,
     gro: bool,
+    zerocopy: bool,
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), spooky::runtime::RuntimeError> {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -373,7 +375,18 @@ fn run_worker_thread(
         // Both drivers run the very same worker code, monomorphised.
         if use_uring {
             match UringUdp::new(sock.try_clone()?, gso, gro) {
-                Ok(io) => return spooky::runtime::run_worker(ctx, io, shutdown).await,
+                Ok(mut io) => {
+                    if zerocopy {
+                        match io.enable_zerocopy() {
+                            Ok(()) => tracing::info!("io.zerocopy_send: sends use SENDMSG_ZC"),
+                            Err(why) => tracing::warn!(
+                                reason = %why,
+                                "io.zerocopy_send unavailable; sends copy as usual"
+                            ),
+                        }
+                    }
+                    return spooky::runtime::run_worker(ctx, io, shutdown).await;
+                }
                 Err(e) => tracing::warn!(error = %e, "io_uring setup failed; using epoll"),
             }
         }

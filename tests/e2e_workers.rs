@@ -158,3 +158,32 @@ fn io_counters_describe_the_driver_in_use() {
         _ => {}
     }
 }
+
+#[test]
+fn zero_copy_sends_deliver_every_byte() {
+    let a = Backend::start("alpha");
+    let mut o = Options::new(&[&a]);
+    o.io_extra = "workers: 1, zerocopy_send: true".into();
+    let spooky = Spooky::start_with(o);
+    let mut c = spooky.client();
+    for _ in 0..10 {
+        assert_eq!(c.get("/id").unwrap().status, 200);
+    }
+    let n: u64 = 16 * 1024 * 1024;
+    let r = c.send_digest(Request::get(&format!("/bytes/{n}"))).unwrap();
+    assert_eq!((r.status, r.len), (200, n));
+    assert_eq!(r.sha256, pattern_sha256(n));
+    let log = spooky.log();
+    match crate::common::test_io_backend().as_str() {
+        // Kernels without SENDMSG_ZC say so and copy as usual.
+        "uring" => assert!(
+            log.contains("sends use SENDMSG_ZC") || log.contains("zerocopy_send unavailable"),
+            "{log}"
+        ),
+        "epoll" => assert!(
+            log.contains("io.zerocopy_send: needs the io_uring driver"),
+            "{log}"
+        ),
+        _ => {}
+    }
+}

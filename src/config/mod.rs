@@ -100,6 +100,13 @@ impl Config {
                     .to_string(),
             );
         }
+        if self.io.zerocopy_send && self.io.backend == IoBackend::Epoll {
+            lines.push(
+                "io.zerocopy_send: needs the io_uring driver and io.backend is `epoll`; \
+                 sends copy as usual"
+                    .to_string(),
+            );
+        }
         lines
     }
 }

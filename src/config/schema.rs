@@ -184,6 +184,10 @@ pub struct Io {
     pub gro: bool,
     /// What carries the upstream TCP connections (h2 pools, health checks).
     pub upstream_io: UpstreamIo,
+    /// io_uring only: send with `SendMsgZc` (the kernel sends from spooky's
+    /// buffers instead of copying them). Off by default: on loopback the
+    /// kernel copies anyway, and `make perf-io` has not shown a gain.
+    pub zerocopy_send: bool,
 }
 
 impl Default for Io {
@@ -195,6 +199,7 @@ impl Default for Io {
             gso: true,
             gro: true,
             upstream_io: UpstreamIo::default(),
+            zerocopy_send: false,
         }
     }
 }

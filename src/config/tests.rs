@@ -144,6 +144,7 @@ fn full_example_parses_with_every_value() {
             gso: true,
             gro: true,
             upstream_io: UpstreamIo::Auto,
+            zerocopy_send: false,
         },
         upstreams: vec![Upstream {
             name: "app".to_string(),

@@ -181,6 +181,9 @@ pub fn restart_required(old: &Config, new: &Config) -> Vec<String> {
     if old.io.gso != new.io.gso {
         keys.push("io.gso".to_string());
     }
+    if old.io.zerocopy_send != new.io.zerocopy_send {
+        keys.push("io.zerocopy_send".to_string());
+    }
     if old.io.gro != new.io.gro {
         keys.push("io.gro".to_string());
     }

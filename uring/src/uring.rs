@@ -107,6 +107,8 @@ const RECV_CONTROL_LEN: usize = 128;
 const RECV_BUF_LEN: usize = MAX_RECV_BUF + RECVMSG_OUT_LEN + NAME_LEN + RECV_CONTROL_LEN;
 const PAGE: usize = 4096;
 
+/// `IORING_SEND_ZC_REPORT_USAGE` (linux/io_uring.h), for `SendMsgZc`.
+const IORING_SEND_ZC_REPORT_USAGE: u16 = 1 << 3;
 const UD_RECV: u64 = u64::MAX - 1;
 const UD_CANCEL: u64 = u64::MAX - 2;
 
@@ -586,6 +588,8 @@ pub struct UringStats {
     pub truncated: u64,
     /// Receive completions with an error other than `ENOBUFS`.
     pub recv_errors: u64,
+    /// Zero-copy sends the kernel copied after all (loopback always does).
+    pub zc_copied: u64,
     /// `io_uring_enter` calls that carried upstream TCP operations but no
     /// UDP send (counted in neither `IoCounters` syscall field).
     pub tcp_submits: u64,
@@ -641,6 +645,8 @@ pub struct UringUdp {
     cqe_scratch: Vec<(u64, i32, u32)>,
     /// `send_buf` lent the top free slot's buffer; `commit_send` consumes it.
     lent: bool,
+    /// Sends go out as `SendMsgZc` (see [`UringUdp::enable_zerocopy`]).
+    zerocopy: bool,
     /// The op table and queue shared with this ring's TCP streams.
     tcp: Rc<tcp::Core>,
     /// UDP completions taken off the CQ by `drain_tcp_cqes` (which runs
@@ -707,6 +713,7 @@ impl UringUdp {
             stats: UringStats::default(),
             cqe_scratch: Vec::with_capacity(CQ_ENTRIES as usize),
             lent: false,
+            zerocopy: false,
             tcp: Rc::new(tcp::Core::new()),
             deferred: RefCell::new(Vec::new()),
             tcp_reaped: Cell::new(0),
@@ -714,6 +721,24 @@ impl UringUdp {
         me.arm_recv()?;
         me.submit_pending()?;
         Ok(me)
+    }
+
+    /// Sends with `SendMsgZc` from now on: the kernel sends from the slot's
+    /// pages instead of copying them, and the slot stays busy until its
+    /// notification. Pays off only where the NIC path can use it (not on
+    /// loopback, which copies anyway: see `UringStats::zc_copied`).
+    pub fn enable_zerocopy(&mut self) -> Result<(), String> {
+        let mut p = Probe::new();
+        self.ring
+            .ring
+            .submitter()
+            .register_probe(&mut p)
+            .map_err(|e| format!("io_uring opcode probe failed: {e}"))?;
+        if !p.is_supported(opcode::SendMsgZc::CODE) {
+            return Err("io_uring lacks SENDMSG_ZC (kernel < 6.1)".into());
+        }
+        self.zerocopy = true;
+        Ok(())
     }
 
     /// io_uring-specific counters.
@@ -952,12 +977,24 @@ impl UringUdp {
             }
             UD_CANCEL => {}
             ud if tcp::is_tcp(ud) => self.tcp.complete(ud, res),
-            i if (i as usize) < self.slots.len() => self.send_done(i as usize, res),
+            i if (i as usize) < self.slots.len() && cqueue::notif(flags) => {
+                // Zero-copy send: the kernel is done with the slot's pages.
+                // IORING_NOTIF_USAGE_ZC_COPIED: it copied after all.
+                if res as u32 & (1 << 31) != 0 {
+                    self.stats.zc_copied += 1;
+                }
+                self.free.push(i as u16);
+            }
+            i if (i as usize) < self.slots.len() => {
+                self.send_done(i as usize, res, cqueue::more(flags))
+            }
             _ => {}
         }
     }
 
-    fn send_done(&mut self, i: usize, res: i32) {
+    /// A send's result. `notif_follows`: a zero-copy send whose buffer the
+    /// kernel still holds until its notification (which frees the slot).
+    fn send_done(&mut self, i: usize, res: i32, notif_follows: bool) {
         let slot = &self.slots[i];
         if res >= 0 {
             let segs = if slot.segment > 0 {
@@ -985,7 +1022,9 @@ impl UringUdp {
                 io::Error::from_raw_os_error(-res),
             );
         }
-        self.free.push(i as u16);
+        if !notif_follows {
+            self.free.push(i as u16);
+        }
     }
 
     fn count_send_error(&mut self, dst: SocketAddr, e: io::Error) {
@@ -1059,9 +1098,18 @@ impl UringUdp {
     /// prepared; the slot goes back to the free list if that fails.
     fn submit_slot(&mut self, i: usize) -> io::Result<()> {
         let slot = &self.slots[i];
-        let entry = opcode::SendMsg::new(types::Fd(self.ring.fd), &raw const slot.hdr)
-            .build()
-            .user_data(i as u64);
+        let entry = if self.zerocopy {
+            // ioprio carries the zero-copy flags: IORING_SEND_ZC_REPORT_USAGE
+            // makes the notification say whether the kernel copied after all.
+            opcode::SendMsgZc::new(types::Fd(self.ring.fd), &raw const slot.hdr)
+                .ioprio(IORING_SEND_ZC_REPORT_USAGE)
+                .build()
+                .user_data(i as u64)
+        } else {
+            opcode::SendMsg::new(types::Fd(self.ring.fd), &raw const slot.hdr)
+                .build()
+                .user_data(i as u64)
+        };
         // SAFETY: the msghdr, iovec, address, cmsg and payload live in slot
         // `i` of a boxed slice that never moves or resizes; the slot is off
         // the free list until its completion is reaped in `send_done`, and
@@ -1374,7 +1422,10 @@ impl Drop for UringUdp {
                     UD_RECV => {}
                     UD_CANCEL => {}
                     ud if tcp::is_tcp(ud) => tcp.complete(ud, cqe.result()),
-                    ud if (ud as usize) < total => busy_slots = busy_slots.saturating_sub(1),
+                    // A zero-copy send's slot is busy until its notification.
+                    ud if (ud as usize) < total && !cqueue::more(cqe.flags()) => {
+                        busy_slots = busy_slots.saturating_sub(1)
+                    }
                     _ => {}
                 }
             }
@@ -1599,6 +1650,10 @@ mod tests {
     /// a plain socket gets each datagram with the right size and bytes, and
     /// committing without a lent buffer is refused.
     async fn lent_buffers_carry_trains_and_datagrams<D: DatagramIo>(mut tx: D) {
+        lent_buffers_carry_trains_and_datagrams_ref(&mut tx).await;
+    }
+
+    async fn lent_buffers_carry_trains_and_datagrams_ref<D: DatagramIo>(tx: &mut D) {
         let rx = StdUdp::bind("127.0.0.1:0").unwrap();
         rx.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let dst = rx.local_addr().unwrap();
@@ -1663,6 +1718,32 @@ mod tests {
         epoll_lent_buffers_carry_trains_and_datagrams,
         lent_buffers_carry_trains_and_datagrams
     );
+
+    /// Zero-copy sends deliver the same datagrams; every slot comes back
+    /// (after its notification), and loopback reports the copy it made.
+    #[test]
+    fn uring_zerocopy_sends_arrive_and_free_their_slots() {
+        rt().block_on(async {
+            let Some(mut tx) = uring() else { return };
+            if let Err(why) = tx.enable_zerocopy() {
+                eprintln!("skipping: {why}");
+                return;
+            }
+            lent_buffers_carry_trains_and_datagrams_ref(&mut tx).await;
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            while tx.free.len() < SEND_SLOTS && tokio::time::Instant::now() < deadline {
+                tx.flush().unwrap();
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            assert_eq!(
+                tx.free.len(),
+                SEND_SLOTS,
+                "slots still held: {:?}",
+                tx.stats()
+            );
+            assert!(tx.stats().zc_copied > 0, "{:?}", tx.stats());
+        });
+    }
 
     /// More lent sends than the driver has slots, with no flush in between:
     /// `send_buf` submits and reaps to get slots back (never lending one the
