@@ -1241,73 +1241,27 @@ impl DatagramIo for UringUdp {
         Ok(got)
     }
 
-    /// Copies each completed datagram/train from its ring buffer into
-    /// `bufs[i]` (the one copy on the receive path; `bufs[i]` grows if it is
-    /// shorter than the train) and re-provides the ring buffer at once.
+    /// Copies each completed datagram/train out of its ring buffer into
+    /// `bufs[i]` (which grows if shorter than the train); `recv_with` is the
+    /// copy-free way and what the worker uses.
     fn try_recv_batch(
         &mut self,
         bufs: &mut [Vec<u8>],
         metas: &mut [RecvMeta],
     ) -> io::Result<usize> {
         let n = bufs.len().min(metas.len());
-        self.submit_pending()?;
-        self.reap();
-        if n == 0 {
-            return Ok(0);
-        }
         let mut got = 0;
-        let mut returned = 0;
-        while got < n {
-            let Some(c) = self.completed.pop_front() else {
-                break;
-            };
-            let buf = self.ring.buffer(c.bid, c.len);
-            let parsed = types::RecvMsgOut::parse(buf, &self.ring.recv_hdr)
-                .ok()
-                .and_then(|out| {
-                    let peer = parse_sockaddr(out.name_data())?;
-                    Some((out, peer))
-                });
-            if let Some((out, peer)) = parsed {
-                if out.is_payload_truncated() {
-                    self.stats.truncated += 1;
-                }
-                let (gro, local_ip) = parse_recv_cmsgs(out.control_data());
-                let payload = out.payload_data();
-                let len = payload.len();
-                let dst = &mut bufs[got];
-                if dst.len() < len {
-                    dst.resize(len, 0);
-                }
-                dst[..len].copy_from_slice(payload);
-                let meta = RecvMeta {
-                    peer,
-                    local_ip,
-                    len,
-                    stride: gro.unwrap_or(len),
-                };
-                self.counters.recv_datagrams += meta.segments() as u64;
-                self.counters.recv_bytes += len as u64;
-                metas[got] = meta;
-                got += 1;
-            } else {
-                self.stats.recv_errors += 1;
+        self.recv_with(n, |meta, payload| {
+            let dst = &mut bufs[got];
+            if dst.len() < payload.len() {
+                dst.resize(payload.len(), 0);
             }
-            self.ring.stage_buffer(c.bid);
-            returned += 1;
-        }
-        if returned > 0 {
-            self.ring.publish_buffers();
-            self.arm_recv()?;
-        }
-        if got == 0 {
-            return Err(io::ErrorKind::WouldBlock.into());
-        }
-        Ok(got)
+            dst[..payload.len()].copy_from_slice(payload);
+            metas[got] = *meta;
+            got += 1;
+        })
     }
 
-    /// Queues the transmit (copied into pooled send slots) for the next
-    /// submit; `WouldBlock` when not enough slots are free.
     fn send_buf(&mut self) -> Option<&mut [u8]> {
         if self.free.is_empty() {
             // Completions may be waiting to free a slot.
@@ -1362,6 +1316,8 @@ impl DatagramIo for UringUdp {
         self.submit_slot(i)
     }
 
+    /// Queues the transmit (copied into pooled send slots) for the next
+    /// submit; `WouldBlock` when not enough slots are free.
     fn try_send(&mut self, t: &Transmit<'_>) -> io::Result<()> {
         self.reap();
         let len = t.contents.len();
