@@ -688,6 +688,7 @@ impl Edge {
             // now, not with the last input's (this call may come much later).
             let horizon = Instant::now() + PACING_HORIZON;
             let mut drained = false;
+            let mut paced = false;
             loop {
                 if total + mss > limit {
                     more = true;
@@ -705,6 +706,7 @@ impl Edge {
                     }
                     out[total..total + h.len].copy_from_slice(&conn.held_buf[..h.len]);
                     conn.held = None;
+                    paced = true;
                     path = Some((h.from, h.to));
                     total += h.len;
                     if h.len < mss {
@@ -730,6 +732,7 @@ impl Edge {
                             len: n,
                         });
                         WorkerMetrics::inc(&self.metrics.paced);
+                        paced = true;
                         break;
                     }
                     Ok((n, info)) => {
@@ -762,11 +765,12 @@ impl Edge {
             if more {
                 conn.dirty = true;
                 self.dirty.push_back(ci);
-            } else if drained && !conn.streams.is_empty() {
+            } else if paced && drained && !conn.streams.is_empty() {
                 // `send()` may have opened the congestion window (quiche
-                // recomputes it there), and no input may follow to notice:
-                // a paced connection's last packet can be an ACK-only one.
-                // Give waiting response bytes their chance now.
+                // recomputes it there), and on a paced connection no input
+                // may follow to notice: its last packet can be an ACK-only
+                // one released by a timer. Give waiting response bytes their
+                // chance now (only here: unpaced sends follow input anyway).
                 let before = self.body_writes;
                 self.flush_writable(ci);
                 if self.body_writes != before {
@@ -902,7 +906,6 @@ fn close_delay(quic: &quiche::Connection) -> std::time::Duration {
 
 #[cfg(test)]
 mod tests;
-// x
 
 /// Logs and counts one quiche path event (client address changes).
 fn on_path_event(metrics: &WorkerMetrics, ev: quiche::PathEvent) {
