@@ -1509,6 +1509,17 @@ mod tests {
         }
     }
 
+    /// One datagram from a plain socket, retrying when a signal interrupts.
+    fn recv_one(rx: &StdUdp, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            match rx.recv_from(buf) {
+                Ok((n, _)) => return Ok(n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     fn pattern(len: usize, seed: usize) -> Vec<u8> {
         (0..len).map(|i| ((i + seed * 7) % 251) as u8).collect()
     }
@@ -1655,13 +1666,7 @@ mod tests {
         }
         let mut buf = vec![0u8; 65536];
         for (i, want) in expect.iter().enumerate() {
-            let n = loop {
-                match rx.recv_from(&mut buf) {
-                    Ok((n, _)) => break n,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => panic!("recv: {e}"),
-                }
-            };
+            let n = recv_one(&rx, &mut buf).unwrap_or_else(|e| panic!("recv: {e}"));
             assert_eq!(&buf[..n], &want[..], "datagram {i}");
         }
         let c = tx.counters();
@@ -1735,17 +1740,13 @@ mod tests {
             tx.flush().unwrap();
             let mut buf = [0u8; 64];
             for i in 0..total {
-                let n = loop {
-                    match rx.recv_from(&mut buf) {
-                        Ok((n, _)) => break n,
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                        Err(e) => panic!(
-                            "recv {i} of {total}: {e}; {:?} {:?}",
-                            tx.counters(),
-                            tx.stats()
-                        ),
-                    }
-                };
+                let n = recv_one(&rx, &mut buf).unwrap_or_else(|e| {
+                    panic!(
+                        "recv {i} of {total}: {e}; {:?} {:?}",
+                        tx.counters(),
+                        tx.stats()
+                    )
+                });
                 assert_eq!(&buf[..n], &(i as u64).to_le_bytes(), "datagram {i}");
             }
             assert!(tx.stats().submits > 1, "slots came back through submits");
