@@ -14,6 +14,7 @@
 //!
 //! After any input, drain `poll_event` and `poll_transmit` until empty.
 
+mod abandon;
 pub mod cid;
 mod request;
 
@@ -44,6 +45,7 @@ pub mod h3_code {
     pub const REQUEST_CANCELLED: u64 = 0x10c;
     pub const REQUEST_INCOMPLETE: u64 = 0x10d;
     pub const MESSAGE_ERROR: u64 = 0x10e;
+    pub const EXCESSIVE_LOAD: u64 = 0x107;
 }
 
 /// Errors building the edge.
@@ -169,6 +171,8 @@ pub struct Edge {
     scratch: Vec<u8>,
     /// The `now` of the input being handled (the edge never reads a clock).
     now: Instant,
+    /// Abandoned streams per source IP (rapid reset across reconnects).
+    abandoned_by_source: abandon::AbandonLedger,
 }
 
 /// Builds the quiche transport config from `config.yaml`.
@@ -262,6 +266,11 @@ impl Edge {
             draining: false,
             scratch: vec![0u8; 64 * 1024],
             now: Instant::now(),
+            abandoned_by_source: abandon::AbandonLedger::new(
+                abandon::ABANDON_WINDOW,
+                abandon::MAX_ABANDONED_PER_SOURCE,
+                abandon::ABANDON_TABLE_CAPACITY,
+            ),
         })
     }
 
@@ -494,7 +503,7 @@ impl Edge {
         self.update_timer(ci);
     }
 
-    fn mark_dirty(&mut self, ci: usize) {
+    pub(super) fn mark_dirty(&mut self, ci: usize) {
         if let Some(conn) = self.conns.get_mut(ci) {
             if !conn.dirty {
                 conn.dirty = true;
@@ -585,7 +594,11 @@ impl Edge {
                 }
             }
             ToEdge::Reset { code } => {
-                WorkerMetrics::inc(&self.metrics.upstream_resets);
+                // H3_MESSAGE_ERROR from upstream = a request the h2 library
+                // refused as malformed, counted there; not a backend reset.
+                if code != h3_code::MESSAGE_ERROR {
+                    WorkerMetrics::inc(&self.metrics.upstream_resets);
+                }
                 self.reset_stream(key.slot, code);
                 self.mark_dirty(ci);
                 self.update_timer(ci);
@@ -655,8 +668,19 @@ impl Edge {
     }
 
     /// Next new request for the driver.
+    ///
+    /// A request whose client already reset the stream (rapid reset: HEADERS
+    /// and RESET_STREAM in one batch) is dropped here, so no upstream task
+    /// is spawned and no backend sees it.
     pub fn poll_event(&mut self) -> Option<EdgeEvent> {
-        self.events.pop_front()
+        loop {
+            let ev = self.events.pop_front()?;
+            let EdgeEvent::Request { side, .. } = &ev;
+            if !side.shared.cancel.is_cancelled() {
+                return Some(ev);
+            }
+            WorkerMetrics::inc(&self.metrics.cancelled_before_dispatch);
+        }
     }
 
     /// Fills `out` with the next train of packets (one peer, one segment size).

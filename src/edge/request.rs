@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 
 use super::{h3_code, Edge, EdgeEvent};
 use crate::router::bridge::{EdgeSender, RequestKey, StreamShared, ToUpstream, UpstreamSide};
-use crate::router::{self, RequestError};
+use crate::router::{self, MalformedReason, RequestError};
 use crate::telemetry::WorkerMetrics;
 
 /// What the access log line says about a request.
@@ -294,13 +294,20 @@ impl Edge {
                     conn_span,
                 });
             }
-            Err(RequestError::Malformed(why)) => {
-                tracing::debug!(stream = sid, %why, "malformed request");
-                WorkerMetrics::inc(&self.metrics.malformed_requests);
-                req.log.error = Some(why);
+            Err(RequestError::Malformed(m)) => {
+                tracing::info!(stream = sid, reason = m.reason.as_str(), detail = %m.detail, "malformed request: stream reset with H3_MESSAGE_ERROR");
+                self.metrics.malformed(m.reason);
+                req.log.error = Some(m.to_string());
                 let slot = self.requests.insert(req);
                 conn.streams.insert(sid, slot);
                 self.reset_stream(slot, h3_code::MESSAGE_ERROR);
+            }
+            Err(RequestError::Rejected(why)) => {
+                tracing::info!(stream = sid, %why, "request rejected: stream reset with H3_REQUEST_REJECTED");
+                req.log.error = Some(why.to_string());
+                let slot = self.requests.insert(req);
+                conn.streams.insert(sid, slot);
+                self.reset_stream(slot, h3_code::REQUEST_REJECTED);
             }
             Err(RequestError::Refused { status, reason }) => {
                 tracing::debug!(stream = sid, status, %reason, "request refused");
@@ -322,8 +329,9 @@ impl Edge {
                     }
                 }
             }
-            Err(_) => {
-                WorkerMetrics::inc(&self.metrics.malformed_requests);
+            Err(e) => {
+                tracing::info!(error = %e, "malformed trailers: stream reset with H3_MESSAGE_ERROR");
+                self.metrics.malformed(MalformedReason::Trailers);
                 self.reset_stream(slot, h3_code::MESSAGE_ERROR);
             }
         }
@@ -398,7 +406,8 @@ impl Edge {
             }
         }
         if malformed {
-            WorkerMetrics::inc(&self.metrics.malformed_requests);
+            tracing::info!(stream = req.stream_id, "request body longer than content-length: stream reset with H3_MESSAGE_ERROR");
+            self.metrics.malformed(MalformedReason::BodyLength);
             self.reset_stream(slot, h3_code::MESSAGE_ERROR);
         } else if let Some(code) = gone {
             self.client_cancelled(slot, code);
@@ -425,7 +434,8 @@ impl Edge {
         };
         req.req_finished = true;
         if req.content_length.is_some_and(|cl| cl != req.body_seen) {
-            WorkerMetrics::inc(&self.metrics.malformed_requests);
+            tracing::info!(stream = req.stream_id, "request body shorter than content-length: stream reset with H3_MESSAGE_ERROR");
+            self.metrics.malformed(MalformedReason::BodyLength);
             req.log.error = Some("body length differs from content-length".into());
             self.reset_stream(slot, h3_code::MESSAGE_ERROR);
             return;
@@ -576,6 +586,36 @@ impl Edge {
         }
     }
 
+    /// Counts a stream that ended by reset or with its request unread,
+    /// against its connection and its source address; past either limit
+    /// the connection is closed with H3_EXCESSIVE_LOAD (see `abandon`).
+    fn count_abandoned(&mut self, ci: usize) {
+        let now = self.now;
+        let Some(conn) = self.conns.get_mut(ci) else {
+            return;
+        };
+        conn.abandoned += 1;
+        let source = conn.quic.path_stats().next().map(|p| p.peer_addr.ip());
+        let source_over = source.is_some_and(|ip| self.abandoned_by_source.record(ip, now));
+        let conn_over = conn.abandoned >= super::MAX_ABANDONED_STREAMS;
+        if (conn_over || source_over) && conn.quic.local_error().is_none() {
+            tracing::warn!(
+                conn = ci,
+                source = ?source,
+                abandoned = conn.abandoned,
+                per_source = source_over,
+                "too many abandoned streams; closing connection with H3_EXCESSIVE_LOAD"
+            );
+            WorkerMetrics::inc(&self.metrics.abandoned_stream_closes);
+            let _ = conn.quic.close(
+                true,
+                h3_code::EXCESSIVE_LOAD,
+                b"too many abandoned streams",
+            );
+            self.mark_dirty(ci);
+        }
+    }
+
     /// Removes a request from the tables, counting and logging it once.
     pub(super) fn finish_request(&mut self, slot: usize, outcome: &str) {
         let Some(req) = self.requests.try_remove(slot) else {
@@ -584,15 +624,10 @@ impl Edge {
         if let Some(conn) = self.conns.get_mut(req.conn) {
             conn.streams.remove(&req.stream_id);
             if outcome != "ok" || !req.req_finished {
-                conn.abandoned += 1;
-                if conn.abandoned == super::MAX_ABANDONED_STREAMS {
-                    tracing::warn!(
-                        conn = req.conn,
-                        "too many abandoned streams; closing connection"
-                    );
-                    let _ = conn.quic.close(true, 0x107, b"too many abandoned streams");
-                }
+                self.count_abandoned(req.conn);
             }
+        }
+        if let Some(conn) = self.conns.get_mut(req.conn) {
             if conn.closing && conn.streams.is_empty() && conn.close_at.is_none() {
                 conn.close_at = Some(self.now + super::close_delay(&conn.quic));
             }

@@ -6,7 +6,7 @@ use std::time::Instant;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use quiche::h3::{Header, NameValue};
 
-use super::{is_idempotent, Envelope, RequestError, TraceContext};
+use super::{is_idempotent, Envelope, MalformedReason, MalformedRequest, RequestError, TraceContext};
 
 /// Fields that only make sense on one hop (RFC 9113 §8.2.2, RFC 9114 §4.2);
 /// a request carrying them is malformed, a response has them stripped.
@@ -29,11 +29,35 @@ pub fn header_section_size(list: &[Header]) -> usize {
         .sum()
 }
 
-fn malformed(msg: impl Into<String>) -> RequestError {
-    RequestError::Malformed(msg.into())
+fn malformed(reason: MalformedReason, detail: impl Into<String>) -> RequestError {
+    RequestError::Malformed(MalformedRequest::new(reason, detail))
+}
+
+/// The pseudo-headers of a request (RFC 9114 §4.3.1).
+#[derive(Default)]
+struct Pseudo {
+    method: Option<String>,
+    scheme: Option<String>,
+    authority: Option<String>,
+    path: Option<String>,
+    protocol: bool,
+}
+
+/// Regular fields gathered for forwarding, with the ones spooky interprets.
+struct Fields {
+    headers: HeaderMap,
+    host: Option<String>,
+    content_length: Option<u64>,
+    te_trailers: bool,
+    trace: Option<TraceContext>,
 }
 
 /// Builds the envelope for a request's initial header section.
+///
+/// Validates and normalises everything that is forwarded, so that the HTTP/2
+/// library never refuses the mapped request (its refusal would otherwise look
+/// like a backend failure): `content-length` digits only, `te` only
+/// `trailers` (forwarded lowercase), `:path` per RFC 3986.
 ///
 /// `more_frames` is false when the HEADERS frame ended the stream (no body).
 pub fn build_envelope(
@@ -51,152 +75,36 @@ pub fn build_envelope(
             reason: format!("request header section is {size} bytes, limit {max_header_bytes}"),
         });
     }
+    let (pseudo, rest) = split_pseudo(list)?;
+    let mut fields = regular_fields(rest)?;
 
-    let mut method = None;
-    let mut scheme = None;
-    let mut authority: Option<String> = None;
-    let mut path = None;
-    let mut protocol = false;
-    let mut seen_regular = false;
-    let mut headers = HeaderMap::with_capacity(list.len() + 4);
-    let mut host_header: Option<String> = None;
-    let mut content_length: Option<u64> = None;
-    let mut trace = None;
-
-    for h in list {
-        let name = h.name();
-        let value = h.value();
-        if let Some(pseudo) = name.strip_prefix(b":") {
-            if seen_regular {
-                return Err(malformed("pseudo-header after regular header"));
-            }
-            let v = std::str::from_utf8(value)
-                .map_err(|_| malformed("pseudo-header value is not UTF-8"))?
-                .to_string();
-            let slot = match pseudo {
-                b"method" => &mut method,
-                b"scheme" => &mut scheme,
-                b"authority" => &mut authority,
-                b"path" => &mut path,
-                b"protocol" => {
-                    protocol = true;
-                    continue;
-                }
-                _ => {
-                    return Err(malformed(format!(
-                        "unknown pseudo-header :{}",
-                        String::from_utf8_lossy(pseudo)
-                    )))
-                }
-            };
-            if slot.is_some() {
-                return Err(malformed(format!(
-                    "duplicate pseudo-header :{}",
-                    String::from_utf8_lossy(pseudo)
-                )));
-            }
-            *slot = Some(v);
-            continue;
-        }
-        seen_regular = true;
-        if name.iter().any(|b| b.is_ascii_uppercase()) {
-            return Err(malformed("uppercase header name"));
-        }
-        let hname = HeaderName::from_bytes(name).map_err(|_| malformed("invalid header name"))?;
-        let hvalue =
-            HeaderValue::from_bytes(value).map_err(|_| malformed("invalid header value"))?;
-        let n = hname.as_str();
-        if CONNECTION_SPECIFIC.contains(&n) {
-            return Err(malformed(format!("connection-specific header {n}")));
-        }
-        match n {
-            "te" if !value.eq_ignore_ascii_case(b"trailers") => {
-                return Err(malformed("te other than trailers"));
-            }
-            "host" => {
-                let v = hvalue
-                    .to_str()
-                    .map_err(|_| malformed("invalid host"))?
-                    .to_ascii_lowercase();
-                host_header = Some(v);
-                continue; // carried as :authority upstream
-            }
-            "content-length" => {
-                let v: u64 = std::str::from_utf8(value)
-                    .ok()
-                    .and_then(|s| s.trim().parse().ok())
-                    .ok_or_else(|| malformed("invalid content-length"))?;
-                if content_length.is_some_and(|c| c != v) {
-                    return Err(malformed("conflicting content-length"));
-                }
-                content_length = Some(v);
-            }
-            "traceparent" => {
-                trace = std::str::from_utf8(value)
-                    .ok()
-                    .and_then(TraceContext::parse);
-                continue; // re-added below with spooky's span as parent
-            }
-            _ => {}
-        }
-        headers.append(hname, hvalue);
-    }
-
-    let method = method.ok_or_else(|| malformed("missing :method"))?;
-    let method =
-        http::Method::from_bytes(method.as_bytes()).map_err(|_| malformed("invalid :method"))?;
-    if method == http::Method::CONNECT || protocol {
-        return Err(RequestError::Refused {
-            status: 501,
-            reason: "CONNECT is not supported".into(),
-        });
-    }
-    let scheme = scheme.ok_or_else(|| malformed("missing :scheme"))?;
+    let method = pseudo_method(&pseudo)?;
+    let scheme = pseudo
+        .scheme
+        .ok_or_else(|| malformed(MalformedReason::PseudoHeader, "missing :scheme"))?;
     if scheme != "https" && scheme != "http" {
-        return Err(malformed("unsupported :scheme"));
+        return Err(malformed(MalformedReason::Scheme, "unsupported :scheme"));
     }
-    let path = path.ok_or_else(|| malformed("missing :path"))?;
-    if path.is_empty()
-        || !(path.starts_with('/') || (path == "*" && method == http::Method::OPTIONS))
-    {
-        return Err(malformed("invalid :path"));
+    let path = pseudo
+        .path
+        .ok_or_else(|| malformed(MalformedReason::PseudoHeader, "missing :path"))?;
+    check_path(&path, &method)?;
+    let authority = pick_authority(pseudo.authority, fields.host.take())?;
+    if fields.content_length.is_some_and(|c| c > 0) && !more_frames {
+        return Err(malformed(
+            MalformedReason::BodyLength,
+            "content-length with no body",
+        ));
     }
-    let authority = match (authority.map(|a| a.to_ascii_lowercase()), host_header) {
-        (Some(a), Some(h)) if a != h => return Err(malformed(":authority and host differ")),
-        (Some(a), _) => a,
-        (None, Some(h)) => h,
-        (None, None) => return Err(malformed("missing :authority and host")),
-    };
-    if authority.is_empty()
-        || authority.contains('@')
-        || http::uri::Authority::try_from(authority.as_str()).is_err()
-    {
-        return Err(malformed("invalid :authority"));
+    let headers = &mut fields.headers;
+    if let Some(cl) = fields.content_length {
+        headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(cl));
     }
-    if content_length.is_some_and(|c| c > 0) && !more_frames {
-        return Err(malformed("content-length with no body"));
+    if fields.te_trailers {
+        headers.insert(http::header::TE, HeaderValue::from_static("trailers"));
     }
-
-    // Forwarding headers (RFC 7239, de-facto x-forwarded-*, RFC 9110 via).
-    let ip = client.ip().to_canonical();
-    append(&mut headers, "x-forwarded-for", &ip.to_string());
-    headers.insert("x-forwarded-proto", HeaderValue::from_static("https"));
-    let for_value = if ip.is_ipv6() {
-        format!("for=\"[{ip}]\"")
-    } else {
-        format!("for={ip}")
-    };
-    append(
-        &mut headers,
-        "forwarded",
-        &format!("{for_value};proto=https;host=\"{authority}\""),
-    );
-    append(&mut headers, "via", VIA_REQUEST);
-
-    let trace = match trace {
-        Some(t) => t,
-        None => TraceContext::generate(),
-    };
+    add_forwarding(headers, client, &authority);
+    let trace = fields.trace.unwrap_or_else(TraceContext::generate);
     if let Ok(v) = HeaderValue::from_str(&trace.child().to_header()) {
         headers.insert("traceparent", v);
     }
@@ -208,13 +116,255 @@ pub fn build_envelope(
         scheme,
         authority,
         path,
-        headers,
+        headers: fields.headers,
         client,
-        content_length,
+        content_length: fields.content_length,
         has_body: more_frames,
         trace,
         received_at: now,
     })
+}
+
+/// Takes the leading pseudo-headers; returns them and the regular fields.
+fn split_pseudo(list: &[Header]) -> Result<(Pseudo, &[Header]), RequestError> {
+    let mut p = Pseudo::default();
+    let first_regular = list
+        .iter()
+        .position(|h| !h.name().starts_with(b":"))
+        .unwrap_or(list.len());
+    let (pseudo, rest) = list.split_at(first_regular);
+    if rest.iter().any(|h| h.name().starts_with(b":")) {
+        return Err(malformed(
+            MalformedReason::PseudoHeader,
+            "pseudo-header after regular header",
+        ));
+    }
+    for h in pseudo {
+        let name = &h.name()[1..];
+        let v = std::str::from_utf8(h.value())
+            .map_err(|_| malformed(MalformedReason::PseudoHeader, "pseudo-header not UTF-8"))?
+            .to_string();
+        let slot = match name {
+            b"method" => &mut p.method,
+            b"scheme" => &mut p.scheme,
+            b"authority" => &mut p.authority,
+            b"path" => &mut p.path,
+            b"protocol" => {
+                p.protocol = true;
+                continue;
+            }
+            _ => {
+                return Err(malformed(
+                    MalformedReason::PseudoHeader,
+                    format!("unknown pseudo-header :{}", String::from_utf8_lossy(name)),
+                ))
+            }
+        };
+        if slot.is_some() {
+            return Err(malformed(
+                MalformedReason::PseudoHeader,
+                format!("duplicate pseudo-header :{}", String::from_utf8_lossy(name)),
+            ));
+        }
+        *slot = Some(v);
+    }
+    Ok((p, rest))
+}
+
+/// `:method`; CONNECT (RFC 9114 §4.4) is rejected, `:protocol` without it
+/// is malformed (RFC 9220 §3: spooky never enables extended CONNECT).
+fn pseudo_method(p: &Pseudo) -> Result<http::Method, RequestError> {
+    let method = p
+        .method
+        .as_deref()
+        .ok_or_else(|| malformed(MalformedReason::PseudoHeader, "missing :method"))?;
+    let method = http::Method::from_bytes(method.as_bytes())
+        .map_err(|_| malformed(MalformedReason::Method, "invalid :method"))?;
+    if method == http::Method::CONNECT {
+        return Err(RequestError::Rejected("CONNECT is not supported"));
+    }
+    if p.protocol {
+        return Err(malformed(
+            MalformedReason::Method,
+            ":protocol outside extended CONNECT",
+        ));
+    }
+    Ok(method)
+}
+
+/// Validates the regular fields and collects the ones to forward.
+fn regular_fields(list: &[Header]) -> Result<Fields, RequestError> {
+    let mut f = Fields {
+        headers: HeaderMap::with_capacity(list.len() + 4),
+        host: None,
+        content_length: None,
+        te_trailers: false,
+        trace: None,
+    };
+    for h in list {
+        let name = h.name();
+        if name.iter().any(|b| b.is_ascii_uppercase()) {
+            return Err(malformed(MalformedReason::HeaderName, "uppercase header name"));
+        }
+        let hname = HeaderName::from_bytes(name)
+            .map_err(|_| malformed(MalformedReason::HeaderName, "invalid header name"))?;
+        // RFC 9110 §5.5: leading and trailing whitespace is not part of the
+        // value, and RFC 9113 §8.2.1 forbids forwarding it.
+        let value = h.value().trim_ascii();
+        let hvalue = HeaderValue::from_bytes(value)
+            .map_err(|_| malformed(MalformedReason::HeaderValue, "invalid header value"))?;
+        let n = hname.as_str();
+        if CONNECTION_SPECIFIC.contains(&n) {
+            return Err(malformed(
+                MalformedReason::ConnectionSpecific,
+                format!("connection-specific header {n}"),
+            ));
+        }
+        match n {
+            "te" => {
+                if !value.eq_ignore_ascii_case(b"trailers") {
+                    return Err(malformed(MalformedReason::Te, "te other than trailers"));
+                }
+                f.te_trailers = true;
+            }
+            "host" => f.host = Some(String::from_utf8_lossy(value).to_ascii_lowercase()),
+            "content-length" => {
+                let v = parse_content_length(value)?;
+                if f.content_length.is_some_and(|c| c != v) {
+                    return Err(malformed(
+                        MalformedReason::ContentLength,
+                        "conflicting content-length",
+                    ));
+                }
+                f.content_length = Some(v);
+            }
+            // Re-added with spooky's span as parent.
+            "traceparent" => f.trace = std::str::from_utf8(value).ok().and_then(TraceContext::parse),
+            _ => {
+                f.headers.append(hname, hvalue);
+            }
+        }
+    }
+    Ok(f)
+}
+
+/// Most digits a `content-length` may have: 19 always fit a u64 (and are
+/// the most the HTTP/2 library parses).
+const MAX_CONTENT_LENGTH_DIGITS: usize = 19;
+
+/// RFC 9110 §8.6: `Content-Length = 1*DIGIT`. A list of identical values
+/// (`5, 5`) is the same length; differing ones are malformed.
+pub fn parse_content_length(value: &[u8]) -> Result<u64, RequestError> {
+    let mut length = None;
+    for part in value.split(|b| *b == b',') {
+        let digits = part.trim_ascii();
+        if digits.is_empty()
+            || digits.len() > MAX_CONTENT_LENGTH_DIGITS
+            || !digits.iter().all(u8::is_ascii_digit)
+        {
+            return Err(malformed(
+                MalformedReason::ContentLength,
+                "content-length is not digits only",
+            ));
+        }
+        let v = digits
+            .iter()
+            .fold(0u64, |acc, d| acc * 10 + u64::from(d - b'0'));
+        if length.is_some_and(|l| l != v) {
+            return Err(malformed(
+                MalformedReason::ContentLength,
+                "conflicting content-length",
+            ));
+        }
+        length = Some(v);
+    }
+    length.ok_or_else(|| malformed(MalformedReason::ContentLength, "empty content-length"))
+}
+
+/// `:path` must be origin-form (`/` then RFC 3986 path and query
+/// characters, `%` only before two hex digits), or `*` for OPTIONS.
+pub fn check_path(path: &str, method: &http::Method) -> Result<(), RequestError> {
+    if path == "*" && *method == http::Method::OPTIONS {
+        return Ok(());
+    }
+    let b = path.as_bytes();
+    if b.first() != Some(&b'/') {
+        return Err(malformed(MalformedReason::Path, "invalid :path"));
+    }
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i];
+        if c == b'%' {
+            let hex = b.get(i + 1..i + 3).unwrap_or_default();
+            if hex.len() != 2 || !hex.iter().all(u8::is_ascii_hexdigit) {
+                return Err(malformed(MalformedReason::Path, "bad percent-encoding in :path"));
+            }
+            i += 3;
+            continue;
+        }
+        if !is_path_char(c) {
+            return Err(malformed(
+                MalformedReason::Path,
+                format!("byte 0x{c:02x} not allowed in :path"),
+            ));
+        }
+        i += 1;
+    }
+    Ok(())
+}
+
+/// RFC 3986 §3.3/§3.4: pchar (unreserved, sub-delims, `:`, `@`) plus `/`
+/// and `?`; `%` is handled by the caller.
+fn is_path_char(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/?".contains(&c)
+}
+
+/// `:authority` or, without it, `host`; both present must agree.
+fn pick_authority(
+    authority: Option<String>,
+    host: Option<String>,
+) -> Result<String, RequestError> {
+    let authority = match (authority.map(|a| a.to_ascii_lowercase()), host) {
+        (Some(a), Some(h)) if a != h => {
+            return Err(malformed(
+                MalformedReason::Authority,
+                ":authority and host differ",
+            ))
+        }
+        (Some(a), _) => a,
+        (None, Some(h)) => h,
+        (None, None) => {
+            return Err(malformed(
+                MalformedReason::Authority,
+                "missing :authority and host",
+            ))
+        }
+    };
+    if authority.is_empty()
+        || authority.contains('@')
+        || http::uri::Authority::try_from(authority.as_str()).is_err()
+    {
+        return Err(malformed(MalformedReason::Authority, "invalid :authority"));
+    }
+    Ok(authority)
+}
+
+/// Forwarding headers (RFC 7239, de-facto x-forwarded-*, RFC 9110 via).
+fn add_forwarding(headers: &mut HeaderMap, client: SocketAddr, authority: &str) {
+    let ip = client.ip().to_canonical();
+    append(headers, "x-forwarded-for", &ip.to_string());
+    headers.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+    let for_value = if ip.is_ipv6() {
+        format!("for=\"[{ip}]\"")
+    } else {
+        format!("for={ip}")
+    };
+    append(
+        headers,
+        "forwarded",
+        &format!("{for_value};proto=https;host=\"{authority}\""),
+    );
+    append(headers, "via", VIA_REQUEST);
 }
 
 /// Appends to a comma-separated list header, joining with any existing value.
@@ -271,14 +421,14 @@ pub fn trailers_from_h3(list: &[Header]) -> Result<HeaderMap, RequestError> {
     let mut map = HeaderMap::with_capacity(list.len());
     for h in list {
         if h.name().starts_with(b":") {
-            return Err(malformed("pseudo-header in trailers"));
+            return Err(malformed(MalformedReason::Trailers, "pseudo-header in trailers"));
         }
         if h.name().iter().any(|b| b.is_ascii_uppercase()) {
-            return Err(malformed("uppercase trailer name"));
+            return Err(malformed(MalformedReason::Trailers, "uppercase trailer name"));
         }
-        let n = HeaderName::from_bytes(h.name()).map_err(|_| malformed("invalid trailer name"))?;
+        let n = HeaderName::from_bytes(h.name()).map_err(|_| malformed(MalformedReason::Trailers, "invalid trailer name"))?;
         let v =
-            HeaderValue::from_bytes(h.value()).map_err(|_| malformed("invalid trailer value"))?;
+            HeaderValue::from_bytes(h.value()).map_err(|_| malformed(MalformedReason::Trailers, "invalid trailer value"))?;
         if CONNECTION_SPECIFIC.contains(&n.as_str()) {
             continue;
         }
@@ -421,6 +571,119 @@ mod tests {
                 Err(RequestError::Malformed(_)) => {}
                 other => panic!("case {i}: expected malformed, got {other:?}"),
             }
+        }
+    }
+
+    fn reason_of(list: &[Header], more_frames: bool) -> Option<MalformedReason> {
+        match build_envelope(list, more_frames, client(), 1, 65536, Instant::now()) {
+            Err(RequestError::Malformed(m)) => Some(m.reason),
+            _ => None,
+        }
+    }
+
+    fn with(extra: &[(&str, &[u8])]) -> Vec<Header> {
+        let mut l = base();
+        for (n, v) in extra {
+            l.push(Header::new(n.as_bytes(), v));
+        }
+        l
+    }
+
+    #[test]
+    fn te_is_matched_case_insensitively_and_forwarded_lowercase() {
+        for v in ["Trailers", "TRAILERS", "trailers", " trailers "] {
+            let env = build(&with(&[("te", v.as_bytes())])).expect("valid");
+            assert_eq!(env.headers.get_all("te").iter().count(), 1);
+            assert_eq!(env.headers["te"], "trailers", "te: {v:?}");
+        }
+        for v in ["gzip", "trailers, gzip", "trailers;q=1", ""] {
+            assert_eq!(
+                reason_of(&with(&[("te", v.as_bytes())]), false),
+                Some(MalformedReason::Te),
+                "te: {v:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn content_length_is_digits_only() {
+        for v in ["+0", "-1", "0x10", "1 2", "1_0", "", " ", "1e3", "5, 6", "٣"] {
+            assert_eq!(
+                reason_of(&with(&[("content-length", v.as_bytes())]), true),
+                Some(MalformedReason::ContentLength),
+                "content-length: {v:?}"
+            );
+        }
+        let too_long = "1".repeat(20);
+        assert_eq!(
+            reason_of(&with(&[("content-length", too_long.as_bytes())]), true),
+            Some(MalformedReason::ContentLength)
+        );
+        // Two fields that disagree.
+        let l = with(&[("content-length", b"3"), ("content-length", b"4")]);
+        assert_eq!(reason_of(&l, true), Some(MalformedReason::ContentLength));
+    }
+
+    #[test]
+    fn agreeing_content_lengths_are_forwarded_as_one() {
+        let l = with(&[("content-length", b"5, 5"), ("content-length", b"5")]);
+        let env = build_envelope(&l, true, client(), 1, 65536, Instant::now()).expect("valid");
+        assert_eq!(env.content_length, Some(5));
+        let all: Vec<_> = env.headers.get_all("content-length").iter().collect();
+        assert_eq!(all, vec!["5"]);
+    }
+
+    fn with_path(path: &[u8], method: &str) -> Vec<Header> {
+        vec![
+            Header::new(b":method", method.as_bytes()),
+            Header::new(b":scheme", b"https"),
+            Header::new(b":authority", b"a.example"),
+            Header::new(b":path", path),
+        ]
+    }
+
+    #[test]
+    fn path_characters_follow_rfc_3986() {
+        let bad: [&[u8]; 11] = [
+            b"/a b", b"/a\x01b", b"/\x7f", b"/a#frag", b"/%zz", b"/%4", b"/a\\b", b"/<x>",
+            b"/a\tb", b"*", b"/\xc3\xa9",
+        ];
+        for p in bad {
+            assert_eq!(
+                reason_of(&with_path(p, "GET"), false),
+                Some(MalformedReason::Path),
+                ":path {:?}",
+                String::from_utf8_lossy(p)
+            );
+        }
+        for p in ["/", "/a%20b?x=1&y=2", "/a;p=1/b:c@d?q=/?x~y", "/!$&'()*+,="] {
+            let env = build(&with_path(p.as_bytes(), "GET")).expect(p);
+            assert_eq!(env.path, p);
+        }
+        assert!(build(&with_path(b"*", "OPTIONS")).is_ok());
+    }
+
+    #[test]
+    fn connect_is_rejected_and_protocol_without_it_is_malformed() {
+        let connect = vec![h(":method", "CONNECT"), h(":authority", "a.example:443")];
+        assert!(matches!(build(&connect), Err(RequestError::Rejected(_))));
+        let mut ext = with_path(b"/chat", "CONNECT");
+        ext.push(h(":protocol", "websocket"));
+        assert!(matches!(build(&ext), Err(RequestError::Rejected(_))));
+        let mut get = with_path(b"/", "GET");
+        get.push(h(":protocol", "websocket"));
+        assert_eq!(reason_of(&get, false), Some(MalformedReason::Method));
+    }
+
+    #[test]
+    fn header_values_are_trimmed_and_controls_refused() {
+        let env = build(&with(&[("x-a", b"  v  ")])).expect("valid");
+        assert_eq!(env.headers["x-a"], "v");
+        for v in [&b"a\x00b"[..], b"a\rb", b"a\nb", b"a\x7fb"] {
+            assert_eq!(
+                reason_of(&with(&[("x-a", v)]), false),
+                Some(MalformedReason::HeaderValue)
+            );
         }
     }
 

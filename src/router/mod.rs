@@ -20,10 +20,107 @@ pub use routes::RouteTable;
 pub enum RequestError {
     /// Malformed per RFC 9114 §4.1.2: the stream is reset with H3_MESSAGE_ERROR.
     #[error("malformed request: {0}")]
-    Malformed(String),
+    Malformed(MalformedRequest),
     /// Well-formed but refused with an HTTP status (431, 400 …).
     #[error("request refused with {status}: {reason}")]
     Refused { status: u16, reason: String },
+    /// Well-formed but a kind of request spooky does not carry (CONNECT,
+    /// RFC 9114 §4.4): the stream is reset with H3_REQUEST_REJECTED, which
+    /// tells the client nothing was processed and another server may serve it.
+    #[error("request rejected: {0}")]
+    Rejected(&'static str),
+}
+
+/// A malformed request: which rule it broke (a bounded label for
+/// `spooky_requests_malformed_total{reason}`) and the detail for the log.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{detail} ({})", reason.as_str())]
+pub struct MalformedRequest {
+    pub reason: MalformedReason,
+    pub detail: String,
+}
+
+impl MalformedRequest {
+    pub fn new(reason: MalformedReason, detail: impl Into<String>) -> Self {
+        Self {
+            reason,
+            detail: detail.into(),
+        }
+    }
+}
+
+/// The rule a malformed request broke. Closed and small, so it can label a
+/// metric without letting clients grow its cardinality.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MalformedReason {
+    /// Missing, duplicate, unknown or misplaced pseudo-header (RFC 9114 §4.3).
+    PseudoHeader,
+    /// Uppercase or otherwise invalid field name (RFC 9114 §4.2).
+    HeaderName,
+    /// Field value with bytes RFC 9110 §5.5 forbids (NUL, CR, LF, controls).
+    HeaderValue,
+    /// Connection-specific field (RFC 9114 §4.2, RFC 9113 §8.2.2).
+    ConnectionSpecific,
+    /// `te` other than `trailers` (RFC 9113 §8.2.2).
+    Te,
+    /// `content-length` not digits only, or values that disagree (RFC 9110 §8.6).
+    ContentLength,
+    /// Body bytes disagree with `content-length` (RFC 9114 §4.1.2).
+    BodyLength,
+    /// `:method` not a token, or `:protocol` outside extended CONNECT.
+    Method,
+    /// `:scheme` other than `http` or `https`.
+    Scheme,
+    /// `:path` empty, not origin-form, or with characters RFC 3986 forbids.
+    Path,
+    /// `:authority`/`host` missing, invalid or disagreeing (RFC 9114 §4.3.1).
+    Authority,
+    /// Pseudo-header or invalid field in trailers (RFC 9114 §4.1.2).
+    Trailers,
+    /// The HTTP/2 library refused the mapped request before sending it: a
+    /// request the mapping should have caught; never a backend's fault.
+    RefusedLocally,
+}
+
+impl MalformedReason {
+    pub const ALL: [MalformedReason; 13] = [
+        MalformedReason::PseudoHeader,
+        MalformedReason::HeaderName,
+        MalformedReason::HeaderValue,
+        MalformedReason::ConnectionSpecific,
+        MalformedReason::Te,
+        MalformedReason::ContentLength,
+        MalformedReason::BodyLength,
+        MalformedReason::Method,
+        MalformedReason::Scheme,
+        MalformedReason::Path,
+        MalformedReason::Authority,
+        MalformedReason::Trailers,
+        MalformedReason::RefusedLocally,
+    ];
+
+    /// Position in [`Self::ALL`], the index of its per-worker counter.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MalformedReason::PseudoHeader => "pseudo_header",
+            MalformedReason::HeaderName => "header_name",
+            MalformedReason::HeaderValue => "header_value",
+            MalformedReason::ConnectionSpecific => "connection_specific",
+            MalformedReason::Te => "te",
+            MalformedReason::ContentLength => "content_length",
+            MalformedReason::BodyLength => "body_length",
+            MalformedReason::Method => "method",
+            MalformedReason::Scheme => "scheme",
+            MalformedReason::Path => "path",
+            MalformedReason::Authority => "authority",
+            MalformedReason::Trailers => "trailers",
+            MalformedReason::RefusedLocally => "refused_locally",
+        }
+    }
 }
 
 /// W3C trace context carried with a request (taken from the client's
@@ -181,6 +278,13 @@ mod tests {
         assert_eq!(host_without_port("example.com:443"), "example.com");
         assert_eq!(host_without_port("example.com"), "example.com");
         assert_eq!(host_without_port("[::1]:8443"), "::1");
+    }
+
+    #[test]
+    fn malformed_reasons_index_their_slot() {
+        for (i, r) in MalformedReason::ALL.iter().enumerate() {
+            assert_eq!(r.index(), i, "{}", r.as_str());
+        }
     }
 
     #[test]

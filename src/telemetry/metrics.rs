@@ -293,17 +293,32 @@ impl Collector for WorkerSum {
             "HTTP/3 requests currently being handled.",
             sum_i64(ws, |w| &w.requests_in_flight),
         )?;
-        counter(
+        let malformed = crate::router::MalformedReason::ALL
+            .map(|r| (r.as_str(), sum_u64(ws, |w| &w.malformed_requests[r.index()])));
+        labelled_counter(
             e,
             "requests_malformed",
-            "HTTP/3 requests rejected as malformed.",
-            sum_u64(ws, |w| &w.malformed_requests),
+            "HTTP/3 requests reset with H3_MESSAGE_ERROR as malformed, by the rule broken.",
+            "reason",
+            &malformed,
         )?;
         counter(
             e,
             "requests_client_cancelled",
             "HTTP/3 requests cancelled by the client.",
             sum_u64(ws, |w| &w.client_cancels),
+        )?;
+        counter(
+            e,
+            "requests_cancelled_before_dispatch",
+            "HTTP/3 requests reset by the client before reaching a backend.",
+            sum_u64(ws, |w| &w.cancelled_before_dispatch),
+        )?;
+        counter(
+            e,
+            "quic_abandoned_stream_closes",
+            "Connections closed with H3_EXCESSIVE_LOAD for abandoning too many streams.",
+            sum_u64(ws, |w| &w.abandoned_stream_closes),
         )?;
 
         counter(
@@ -598,6 +613,8 @@ mod tests {
             ("requests_in_flight", "gauge"),
             ("requests_malformed", "counter"),
             ("requests_client_cancelled", "counter"),
+            ("requests_cancelled_before_dispatch", "counter"),
+            ("quic_abandoned_stream_closes", "counter"),
             ("upstream_connect_failures", "counter"),
             ("upstream_resets", "counter"),
             ("upstream_ring_workers", "gauge"),

@@ -101,8 +101,15 @@ pub struct WorkerMetrics {
     /// Requests by status class: 1xx..5xx, index 0 = reset/aborted.
     pub requests: [AtomicU64; 6],
     pub requests_in_flight: AtomicI64,
-    pub malformed_requests: AtomicU64,
+    /// Malformed requests by [`crate::router::MalformedReason`] index.
+    pub malformed_requests: [AtomicU64; crate::router::MalformedReason::ALL.len()],
     pub client_cancels: AtomicU64,
+    /// Connections closed with H3_EXCESSIVE_LOAD for abandoning too many
+    /// streams (per connection or per source address).
+    pub abandoned_stream_closes: AtomicU64,
+    /// Requests whose client reset the stream before an upstream stream was
+    /// opened: never sent to a backend.
+    pub cancelled_before_dispatch: AtomicU64,
     pub upstream_connect_failures: AtomicU64,
     pub upstream_resets: AtomicU64,
     pub upstream_timeouts: AtomicU64,
@@ -188,6 +195,13 @@ impl WorkerMetrics {
     pub fn dropped(&self, r: DropReason) {
         let i = DropReason::ALL.iter().position(|x| *x == r).unwrap_or(0);
         Self::inc(&self.dropped[i]);
+    }
+
+    /// Counts one malformed request under its reason.
+    pub fn malformed(&self, r: crate::router::MalformedReason) {
+        if let Some(c) = self.malformed_requests.get(r.index()) {
+            Self::inc(c);
+        }
     }
 
     pub fn dropped_count(&self, r: DropReason) -> u64 {

@@ -52,6 +52,23 @@ pub enum UpstreamError {
     Idle(Duration),
     #[error("client went away")]
     Cancelled,
+    /// The HTTP/2 library refused the mapped request before sending it (a
+    /// header the mapping let through): the client's request, never a
+    /// backend's failure.
+    #[error("request refused before sending: {0}")]
+    RefusedLocally(String),
+}
+
+/// Which side of the proxy an error belongs to (after pingora-error's
+/// `ErrorSource`): only `Backend` errors may count against a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorSide {
+    /// What the client sent or did (malformed request, no route, went away).
+    Client,
+    /// spooky's own state: no backend available, queues full.
+    Spooky,
+    /// What a backend did: refused, reset, timed out, failed to connect, 5xx.
+    Backend,
 }
 
 impl UpstreamError {
@@ -62,6 +79,26 @@ impl UpstreamError {
             UpstreamError::Saturated { .. } | UpstreamError::PoolTimeout { .. } => Some(1),
             UpstreamError::NoBackend { .. } => Some(5),
             _ => None,
+        }
+    }
+
+    /// Who caused this error.
+    pub fn side(&self) -> ErrorSide {
+        match self {
+            UpstreamError::NoRoute { .. }
+            | UpstreamError::Cancelled
+            | UpstreamError::RefusedLocally(_) => ErrorSide::Client,
+            UpstreamError::NoBackend { .. }
+            | UpstreamError::Saturated { .. }
+            | UpstreamError::PoolTimeout { .. } => ErrorSide::Spooky,
+            UpstreamError::Status(_)
+            | UpstreamError::Connect { .. }
+            | UpstreamError::ConnectTimeout { .. }
+            | UpstreamError::Refused(_)
+            | UpstreamError::BeforeResponse(_)
+            | UpstreamError::Timeout(_)
+            | UpstreamError::ResponseReset(_)
+            | UpstreamError::Idle(_) => ErrorSide::Backend,
         }
     }
 
@@ -80,6 +117,7 @@ impl UpstreamError {
             | UpstreamError::ResponseReset(_) => 502,
             UpstreamError::Timeout(_) | UpstreamError::Idle(_) => 504,
             UpstreamError::Cancelled => 499,
+            UpstreamError::RefusedLocally(_) => 400,
         }
     }
 }

@@ -31,13 +31,27 @@ pub async fn proxy(
     metrics: Arc<WorkerMetrics>,
 ) {
     let cancel = side.shared.cancel.clone();
+    if cancel.is_cancelled() {
+        WorkerMetrics::inc(&metrics.cancelled_before_dispatch);
+        return;
+    }
     let mut head_sent = false;
+    // Biased: a request cancelled while `run` could complete its first
+    // steps without waiting must not reach `send_request`.
     let res = tokio::select! {
-        r = run(&gw, &env, &mut side, &metrics, &mut head_sent) => r,
+        biased;
         _ = cancel.cancelled() => Err(UpstreamError::Cancelled),
+        r = run(&gw, &env, &mut side, &metrics, &mut head_sent) => r,
     };
     match res {
         Ok(()) | Err(UpstreamError::Cancelled) => {}
+        Err(UpstreamError::RefusedLocally(why)) => {
+            metrics.malformed(crate::router::MalformedReason::RefusedLocally);
+            tracing::info!(request_id = env.request_id, %why, "malformed request refused before sending: stream reset with H3_MESSAGE_ERROR");
+            side.edge.send(ToEdge::Reset {
+                code: h3_code::MESSAGE_ERROR,
+            });
+        }
         Err(e) => {
             match &e {
                 UpstreamError::Timeout(_) | UpstreamError::Idle(_) => {
@@ -108,6 +122,7 @@ impl Replay {
 }
 
 /// How one attempt failed, with what the retry logic needs to know.
+#[derive(Debug)]
 struct AttemptError {
     err: UpstreamError,
     /// Which `retries.on` condition this failure matches, if any.
@@ -115,10 +130,13 @@ struct AttemptError {
     /// The backend provably did not process the request (connect failure,
     /// REFUSED_STREAM, GOAWAY below our stream): safe to retry any method.
     unprocessed: bool,
+    /// Counts toward the backend's outlier detection. Only ever true for an
+    /// error whose side is `ErrorSide::Backend`.
     backend_failure: bool,
 }
 
 impl AttemptError {
+    /// Ends the request: never retried, never counted against a backend.
     fn fatal(err: UpstreamError) -> Self {
         Self {
             err,
@@ -332,20 +350,12 @@ async fn attempt(
         }
     })?;
 
-    let uri = http::Uri::builder()
-        .scheme("http")
-        .authority(env.authority.as_str())
-        .path_and_query(env.path.as_str())
-        .build()
-        .map_err(|e| AttemptError::fatal(UpstreamError::BeforeResponse(format!("bad uri: {e}"))))?;
-    let mut req = http::Request::builder()
-        .method(env.method.clone())
-        .uri(uri)
-        .version(http::Version::HTTP_2)
-        .body(())
-        .map_err(|e| AttemptError::fatal(UpstreamError::BeforeResponse(e.to_string())))?;
-    *req.headers_mut() = env.headers.clone();
-
+    let req = h2_request(env).map_err(AttemptError::fatal)?;
+    // Rapid reset: the client may have reset the stream while we waited
+    // for a connection; such a request must never reach the backend.
+    if side.shared.cancel.is_cancelled() {
+        return Err(AttemptError::fatal(UpstreamError::Cancelled));
+    }
     let (resp_fut, send) = sr
         .send_request(req, !env.has_body)
         .map_err(|e| classify_before(&e))?;
@@ -436,7 +446,43 @@ async fn attempt(
     }
 }
 
+/// The HTTP/2 request for an envelope. The router validated `:authority`
+/// and `:path`, so a failure here is a request the mapping let through: the
+/// client's.
+fn h2_request(env: &Envelope) -> Result<http::Request<()>, UpstreamError> {
+    let refused = |e: http::Error| UpstreamError::RefusedLocally(e.to_string());
+    let uri = http::Uri::builder()
+        .scheme("http")
+        .authority(env.authority.as_str())
+        .path_and_query(env.path.as_str())
+        .build()
+        .map_err(refused)?;
+    let mut req = http::Request::builder()
+        .method(env.method.clone())
+        .uri(uri)
+        .version(http::Version::HTTP_2)
+        .body(())
+        .map_err(refused)?;
+    *req.headers_mut() = env.headers.clone();
+    Ok(req)
+}
+
+/// Whether h2 refused a call itself, before anything was sent (its
+/// `Kind::User`: malformed headers and other misuse). `h2::Error` has no
+/// public accessor for that kind, but it is the only kind with neither a
+/// reason (reset, GOAWAY, protocol error) nor an I/O error.
+fn refused_locally(e: &h2::Error) -> bool {
+    e.reason().is_none() && !e.is_io()
+}
+
+/// Classifies an h2 error seen before the response head: a local refusal is
+/// the client's (never retried or counted); REFUSED_STREAM and GOAWAY prove
+/// the backend did nothing (retried, not counted: load shedding and graceful
+/// shutdown are not sickness); anything else is a backend failure.
 fn classify_before(e: &h2::Error) -> AttemptError {
+    if refused_locally(e) {
+        return AttemptError::fatal(UpstreamError::RefusedLocally(e.to_string()));
+    }
     if e.reason() == Some(h2::Reason::REFUSED_STREAM) {
         return AttemptError {
             err: UpstreamError::Refused(e.to_string()),
