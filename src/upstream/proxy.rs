@@ -656,3 +656,163 @@ async fn pump_response_body(
     edge.send(ToEdge::End);
     Ok(())
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use std::time::Instant;
+
+    use quiche::h3::Header;
+
+    use super::*;
+    use crate::upstream::ErrorSide;
+
+    /// A real h2 backend over an in-memory pipe: `/refuse` is reset with
+    /// REFUSED_STREAM, `/fail` with INTERNAL_ERROR, anything else answers
+    /// 200 echoing the `te` it received in `x-te`.
+    async fn backend() -> h2::client::SendRequest<Bytes> {
+        let (c, s) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(async move {
+            let mut conn = h2::server::handshake(s).await.expect("server handshake");
+            while let Some(Ok((req, mut respond))) = conn.accept().await {
+                match req.uri().path() {
+                    "/refuse" => respond.send_reset(h2::Reason::REFUSED_STREAM),
+                    "/fail" => respond.send_reset(h2::Reason::INTERNAL_ERROR),
+                    _ => {
+                        let te = req.headers().get("te").cloned();
+                        let mut resp = http::Response::builder().status(200);
+                        if let Some(te) = te {
+                            resp = resp.header("x-te", te);
+                        }
+                        let _ = respond.send_response(resp.body(()).expect("response"), true);
+                    }
+                }
+            }
+        });
+        let (sr, conn) = h2::client::handshake(c).await.expect("client handshake");
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        sr.ready().await.expect("ready")
+    }
+
+    fn envelope(path: &str, extra: &[(&str, &str)]) -> Envelope {
+        let mut list = vec![
+            Header::new(b":method", b"GET"),
+            Header::new(b":scheme", b"https"),
+            Header::new(b":authority", b"app.example"),
+            Header::new(b":path", path.as_bytes()),
+        ];
+        for (n, v) in extra {
+            list.push(Header::new(n.as_bytes(), v.as_bytes()));
+        }
+        let client = std::net::SocketAddr::from(([192, 0, 2, 1], 4000));
+        router::build_envelope(&list, false, client, 1, 65536, Instant::now()).expect("valid")
+    }
+
+    /// Sends `req` and classifies how it failed before the response head.
+    async fn fail_before(
+        sr: &mut h2::client::SendRequest<Bytes>,
+        req: http::Request<()>,
+    ) -> AttemptError {
+        let resp = match sr.send_request(req, true) {
+            Err(e) => return classify_before(&e),
+            Ok((resp, _send)) => resp,
+        };
+        match resp.await {
+            Err(e) => classify_before(&e),
+            Ok(r) => panic!("expected a failure, got {}", r.status()),
+        }
+    }
+
+    fn assert_invariant(a: &AttemptError) {
+        assert!(
+            !a.backend_failure || a.err.side() == ErrorSide::Backend,
+            "{:?} counted against a backend",
+            a.err
+        );
+    }
+
+    #[tokio::test]
+    async fn a_header_h2_refuses_locally_is_the_clients_error() {
+        let mut sr = backend().await;
+        for (n, v) in [("te", "Trailers"), ("te", "gzip"), ("connection", "close")] {
+            let mut req = h2_request(&envelope("/", &[])).expect("request");
+            req.headers_mut()
+                .insert(n, http::HeaderValue::from_static(v));
+            let a = fail_before(&mut sr, req).await;
+            assert!(
+                matches!(a.err, UpstreamError::RefusedLocally(_)),
+                "{n}: {v} gave {:?}",
+                a.err
+            );
+            assert_eq!(a.err.side(), ErrorSide::Client);
+            assert!(!a.backend_failure, "never counted against the backend");
+            assert_eq!(a.reason, None, "never retried");
+            assert_invariant(&a);
+        }
+    }
+
+    #[tokio::test]
+    async fn the_mapping_forwards_te_trailers_in_a_form_h2_sends() {
+        let mut sr = backend().await;
+        let env = envelope("/", &[("te", "Trailers")]);
+        let req = h2_request(&env).expect("request");
+        let (resp, _send) = sr.send_request(req, true).expect("h2 accepts the mapping");
+        let resp = resp.await.expect("response");
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["x-te"], "trailers");
+    }
+
+    #[tokio::test]
+    async fn refused_stream_is_retried_but_not_counted() {
+        let mut sr = backend().await;
+        let a = fail_before(&mut sr, h2_request(&envelope("/refuse", &[])).unwrap()).await;
+        assert!(matches!(a.err, UpstreamError::Refused(_)), "{:?}", a.err);
+        assert_eq!(a.reason, Some(RetryOn::RefusedStream));
+        assert!(a.unprocessed);
+        assert!(!a.backend_failure);
+        assert_eq!(a.err.side(), ErrorSide::Backend);
+    }
+
+    #[tokio::test]
+    async fn a_backend_reset_counts_against_the_backend() {
+        let mut sr = backend().await;
+        let a = fail_before(&mut sr, h2_request(&envelope("/fail", &[])).unwrap()).await;
+        assert!(matches!(a.err, UpstreamError::BeforeResponse(_)), "{:?}", a.err);
+        assert_eq!(a.reason, Some(RetryOn::Reset));
+        assert!(a.backend_failure);
+        assert_invariant(&a);
+    }
+
+    #[test]
+    fn errors_know_their_side() {
+        let backend = std::net::SocketAddr::from(([127, 0, 0, 1], 9));
+        let cases = [
+            (UpstreamError::RefusedLocally("x".into()), ErrorSide::Client, 400),
+            (UpstreamError::Cancelled, ErrorSide::Client, 499),
+            (
+                UpstreamError::NoBackend {
+                    upstream: "app".into(),
+                },
+                ErrorSide::Spooky,
+                503,
+            ),
+            (UpstreamError::Status(503), ErrorSide::Backend, 503),
+            (
+                UpstreamError::ConnectTimeout { backend },
+                ErrorSide::Backend,
+                502,
+            ),
+            (
+                UpstreamError::Timeout(Duration::from_secs(1)),
+                ErrorSide::Backend,
+                504,
+            ),
+        ];
+        for (e, side, status) in cases {
+            assert_eq!(e.side(), side, "{e}");
+            assert_eq!(e.status(), status, "{e}");
+        }
+    }
+}
