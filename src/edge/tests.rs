@@ -426,3 +426,80 @@ fn without_pacing_nothing_is_held() {
     assert!(fin && got == 300_000, "got {got}, fin {fin}");
     assert_eq!(p.edge.metrics.paced.load(Ordering::Relaxed), 0);
 }
+
+impl Pair {
+    /// Opens a GET stream and resets it, each in its own datagram, and feeds
+    /// both to the edge before anything is drained from it: as a rapid-reset
+    /// client's HEADERS and RESET_STREAM arrive in one receive batch.
+    fn open_and_reset(&mut self) {
+        let hdrs = vec![
+            h3::Header::new(b":method", b"GET"),
+            h3::Header::new(b":scheme", b"https"),
+            h3::Header::new(b":authority", b"localhost"),
+            h3::Header::new(b":path", b"/"),
+        ];
+        let h3c = self.h3.as_mut().unwrap();
+        let sid = h3c.send_request(&mut self.client, &hdrs, true).unwrap();
+        self.client_to_edge();
+        let _ = self
+            .client
+            .stream_shutdown(sid, quiche::Shutdown::Read, h3_code::REQUEST_CANCELLED);
+        let _ = self
+            .client
+            .stream_shutdown(sid, quiche::Shutdown::Write, h3_code::REQUEST_CANCELLED);
+        self.client_to_edge();
+    }
+
+    /// Delivers what the client has to send, without draining the edge.
+    fn client_to_edge(&mut self) {
+        let mut buf = vec![0u8; 65536];
+        while let Ok((n, info)) = self.client.send(&mut buf) {
+            self.edge
+                .handle_datagram(Instant::now(), &mut buf[..n], info.from, info.to);
+        }
+    }
+}
+
+#[test]
+fn a_request_reset_before_dispatch_is_never_handed_upstream() {
+    let mut p = Pair::new(64 * 1024);
+    p.open_and_reset();
+    assert!(p.edge.poll_event().is_none(), "reset request was dispatched");
+    assert_eq!(
+        p.edge
+            .metrics
+            .cancelled_before_dispatch
+            .load(Ordering::Relaxed),
+        1
+    );
+    assert_eq!(p.edge.requests_in_flight(), 0);
+    // The connection still serves requests.
+    p.exchange();
+    p.request("GET", "/after", true);
+    let (env, _side) = p.take_request();
+    assert_eq!(env.path, "/after");
+}
+
+#[test]
+fn a_source_past_its_abandoned_stream_limit_is_closed_with_excessive_load() {
+    let mut p = Pair::new(64 * 1024);
+    p.edge.abandoned_by_source =
+        abandon::AbandonLedger::new(std::time::Duration::from_secs(10), 3, 16);
+    for _ in 0..3 {
+        p.open_and_reset();
+        p.exchange();
+        assert!(p.client.peer_error().is_none(), "closed too early");
+    }
+    p.open_and_reset();
+    p.exchange();
+    let err = p.client.peer_error().expect("connection closed");
+    assert_eq!(err.error_code, h3_code::EXCESSIVE_LOAD);
+    assert!(err.is_app);
+    assert_eq!(
+        p.edge
+            .metrics
+            .abandoned_stream_closes
+            .load(Ordering::Relaxed),
+        1
+    );
+}
