@@ -122,9 +122,9 @@ pub struct Quic {
     pub initial_max_data: u64,
     /// Per-stream flow-control window in bytes.
     pub initial_max_stream_data: u64,
-    /// Send a stateless Retry to validate client addresses before
-    /// allocating connection state.
-    pub retry: bool,
+    /// When to answer a new connection's Initial with a stateless Retry
+    /// (address validation before any connection state is allocated).
+    pub retry: RetryMode,
     /// Congestion controller.
     pub cc: CongestionControl,
     /// QUIC-LB server id encoded into connection ids (1..=65535).
@@ -137,6 +137,15 @@ pub struct Quic {
     /// Per-connection cap on the pacing rate in Mbit/s; 0 = none. Needs
     /// `cc: bbr2` (quiche 0.30 paces only in its BBR2 recovery).
     pub max_pacing_rate_mbps: u64,
+    /// `retry: auto`: half-open connections (handshake not complete) per
+    /// worker past which new connections must first answer a Retry.
+    pub retry_threshold: usize,
+    /// A connection whose handshake has not completed this long after its
+    /// first Initial is discarded (quiche has no handshake timeout).
+    pub handshake_timeout_ms: u64,
+    /// New connections accepted per second from one client IP address,
+    /// per worker; 0 = no limit. Past it, Initials are dropped and counted.
+    pub new_connections_per_source: u32,
 }
 
 impl Default for Quic {
@@ -146,12 +155,82 @@ impl Default for Quic {
             max_streams_bidi: 256,
             initial_max_data: 16_777_216,
             initial_max_stream_data: 1_048_576,
-            retry: false,
+            retry: RetryMode::Auto,
             cc: CongestionControl::default(),
             server_id: 1,
             pacing: true,
             max_pacing_rate_mbps: 0,
+            retry_threshold: DEFAULT_RETRY_THRESHOLD,
+            handshake_timeout_ms: DEFAULT_HANDSHAKE_TIMEOUT_MS,
+            new_connections_per_source: 0,
         }
+    }
+}
+
+/// Half-open connections per worker before `retry: auto` sends Retry
+/// (HAProxy's `tune.quic.retry-threshold` default is 100 as well).
+pub const DEFAULT_RETRY_THRESHOLD: usize = 100;
+
+/// Default handshake timeout: long enough for a few lost flights on a slow
+/// path (PTOs at about 1, 2 and 4 s), short enough that an unanswered
+/// Initial does not hold state for the 30 s idle timeout.
+pub const DEFAULT_HANDSHAKE_TIMEOUT_MS: u64 = 5_000;
+
+/// `quic.retry`: `auto`, `true` (always) or `false` (never).
+///
+/// Written in YAML as a boolean or `auto`, hence the hand-written serde.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RetryMode {
+    /// Retry only while this worker's half-open connections exceed
+    /// `quic.retry_threshold`.
+    #[default]
+    Auto,
+    /// Every new connection must answer a Retry first.
+    Always,
+    /// Never send Retry.
+    Never,
+}
+
+impl Serialize for RetryMode {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            RetryMode::Auto => serializer.serialize_str("auto"),
+            RetryMode::Always => serializer.serialize_bool(true),
+            RetryMode::Never => serializer.serialize_bool(false),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for RetryMode {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct RetryModeVisitor;
+
+        impl Visitor<'_> for RetryModeVisitor {
+            type Value = RetryMode;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("`auto`, `true` or `false`")
+            }
+
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<RetryMode, E> {
+                Ok(if v {
+                    RetryMode::Always
+                } else {
+                    RetryMode::Never
+                })
+            }
+
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RetryMode, E> {
+                match v {
+                    "auto" => Ok(RetryMode::Auto),
+                    "true" => Ok(RetryMode::Always),
+                    "false" => Ok(RetryMode::Never),
+                    _ => Err(E::invalid_value(de::Unexpected::Str(v), &self)),
+                }
+            }
+        }
+
+        deserializer.deserialize_any(RetryModeVisitor)
     }
 }
 
@@ -757,7 +836,8 @@ fn default_path_prefix() -> String {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Limits {
-    /// Concurrent client connections.
+    /// Concurrent client connections per process, enforced as an equal
+    /// share per worker (`max_connections / workers`, at least 1).
     pub max_connections: usize,
     /// Total size of one request's header section (≥ 1024).
     pub max_request_header_bytes: usize,

@@ -127,6 +127,16 @@ impl Validator<'_> {
             "quic.server_id",
             "must be between 1 and 65535",
         );
+        self.check(
+            quic.retry_threshold >= 1,
+            "quic.retry_threshold",
+            "must be greater than 0",
+        );
+        self.check(
+            quic.handshake_timeout_ms > 0,
+            "quic.handshake_timeout_ms",
+            "must be greater than 0",
+        );
     }
 
     fn io(&mut self, config: &Config) {

@@ -15,6 +15,7 @@
 //! After any input, drain `poll_event` and `poll_transmit` until empty.
 
 mod abandon;
+pub mod admission;
 pub mod cid;
 mod request;
 
@@ -29,11 +30,12 @@ use quiche::h3;
 use slab::Slab;
 use tokio::sync::mpsc;
 
-use crate::config::{Config, CongestionControl};
+use crate::config::{Config, CongestionControl, RetryMode};
 use crate::router::bridge::UpstreamSide;
 use crate::router::bridge::{RequestKey, ToEdge};
 use crate::router::Envelope;
 use crate::telemetry::{DropReason, WorkerMetrics};
+use admission::SourceRate;
 use cid::{CidGenerator, RetryTokens, CID_LEN};
 use request::Request;
 
@@ -66,7 +68,12 @@ pub enum EdgeError {
 /// Limits and switches the edge applies, from `config.yaml`.
 #[derive(Debug, Clone)]
 pub struct EdgeSettings {
-    pub retry: bool,
+    pub retry: RetryMode,
+    /// `retry: auto`: half-open connections at which Retry starts.
+    pub retry_threshold: usize,
+    /// How long a connection may take to complete its handshake.
+    pub handshake_timeout: std::time::Duration,
+    /// This worker's share of `limits.max_connections` (a per-process limit).
     pub max_connections: usize,
     pub max_request_header_bytes: usize,
     pub max_body_buffer_bytes: usize,
@@ -74,6 +81,35 @@ pub struct EdgeSettings {
     /// Hold packets until quiche's `SendInfo.at` (see `quic.pacing`).
     pub pacing: bool,
 }
+
+impl EdgeSettings {
+    /// The edge's view of `config.yaml`.
+    pub fn from_config(cfg: &Config) -> Self {
+        Self {
+            retry: cfg.quic.retry,
+            retry_threshold: cfg.quic.retry_threshold,
+            handshake_timeout: std::time::Duration::from_millis(cfg.quic.handshake_timeout_ms),
+            max_connections: admission::worker_share(cfg),
+            max_request_header_bytes: cfg.limits.max_request_header_bytes,
+            max_body_buffer_bytes: cfg.limits.max_body_buffer_bytes,
+            access_log: cfg.telemetry.access_log,
+            pacing: cfg.quic.pacing,
+        }
+    }
+}
+
+/// Smallest datagram that may carry a client's first Initial, and the
+/// smallest one answered with Version Negotiation (RFC 9000 §14.1, §5.2.2):
+/// anything shorter could turn spooky into an amplifier.
+pub const MIN_INITIAL_DATAGRAM: usize = 1200;
+
+/// The timer heap is rebuilt from live entries once it holds more than
+/// this many entries and more than [`TIMER_STALE_RATIO`] per connection.
+const TIMER_COMPACT_MIN: usize = 1024;
+
+/// Heap entries per connection past which stale ones "clearly outnumber"
+/// live ones (each connection has at most one live entry).
+const TIMER_STALE_RATIO: usize = 4;
 
 /// Packets due this soon are sent now: the driver's timers tick in
 /// milliseconds, so finer pacing would only add wake-ups.
@@ -139,6 +175,9 @@ struct Conn {
     /// else is built for this connection until it has gone out.
     held: Option<Held>,
     held_buf: Vec<u8>,
+    /// Until the handshake completes: when the connection is discarded
+    /// unless it has (`quic.handshake_timeout_ms`).
+    handshake_deadline: Option<Instant>,
 }
 
 /// Abandoned streams one connection may accumulate (see `Conn::abandoned`).
@@ -173,6 +212,11 @@ pub struct Edge {
     now: Instant,
     /// Abandoned streams per source IP (rapid reset across reconnects).
     abandoned_by_source: abandon::AbandonLedger,
+    /// Connections whose handshake has not completed (`Conn::established`
+    /// false): what `quic.retry: auto` compares with its threshold.
+    half_open: usize,
+    /// `quic.new_connections_per_source`.
+    source_rate: SourceRate,
 }
 
 /// Builds the quiche transport config from `config.yaml`.
@@ -240,14 +284,7 @@ impl Edge {
         Ok(Self {
             quic_config,
             h3_config,
-            settings: EdgeSettings {
-                retry: cfg.quic.retry,
-                max_connections: cfg.limits.max_connections,
-                max_request_header_bytes: cfg.limits.max_request_header_bytes,
-                max_body_buffer_bytes: cfg.limits.max_body_buffer_bytes,
-                access_log: cfg.telemetry.access_log,
-                pacing: cfg.quic.pacing,
-            },
+            settings: EdgeSettings::from_config(cfg),
             conns: Slab::new(),
             by_cid: HashMap::new(),
             next_conn_serial: 1,
@@ -271,6 +308,8 @@ impl Edge {
                 abandon::MAX_ABANDONED_PER_SOURCE,
                 abandon::ABANDON_TABLE_CAPACITY,
             ),
+            half_open: 0,
+            source_rate: SourceRate::new(cfg.quic.new_connections_per_source),
         })
     }
 
@@ -287,20 +326,20 @@ impl Edge {
         );
         self.quic_config = quic_config;
         self.h3_config = h3_config;
-        self.settings = EdgeSettings {
-            retry: cfg.quic.retry,
-            max_connections: cfg.limits.max_connections,
-            max_request_header_bytes: cfg.limits.max_request_header_bytes,
-            max_body_buffer_bytes: cfg.limits.max_body_buffer_bytes,
-            access_log: cfg.telemetry.access_log,
-            pacing: cfg.quic.pacing,
-        };
+        self.settings = EdgeSettings::from_config(cfg);
+        self.source_rate
+            .set_limit(cfg.quic.new_connections_per_source);
         Ok(())
     }
 
     /// Number of live connections.
     pub fn connections(&self) -> usize {
         self.conns.len()
+    }
+
+    /// Number of connections whose handshake has not completed.
+    pub fn half_open(&self) -> usize {
+        self.half_open
     }
 
     /// Number of requests in flight.
@@ -380,6 +419,12 @@ impl Edge {
             self.metrics.dropped(DropReason::UnknownConnection);
             return None;
         }
+        // Before anything is sent back: a reply to a shorter datagram would
+        // amplify (RFC 9000 §5.2.2 for Version Negotiation, §14.1).
+        if len < MIN_INITIAL_DATAGRAM {
+            self.metrics.dropped(DropReason::ShortInitial);
+            return None;
+        }
         if !quiche::version_is_supported(version) {
             let mut out = vec![0u8; 1350];
             if let Ok(n) = quiche::negotiate_version(scid, dcid, &mut out) {
@@ -389,39 +434,15 @@ impl Edge {
             }
             return None;
         }
-        if len < 1200 {
-            self.metrics.dropped(DropReason::ShortInitial);
-            return None;
-        }
         if self.draining || self.conns.len() >= self.settings.max_connections {
             self.metrics.dropped(DropReason::OverCapacity);
             return None;
         }
-        let mut odcid = None;
-        let new_scid = if self.settings.retry {
-            let token = token.unwrap_or_default();
-            if token.is_empty() {
-                let new_scid = self.cid_gen.generate();
-                let token = self.tokens.mint(&from, dcid, SystemTime::now());
-                let mut out = vec![0u8; 1350];
-                if let Ok(n) = quiche::retry(scid, dcid, &new_scid, &token, version, &mut out) {
-                    out.truncate(n);
-                    self.stateless.push_back((out, from, to));
-                    WorkerMetrics::inc(&self.metrics.retries_sent);
-                }
-                return None;
-            }
-            match self.tokens.validate(&token, &from, SystemTime::now()) {
-                Some(o) if dcid.len() == CID_LEN => odcid = Some(o),
-                _ => {
-                    self.metrics.dropped(DropReason::InvalidToken);
-                    return None;
-                }
-            }
-            dcid.clone()
-        } else {
-            self.cid_gen.generate()
-        };
+        let (new_scid, odcid) = self.validate_address(dcid, version, scid, token, from, to)?;
+        if !self.source_rate.admit(from.ip(), self.now) {
+            self.metrics.dropped(DropReason::SourceRate);
+            return None;
+        }
         let quic = match quiche::accept(&new_scid, odcid.as_ref(), to, from, &mut self.quic_config)
         {
             Ok(c) => c,
@@ -451,13 +472,61 @@ impl Edge {
             span: tracing::info_span!("conn", conn = serial, peer = %from),
             held: None,
             held_buf: Vec::new(),
+            handshake_deadline: Some(self.now + self.settings.handshake_timeout),
         });
+        self.set_half_open(self.half_open + 1);
         self.by_cid.insert(new_scid, ci);
         self.by_cid.insert(dcid.clone(), ci);
         WorkerMetrics::inc(&self.metrics.conns_opened);
         self.metrics.conns_active.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(%from, conn = ci, "connection accepted");
         Some(ci)
+    }
+
+    /// Address validation of a new connection: with a valid Retry token its
+    /// (our CID, original DCID); with none, and Retry required now, a Retry
+    /// is queued and `None` returned; with none and no Retry required, a
+    /// fresh CID. An invalid token is dropped (RFC 9000 §8.1.3 allows it).
+    fn validate_address(
+        &mut self,
+        dcid: &quiche::ConnectionId<'static>,
+        version: u32,
+        scid: &quiche::ConnectionId<'static>,
+        token: Option<Vec<u8>>,
+        from: SocketAddr,
+        to: SocketAddr,
+    ) -> Option<(quiche::ConnectionId<'static>, Option<quiche::ConnectionId<'static>>)> {
+        let token = token.unwrap_or_default();
+        if !token.is_empty() {
+            return match self.tokens.validate(&token, &from, SystemTime::now()) {
+                Some(o) if dcid.len() == CID_LEN => Some((dcid.clone(), Some(o))),
+                _ => {
+                    self.metrics.dropped(DropReason::InvalidToken);
+                    None
+                }
+            };
+        }
+        let s = &self.settings;
+        let Some(reason) = admission::retry_reason(s.retry, self.half_open, s.retry_threshold)
+        else {
+            return Some((self.cid_gen.generate(), None));
+        };
+        let new_scid = self.cid_gen.generate();
+        let token = self.tokens.mint(&from, dcid, SystemTime::now());
+        let mut out = vec![0u8; 1350];
+        if let Ok(n) = quiche::retry(scid, dcid, &new_scid, &token, version, &mut out) {
+            out.truncate(n);
+            self.stateless.push_back((out, from, to));
+            self.metrics.retry_sent(reason);
+        }
+        None
+    }
+
+    /// Sets the half-open count and its gauge.
+    fn set_half_open(&mut self, n: usize) {
+        let delta = n as i64 - self.half_open as i64;
+        self.half_open = n;
+        self.metrics.half_open.fetch_add(delta, Ordering::Relaxed);
     }
 
     /// Runs everything that may follow new input on a connection.
@@ -478,6 +547,9 @@ impl Edge {
         }
         if !conn.established && conn.quic.is_established() {
             conn.established = true;
+            conn.handshake_deadline = None;
+            self.half_open = self.half_open.saturating_sub(1);
+            self.metrics.half_open.fetch_sub(1, Ordering::Relaxed);
             WorkerMetrics::inc(&self.metrics.handshakes);
             // Give the peer spare connection IDs so it can migrate.
             while conn.quic.scids_left() > 0 {
@@ -521,6 +593,7 @@ impl Edge {
                 conn.quic.timeout_instant(),
                 conn.close_at,
                 conn.held.map(|h| h.at).filter(|&at| at > now),
+                conn.handshake_deadline,
             ]
             .into_iter()
             .flatten()
@@ -529,9 +602,36 @@ impl Edge {
                 conn.timer = t;
                 if let Some(t) = t {
                     self.timers.push(Reverse((t, ci, conn.serial)));
+                    self.compact_timers();
                 }
             }
         }
+    }
+
+    /// Drops stale timer entries once they clearly outnumber live ones.
+    ///
+    /// Entries are deleted lazily (a changed deadline pushes a new entry;
+    /// the old one is skipped when it surfaces), so a peer whose packets
+    /// keep moving its deadline later would otherwise grow the heap by one
+    /// entry per packet until the old deadlines pass. Rebuilding costs
+    /// O(heap) once the heap has doubled past the bound: O(1) amortised.
+    fn compact_timers(&mut self) {
+        let bound = TIMER_COMPACT_MIN.max(self.conns.len().saturating_mul(TIMER_STALE_RATIO));
+        if self.timers.len() <= bound {
+            return;
+        }
+        let conns = &self.conns;
+        self.timers.retain(|Reverse((t, ci, serial))| {
+            conns
+                .get(*ci)
+                .is_some_and(|c| c.serial == *serial && c.timer == Some(*t))
+        });
+    }
+
+    /// Timer heap entries (live and stale), for tests.
+    #[cfg(test)]
+    fn timer_entries(&self) -> usize {
+        self.timers.len()
     }
 
     /// Gives every stream with pending response bytes a chance to write.
@@ -642,6 +742,10 @@ impl Edge {
                 continue; // stale entry
             }
             conn.timer = None;
+            if conn.handshake_deadline.is_some_and(|d| d <= now) {
+                self.handshake_timed_out(ci);
+                continue;
+            }
             if conn.close_at.is_some_and(|c| c <= now) {
                 conn.close_at = None;
                 let _ = conn
@@ -864,12 +968,27 @@ impl Edge {
         self.draining
     }
 
+    /// Discards a connection whose handshake did not complete in time,
+    /// silently, as an idle timeout would (RFC 9000 §10.1): no more bytes
+    /// go to an address that never proved it can receive them.
+    fn handshake_timed_out(&mut self, ci: usize) {
+        WorkerMetrics::inc(&self.metrics.handshake_timeouts);
+        tracing::debug!(conn = ci, "handshake timed out; connection discarded");
+        self.remove_conn(ci);
+    }
+
     fn reap_if_closed(&mut self, ci: usize) {
         let closed = self.conns.get(ci).is_some_and(|c| c.quic.is_closed());
-        if !closed {
-            return;
+        if closed {
+            self.remove_conn(ci);
         }
-        let conn = self.conns.remove(ci);
+    }
+
+    /// Removes a connection and everything that refers to it.
+    fn remove_conn(&mut self, ci: usize) {
+        let Some(conn) = self.conns.try_remove(ci) else {
+            return;
+        };
         for cid in &conn.cids {
             if self.by_cid.get(cid) == Some(&ci) {
                 self.by_cid.remove(cid);
@@ -893,6 +1012,7 @@ impl Edge {
         }
         if !conn.established {
             WorkerMetrics::inc(&self.metrics.handshake_failures);
+            self.set_half_open(self.half_open.saturating_sub(1));
         }
         WorkerMetrics::inc(&self.metrics.conns_closed);
         self.metrics.conns_active.fetch_sub(1, Ordering::Relaxed);

@@ -19,6 +19,7 @@ use prometheus_client::registry::Registry;
 use super::{
     AtomicHistogram, Buckets, DropReason, HistogramSum, PathEvent, ReloadStats, WorkerMetrics,
 };
+use super::RetryReason;
 
 /// Prefix of every family name.
 const PREFIX: &str = "spooky";
@@ -185,11 +186,28 @@ impl Collector for WorkerSum {
             "QUIC handshakes that failed or timed out.",
             sum_u64(ws, |w| &w.handshake_failures),
         )?;
-        counter(
+        let mut retries = [("", 0u64); RetryReason::ALL.len()];
+        for (i, (slot, r)) in retries.iter_mut().zip(RetryReason::ALL).enumerate() {
+            *slot = (r.as_str(), sum_u64(ws, |w| &w.retries_by_reason[i]));
+        }
+        labelled_counter(
             e,
             "quic_retries_sent",
-            "QUIC Retry packets sent.",
-            sum_u64(ws, |w| &w.retries_sent),
+            "QUIC Retry packets sent, by reason (always: quic.retry true; half_open: retry_threshold reached).",
+            "reason",
+            &retries,
+        )?;
+        gauge(
+            e,
+            "quic_half_open_connections",
+            "QUIC connections whose handshake has not completed.",
+            sum_i64(ws, |w| &w.half_open),
+        )?;
+        counter(
+            e,
+            "quic_handshake_timeouts",
+            "QUIC connections discarded because the handshake did not complete within quic.handshake_timeout_ms.",
+            sum_u64(ws, |w| &w.handshake_timeouts),
         )?;
         counter(
             e,
@@ -596,6 +614,8 @@ mod tests {
             ("quic_handshakes", "counter"),
             ("quic_handshake_failures", "counter"),
             ("quic_retries_sent", "counter"),
+            ("quic_half_open_connections", "gauge"),
+            ("quic_handshake_timeouts", "counter"),
             ("quic_version_negotiations", "counter"),
             ("quic_datagrams_dropped", "counter"),
             ("io_datagrams", "counter"),

@@ -50,16 +50,19 @@ pub enum DropReason {
     OverCapacity,
     /// quiche rejected the packet for an existing connection.
     ConnectionError,
+    /// `quic.new_connections_per_source` reached for the client's address.
+    SourceRate,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 6] = [
+    pub const ALL: [DropReason; 7] = [
         DropReason::Malformed,
         DropReason::UnknownConnection,
         DropReason::ShortInitial,
         DropReason::InvalidToken,
         DropReason::OverCapacity,
         DropReason::ConnectionError,
+        DropReason::SourceRate,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -70,6 +73,7 @@ impl DropReason {
             DropReason::InvalidToken => "invalid_token",
             DropReason::OverCapacity => "over_capacity",
             DropReason::ConnectionError => "connection_error",
+            DropReason::SourceRate => "source_rate",
         }
     }
 }
@@ -84,7 +88,7 @@ pub struct WorkerMetrics {
     pub handshake_failures: AtomicU64,
     pub retries_sent: AtomicU64,
     pub version_negotiations: AtomicU64,
-    pub dropped: [AtomicU64; 6],
+    pub dropped: [AtomicU64; DropReason::ALL.len()],
     pub datagrams_in: AtomicU64,
     pub datagrams_out: AtomicU64,
     pub bytes_in: AtomicU64,
@@ -134,6 +138,12 @@ pub struct WorkerMetrics {
     pub paced: AtomicU64,
     /// QUIC path events (client migration / NAT rebinding), by [`PathEvent`].
     pub path_events: [AtomicU64; 4],
+    /// Admission (issue 10): connections whose handshake has not completed,
+    /// Retry packets sent by [`RetryReason`], handshakes discarded by
+    /// `quic.handshake_timeout_ms`.
+    pub half_open: AtomicI64,
+    pub retries_by_reason: [AtomicU64; RetryReason::ALL.len()],
+    pub handshake_timeouts: AtomicU64,
     /// Request duration, from the request head to the last byte (or reset).
     pub request_duration: AtomicHistogram<DurationBuckets>,
     /// Smoothed RTT of each connection, sampled when it closes.
@@ -142,6 +152,27 @@ pub struct WorkerMetrics {
     pub recv_batch: AtomicHistogram<BatchBuckets>,
     /// Datagrams (GSO segments) per send syscall.
     pub send_batch: AtomicHistogram<BatchBuckets>,
+}
+
+/// Why a new connection was answered with a stateless Retry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryReason {
+    /// `quic.retry: true`: every new connection is validated.
+    Always,
+    /// `quic.retry: auto` and the worker's half-open connections reached
+    /// `quic.retry_threshold`.
+    HalfOpen,
+}
+
+impl RetryReason {
+    pub const ALL: [RetryReason; 2] = [RetryReason::Always, RetryReason::HalfOpen];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RetryReason::Always => "always",
+            RetryReason::HalfOpen => "half_open",
+        }
+    }
 }
 
 /// What happened to a connection's network path; counted per event so an
@@ -177,6 +208,12 @@ impl PathEvent {
 }
 
 impl WorkerMetrics {
+    /// Counts one Retry sent (also in the unlabelled total).
+    pub fn retry_sent(&self, r: RetryReason) {
+        Self::inc(&self.retries_sent);
+        Self::inc(&self.retries_by_reason[r as usize]);
+    }
+
     /// Counts one path event.
     pub fn path_event(&self, ev: PathEvent) {
         Self::inc(&self.path_events[ev as usize]);

@@ -4106,6 +4106,18 @@ impl<F: BufFactory> Connection<F> {
             out[done..done + pad_len].fill(0);
 
             done += pad_len;
+
+            // spooky patch: the padding goes on the wire too, so it counts
+            // against the anti-amplification limit (RFC 9000 §8.1) like the
+            // packets do (`send_single` only debits what it wrote). Without
+            // this, each PTO probe of a small Initial padded to 1200 bytes
+            // cost only its packet bytes, and an unanswered Initial drew
+            // about 5x its size instead of at most 3x.
+            let pad_path = self.paths.get_mut(send_pid)?;
+            if self.is_server && !pad_path.verified_peer_address {
+                pad_path.max_send_bytes =
+                    pad_path.max_send_bytes.saturating_sub(pad_len);
+            }
         }
 
         let send_path = self.paths.get(send_pid)?;
