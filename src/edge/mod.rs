@@ -137,6 +137,8 @@ struct Conn {
     /// else is built for this connection until it has gone out.
     held: Option<Held>,
     held_buf: Vec<u8>,
+    /// When the first Initial arrived; `handshake_done` reports from here.
+    accepted_at: Instant,
 }
 
 /// Abandoned streams one connection may accumulate (see `Conn::abandoned`).
@@ -442,10 +444,12 @@ impl Edge {
             span: tracing::info_span!("conn", conn = serial, peer = %from),
             held: None,
             held_buf: Vec::new(),
+            accepted_at: self.now,
         });
         self.by_cid.insert(new_scid, ci);
         self.by_cid.insert(dcid.clone(), ci);
         WorkerMetrics::inc(&self.metrics.conns_opened);
+        crate::telemetry::probes::conn_accept(serial, &from);
         self.metrics.conns_active.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(%from, conn = ci, "connection accepted");
         Some(ci)
@@ -470,6 +474,10 @@ impl Edge {
         if !conn.established && conn.quic.is_established() {
             conn.established = true;
             WorkerMetrics::inc(&self.metrics.handshakes);
+            self.metrics.obs.handshake_done(
+                conn.serial,
+                self.now.saturating_duration_since(conn.accepted_at),
+            );
             // Give the peer spare connection IDs so it can migrate.
             while conn.quic.scids_left() > 0 {
                 let cid = self.cid_gen.generate();
@@ -864,6 +872,7 @@ impl Edge {
                     .started
                     .map(|t| self.now.saturating_duration_since(t));
                 self.metrics.request_finished(0, took);
+                req.probe_done(0, took);
                 req.log_access(self.settings.access_log, "connection_closed");
             }
         }
@@ -872,6 +881,9 @@ impl Edge {
         }
         WorkerMetrics::inc(&self.metrics.conns_closed);
         self.metrics.conns_active.fetch_sub(1, Ordering::Relaxed);
+        self.metrics
+            .obs
+            .conn_closed(conn.serial, &conn.quic, conn.established);
         if let Some(p) = conn.quic.path_stats().next() {
             self.metrics.quic_rtt.observe(p.rtt.as_secs_f64());
         }

@@ -30,10 +30,10 @@ const REQUEST_CLASSES: [&str; 6] = ["aborted", "1xx", "2xx", "3xx", "4xx", "5xx"
 /// The workers' counter blocks. Locked only when a worker is added (start-up)
 /// and when scraped.
 #[derive(Debug, Default)]
-struct WorkerList(Mutex<Vec<Arc<WorkerMetrics>>>);
+pub(super) struct WorkerList(Mutex<Vec<Arc<WorkerMetrics>>>);
 
 impl WorkerList {
-    fn lock(&self) -> MutexGuard<'_, Vec<Arc<WorkerMetrics>>> {
+    pub(super) fn lock(&self) -> MutexGuard<'_, Vec<Arc<WorkerMetrics>>> {
         // The list is only pushed to, so a panic while it was held cannot
         // have left it half-updated.
         self.0.lock().unwrap_or_else(|e| e.into_inner())
@@ -56,6 +56,9 @@ impl MetricsRegistry {
         let mut registry = Registry::with_prefix(PREFIX);
         registry.register_collector(Box::new(WorkerSum(Arc::clone(&workers))));
         registry.register_collector(Box::new(BuildInfo));
+        registry.register_collector(Box::new(super::signals::SignalsCollector(Arc::clone(
+            &workers,
+        ))));
         let reload = Arc::new(ReloadStats::default());
         registry.register_collector(Box::new(ReloadCollector(Arc::clone(&reload))));
         Arc::new(Self {
@@ -92,7 +95,7 @@ impl MetricsRegistry {
 #[derive(Debug)]
 struct WorkerSum(Arc<WorkerList>);
 
-fn sum_u64(ws: &[Arc<WorkerMetrics>], f: impl Fn(&WorkerMetrics) -> &AtomicU64) -> u64 {
+pub(super) fn sum_u64(ws: &[Arc<WorkerMetrics>], f: impl Fn(&WorkerMetrics) -> &AtomicU64) -> u64 {
     ws.iter().fold(0u64, |acc, w| {
         acc.wrapping_add(f(w).load(Ordering::Relaxed))
     })
@@ -104,7 +107,7 @@ fn sum_i64(ws: &[Arc<WorkerMetrics>], f: impl Fn(&WorkerMetrics) -> &AtomicI64) 
     })
 }
 
-fn counter(enc: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> fmt::Result {
+pub(super) fn counter(enc: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> fmt::Result {
     let m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
     ConstCounter::new(v).encode(m)
 }
@@ -115,7 +118,7 @@ fn gauge(enc: &mut DescriptorEncoder, name: &str, help: &str, v: i64) -> fmt::Re
 }
 
 /// One counter family with one label, one series per `(label value, count)`.
-fn labelled_counter(
+pub(super) fn labelled_counter(
     enc: &mut DescriptorEncoder,
     name: &str,
     help: &str,
@@ -130,7 +133,7 @@ fn labelled_counter(
     Ok(())
 }
 
-fn sum_histogram<B: Buckets>(
+pub(super) fn sum_histogram<B: Buckets>(
     ws: &[Arc<WorkerMetrics>],
     f: impl Fn(&WorkerMetrics) -> &AtomicHistogram<B>,
 ) -> HistogramSum {
@@ -141,7 +144,12 @@ fn sum_histogram<B: Buckets>(
     acc
 }
 
-fn histogram(enc: &mut DescriptorEncoder, name: &str, help: &str, h: &HistogramSum) -> fmt::Result {
+pub(super) fn histogram(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    h: &HistogramSum,
+) -> fmt::Result {
     let mut m = enc.encode_descriptor(name, help, None, MetricType::Histogram)?;
     m.encode_histogram::<NoLabels>(h.sum(), h.count, &h.buckets, None)
 }

@@ -5,6 +5,8 @@
 
 pub mod backends;
 pub mod metrics;
+pub mod probes;
+pub mod signals;
 
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -135,6 +137,8 @@ pub struct WorkerMetrics {
     pub recv_batch: AtomicHistogram<BatchBuckets>,
     /// Datagrams (GSO segments) per send syscall.
     pub send_batch: AtomicHistogram<BatchBuckets>,
+    /// QUIC loss, congestion window, handshake time, closes by reason.
+    pub obs: signals::ObsMetrics,
 }
 
 /// What happened to a connection's network path; counted per event so an

@@ -180,6 +180,7 @@ async fn run(
         tried.push(idx);
         let backend = group.backends[idx].clone();
         WorkerMetrics::inc(&metrics.upstream_picks);
+        crate::telemetry::probes::request_routed(env.request_id, &group.name, &backend.address);
         side.edge.send(ToEdge::Backend {
             upstream: group.name.clone(),
             backend: backend.address,
@@ -216,6 +217,12 @@ async fn run(
                     return Err(a.err);
                 }
                 WorkerMetrics::inc(&metrics.retries);
+                crate::telemetry::probes::retry(
+                    env.request_id,
+                    &group.name,
+                    &backend.address,
+                    tried.len(),
+                );
                 tracing::info!(
                     request_id = env.request_id,
                     upstream = %group.name,
@@ -346,6 +353,7 @@ async fn attempt(
         .map_err(|e| AttemptError::fatal(UpstreamError::BeforeResponse(e.to_string())))?;
     *req.headers_mut() = env.headers.clone();
 
+    let sent_at = Instant::now();
     let (resp_fut, send) = sr
         .send_request(req, !env.has_body)
         .map_err(|e| classify_before(&e))?;
@@ -396,6 +404,12 @@ async fn attempt(
 
     let (parts, body) = resp.into_parts();
     let status = parts.status.as_u16();
+    crate::telemetry::probes::upstream_response(
+        env.request_id,
+        status,
+        sent_at.elapsed(),
+        &backend.address,
+    );
     let retry_status = RetryOn::Status(status);
     if !is_last && group.cfg.retries.on.contains(&retry_status) {
         // Candidate for a retry: do not forward this answer (the h2 stream
