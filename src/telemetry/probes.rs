@@ -3,7 +3,9 @@
 //! `bpftrace -l 'usdt:/path/to/spooky:spooky:*'` lists them; the scripts in
 //! `ebpf-probes/` and the argument tables in `docs/probes.md` use them.
 //!
-//! Every probe is `probe_lazy!`: one volatile load of the probe's semaphore
+//! Every probe is `probe_lazy!` in its own non-inlined function (one SDT
+//! note per probe, never a stray copy in code the linker dropped): a call,
+//! one volatile load of the probe's semaphore
 //! and a not-taken branch while nobody is attached. Arguments, C strings
 //! included, are only built once a tracer has raised the semaphore, so these
 //! functions are safe to call on the hot path. Arguments are plain integers
@@ -96,14 +98,14 @@ impl CloseReason {
             return CloseReason::IdleTimeout;
         }
         if let Some(e) = quic.peer_error() {
-            return if e.error_code == 0 {
+            return if is_clean(e) {
                 CloseReason::PeerClosed
             } else {
                 CloseReason::PeerError
             };
         }
         match quic.local_error() {
-            Some(e) if e.error_code != 0 => CloseReason::LocalError,
+            Some(e) if !is_clean(e) => CloseReason::LocalError,
             _ => CloseReason::LocalClosed,
         }
     }
@@ -125,16 +127,28 @@ impl CloseReason {
     }
 }
 
+/// HTTP/3's H3_NO_ERROR: an application close that is not an error.
+const H3_NO_ERROR: u64 = 0x100;
+
+/// A close without error: transport NO_ERROR or HTTP/3 H3_NO_ERROR.
+fn is_clean(e: &quiche::ConnectionError) -> bool {
+    if e.is_app {
+        e.error_code == H3_NO_ERROR
+    } else {
+        e.error_code == 0
+    }
+}
+
 /// `conn_accept(conn, peer)`: a connection was accepted; `conn` is the
 /// worker-local serial the other connection probes carry.
-#[inline]
+#[inline(never)]
 pub fn conn_accept(conn: u64, peer: &std::net::SocketAddr) {
     let mut p = None;
     probe_lazy!(spooky, conn_accept, conn, c_string(&mut p, peer));
 }
 
 /// `conn_close(conn, reason, packets_lost, packets_sent, rtt_us)`.
-#[inline]
+#[inline(never)]
 pub fn conn_close(conn: u64, reason: CloseReason, lost: usize, sent: usize, rtt: Duration) {
     probe_lazy!(
         spooky,
@@ -148,20 +162,20 @@ pub fn conn_close(conn: u64, reason: CloseReason, lost: usize, sent: usize, rtt:
 }
 
 /// `handshake_done(conn, duration_us)`: from the first Initial to established.
-#[inline]
+#[inline(never)]
 pub fn handshake_done(conn: u64, took: Duration) {
     probe_lazy!(spooky, handshake_done, conn, micros(took));
 }
 
 /// `request_start(request_id, conn, stream_id)`.
-#[inline]
+#[inline(never)]
 pub fn request_start(request_id: u64, conn: u64, stream_id: u64) {
     probe_lazy!(spooky, request_start, request_id, conn, stream_id);
 }
 
 /// `request_routed(request_id, upstream, backend)`: the balancer picked
 /// `backend` (`ip:port`) of `upstream`; fires once per attempt.
-#[inline]
+#[inline(never)]
 pub fn request_routed(request_id: u64, upstream: &str, backend: &std::net::SocketAddr) {
     let (mut u, mut b) = (None, None);
     probe_lazy!(
@@ -175,7 +189,7 @@ pub fn request_routed(request_id: u64, upstream: &str, backend: &std::net::Socke
 
 /// `upstream_response(request_id, status, latency_us, backend)`: a
 /// backend's response head arrived, `latency_us` after the request was sent.
-#[inline]
+#[inline(never)]
 pub fn upstream_response(
     request_id: u64,
     status: u16,
@@ -195,7 +209,7 @@ pub fn upstream_response(
 
 /// `request_done(request_id, status, bytes_out, duration_us, bytes_in)`:
 /// status 0 = reset or aborted before a status was sent.
-#[inline]
+#[inline(never)]
 pub fn request_done(request_id: u64, status: u16, bytes_out: u64, took: Duration, bytes_in: u64) {
     probe_lazy!(
         spooky,
@@ -210,7 +224,7 @@ pub fn request_done(request_id: u64, status: u16, bytes_out: u64, took: Duration
 
 /// `retry(request_id, upstream, backend, attempt)`: the attempt on
 /// `backend` failed and the request goes to another one.
-#[inline]
+#[inline(never)]
 pub fn retry(request_id: u64, upstream: &str, backend: &std::net::SocketAddr, attempt: usize) {
     let (mut u, mut b) = (None, None);
     probe_lazy!(
@@ -253,7 +267,7 @@ impl From<super::backends::HealthState> for BackendEvent {
 
 /// `backend_state(upstream, backend, state, ejected_for_ms)`: an active
 /// health check changed a backend's state, or outlier detection ejected it.
-#[inline]
+#[inline(never)]
 pub fn backend_state(
     upstream: &str,
     backend: &std::net::SocketAddr,
@@ -272,7 +286,7 @@ pub fn backend_state(
 }
 
 /// `io_recv_batch(datagrams, bytes, driver)`: one receive call's yield.
-#[inline]
+#[inline(never)]
 pub fn io_recv_batch(datagrams: usize, bytes: usize, driver: &str) {
     probe_lazy!(
         spooky,
@@ -284,7 +298,7 @@ pub fn io_recv_batch(datagrams: usize, bytes: usize, driver: &str) {
 }
 
 /// `io_send_batch(datagrams, bytes, driver)`: one send (a GSO train).
-#[inline]
+#[inline(never)]
 pub fn io_send_batch(datagrams: usize, bytes: usize, driver: &str) {
     probe_lazy!(
         spooky,
@@ -297,7 +311,7 @@ pub fn io_send_batch(datagrams: usize, bytes: usize, driver: &str) {
 
 /// `config_reload(ok, generation)`: ok 1 = applied (generation is the new
 /// one), 0 = rejected (generation is the one still in effect).
-#[inline]
+#[inline(never)]
 pub fn config_reload(ok: bool, generation: u64) {
     probe_lazy!(spooky, config_reload, u64::from(ok), generation);
 }
