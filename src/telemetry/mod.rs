@@ -4,6 +4,7 @@
 //! with other workers' hot counters) and are summed when scraped.
 
 pub mod backends;
+pub mod exposition;
 pub mod metrics;
 pub mod probes;
 pub mod signals;
