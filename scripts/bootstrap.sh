@@ -3,7 +3,8 @@
 # Build: cmake + clang + libclang-dev (BoringSSL via the `boring` crate, bindgen).
 # Tests/run: gtlsclient (ngtcp2-client), h2load (nghttp2-client), nginx-light (h2c peer),
 # openssl (demo certificates), curl (admin API), strace (perf: syscalls per request),
-# prometheus (promtool + a real scraping server for tests/e2e_control.rs).
+# prometheus (promtool + a real scraping server for tests/e2e_control.rs),
+# bpftrace (tests/e2e_probes.rs attaches ebpf-probes/*.bt to the USDT probes).
 set -euo pipefail
 
 need=()
@@ -21,6 +22,7 @@ have_cmd strace || need+=(strace)
 have_cmd curl || need+=(curl)
 have_cmd promtool || need+=(prometheus)
 have_cmd make || need+=(make)
+have_cmd bpftrace || need+=(bpftrace)
 
 if [ ${#need[@]} -eq 0 ]; then
   exit 0

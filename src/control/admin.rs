@@ -19,7 +19,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, ALLOW, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
+use hyper::header::{
+    HeaderValue, ACCEPT, ALLOW, AUTHORIZATION, CONTENT_TYPE, VARY, WWW_AUTHENTICATE,
+};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
@@ -31,9 +33,9 @@ use super::reload::{ConfigStore, ReloadOutcome};
 use crate::telemetry::backends::BackendBoard;
 use crate::telemetry::MetricsRegistry;
 
-/// `Content-Type` of `/metrics`.
-pub const OPENMETRICS_CONTENT_TYPE: &str =
-    "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// `Content-Type` of `/metrics` for scrapers that accept OpenMetrics.
+pub use crate::telemetry::exposition::OPENMETRICS_CONTENT_TYPE;
+use crate::telemetry::exposition::{Format, PROMETHEUS_TEXT_CONTENT_TYPE};
 const TEXT_PLAIN: &str = "text/plain; charset=utf-8";
 const APPLICATION_JSON: &str = "application/json";
 const APPLICATION_YAML: &str = "application/yaml; charset=utf-8";
@@ -171,14 +173,7 @@ async fn route(req: &Request<Incoming>, state: &Arc<AdminState>) -> Response<Ful
         }
     }
     match path {
-        "/metrics" => {
-            let mut r = Response::new(Full::new(Bytes::from(state.metrics.render())));
-            r.headers_mut().insert(
-                CONTENT_TYPE,
-                HeaderValue::from_static(OPENMETRICS_CONTENT_TYPE),
-            );
-            r
-        }
+        "/metrics" => metrics(req, state),
         "/ready" if state.ready.load(Ordering::Relaxed) => text(StatusCode::OK, "ready\n"),
         "/ready" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
         "/backends" => json(StatusCode::OK, &state.backends.snapshot()),
@@ -226,6 +221,21 @@ async fn route(req: &Request<Incoming>, state: &Arc<AdminState>) -> Response<Ful
         },
         _ => text(StatusCode::OK, "ok\n"),
     }
+}
+
+/// `/metrics` in the format the scraper's `Accept` asks for: OpenMetrics
+/// when it lists `application/openmetrics-text`, else Prometheus text 0.0.4.
+fn metrics(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
+    let accept = req.headers().get(ACCEPT).and_then(|v| v.to_str().ok());
+    let format = Format::negotiate(accept);
+    let mut r = Response::new(Full::new(Bytes::from(state.metrics.render_as(format))));
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static(format.content_type()),
+    );
+    r.headers_mut()
+        .insert(VARY, HeaderValue::from_static("Accept"));
+    r
 }
 
 /// The effective config as YAML with secrets left out. The config holds no
@@ -327,8 +337,14 @@ mod tests {
     }
 
     async fn fetch(addr: SocketAddr, method: &str, path: &str) -> Reply {
+        fetch_with(addr, method, path, "").await
+    }
+
+    async fn fetch_with(addr: SocketAddr, method: &str, path: &str, headers: &str) -> Reply {
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let req = format!("{method} {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n");
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: admin\r\n{headers}Connection: close\r\n\r\n"
+        );
         s.write_all(req.as_bytes()).await.unwrap();
         let mut buf = Vec::new();
         tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
@@ -362,14 +378,39 @@ mod tests {
             let _ = stop_rx.await;
         }));
 
-        let r = fetch(addr, "GET", "/metrics").await;
+        // A scraper that accepts OpenMetrics gets it.
+        let r = fetch_with(
+            addr,
+            "GET",
+            "/metrics",
+            "Accept: application/openmetrics-text;version=1.0.0,text/plain;q=0.5\r\n",
+        )
+        .await;
         assert_eq!(r.status, 200);
         assert_eq!(r.header("content-type"), Some(OPENMETRICS_CONTENT_TYPE));
         assert!(r
             .body
             .lines()
             .any(|l| l == "spooky_quic_connections_opened_total 42"));
+        assert!(r
+            .body
+            .lines()
+            .any(|l| l == "# TYPE spooky_quic_connections_opened counter"));
         assert!(r.body.ends_with("# EOF\n"), "{}", r.body);
+        // Anyone else (curl, promtool) gets the Prometheus text format.
+        let r = fetch(addr, "GET", "/metrics").await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("content-type"), Some(PROMETHEUS_TEXT_CONTENT_TYPE));
+        assert_eq!(r.header("vary"), Some("Accept"));
+        assert!(r
+            .body
+            .lines()
+            .any(|l| l == "# TYPE spooky_quic_connections_opened_total counter"));
+        assert!(r
+            .body
+            .lines()
+            .any(|l| l == "spooky_quic_connections_opened_total 42"));
+        assert!(!r.body.contains("# EOF"), "{}", r.body);
 
         let r = fetch(addr, "GET", "/health").await;
         assert_eq!((r.status, r.body.as_str()), (200, "ok\n"));

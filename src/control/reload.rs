@@ -108,6 +108,7 @@ impl ConfigStore {
             Err(errs) => {
                 let errors: Vec<String> = errs.0.iter().map(ToString::to_string).collect();
                 self.stats.error.fetch_add(1, Ordering::Relaxed);
+                crate::telemetry::probes::config_reload(false, self.current.load().generation);
                 tracing::error!(
                     trigger,
                     config = %self.path.display(),
@@ -126,6 +127,7 @@ impl ConfigStore {
         }));
         self.stats.generation.store(generation, Ordering::Relaxed);
         self.stats.ok.fetch_add(1, Ordering::Relaxed);
+        crate::telemetry::probes::config_reload(true, generation);
         self.notify.send_replace(generation);
         if restart.is_empty() {
             tracing::info!(trigger, generation, "config reloaded");

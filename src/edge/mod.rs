@@ -178,6 +178,8 @@ struct Conn {
     /// Until the handshake completes: when the connection is discarded
     /// unless it has (`quic.handshake_timeout_ms`).
     handshake_deadline: Option<Instant>,
+    /// When the first Initial arrived; `handshake_done` reports from here.
+    accepted_at: Instant,
 }
 
 /// Abandoned streams one connection may accumulate (see `Conn::abandoned`).
@@ -473,11 +475,13 @@ impl Edge {
             held: None,
             held_buf: Vec::new(),
             handshake_deadline: Some(self.now + self.settings.handshake_timeout),
+            accepted_at: self.now,
         });
         self.set_half_open(self.half_open + 1);
         self.by_cid.insert(new_scid, ci);
         self.by_cid.insert(dcid.clone(), ci);
         WorkerMetrics::inc(&self.metrics.conns_opened);
+        crate::telemetry::probes::conn_accept(serial, &from);
         self.metrics.conns_active.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(%from, conn = ci, "connection accepted");
         Some(ci)
@@ -551,6 +555,10 @@ impl Edge {
             self.half_open = self.half_open.saturating_sub(1);
             self.metrics.half_open.fetch_sub(1, Ordering::Relaxed);
             WorkerMetrics::inc(&self.metrics.handshakes);
+            self.metrics.obs.handshake_done(
+                conn.serial,
+                self.now.saturating_duration_since(conn.accepted_at),
+            );
             // Give the peer spare connection IDs so it can migrate.
             while conn.quic.scids_left() > 0 {
                 let cid = self.cid_gen.generate();
@@ -1007,6 +1015,7 @@ impl Edge {
                     .started
                     .map(|t| self.now.saturating_duration_since(t));
                 self.metrics.request_finished(0, took);
+                req.probe_done(0, took);
                 req.log_access(self.settings.access_log, "connection_closed");
             }
         }
@@ -1016,6 +1025,9 @@ impl Edge {
         }
         WorkerMetrics::inc(&self.metrics.conns_closed);
         self.metrics.conns_active.fetch_sub(1, Ordering::Relaxed);
+        self.metrics
+            .obs
+            .conn_closed(conn.serial, &conn.quic, conn.established);
         if let Some(p) = conn.quic.path_stats().next() {
             self.metrics.quic_rtt.observe(p.rtt.as_secs_f64());
         }

@@ -101,6 +101,17 @@ impl Request {
         self.resp.end = true;
     }
 
+    /// Fires the `request_done` probe (status 0: reset or aborted).
+    pub fn probe_done(&self, status: u16, took: Option<std::time::Duration>) {
+        crate::telemetry::probes::request_done(
+            self.log.request_id,
+            status,
+            self.shared.bytes_down.load(Ordering::Relaxed),
+            took.unwrap_or_default(),
+            self.shared.bytes_up.load(Ordering::Relaxed),
+        );
+    }
+
     pub fn log_access(&self, enabled: bool, outcome: &str) {
         if !enabled {
             return;
@@ -261,6 +272,7 @@ impl Edge {
         self.metrics
             .requests_in_flight
             .fetch_add(1, Ordering::Relaxed);
+        crate::telemetry::probes::request_start(serial, conn.serial, sid);
         match built {
             Ok(env) => {
                 req.log.trace_id = env.trace.trace_id_hex();
@@ -644,6 +656,7 @@ impl Edge {
             .started
             .map(|t| self.now.saturating_duration_since(t));
         self.metrics.request_finished(status, took);
+        req.probe_done(status, took);
         req.log_access(self.settings.access_log, outcome);
     }
 }

@@ -225,9 +225,10 @@ pub async fn run_worker<D: DatagramIo>(
                 let now = Instant::now();
                 // Drain the socket, bounded so upstream events are not starved.
                 for _ in 0..16 {
-                    let mut datagrams = 0usize;
+                    let (mut datagrams, mut bytes) = (0usize, 0usize);
                     let got = io.recv_with(batch, |meta, buf| {
                         datagrams += meta.segments();
+                        bytes += meta.len;
                         let to = meta
                             .local_ip
                             .map(|ip| SocketAddr::new(ip, local.port()))
@@ -256,6 +257,7 @@ pub async fn run_worker<D: DatagramIo>(
                         Ok(n) => {
                             if n > 0 {
                                 metrics.recv_batch.observe(datagrams as f64);
+                                crate::telemetry::probes::io_recv_batch(datagrams, bytes, caps.driver);
                             }
                             if n < batch {
                                 break;
@@ -368,6 +370,7 @@ async fn flush<D: DatagramIo>(
     metrics: &WorkerMetrics,
 ) {
     let max_segments = io.capabilities().max_gso_segments;
+    let driver = io.capabilities().driver;
     // Each train is encrypted straight into the driver's send buffer: the
     // bytes quiche writes are the bytes the kernel reads.
     let mut starved = 0;
@@ -403,6 +406,7 @@ async fn flush<D: DatagramIo>(
             Ok(()) => {
                 let segments = t.len.div_ceil(t.segment_size.max(1)).max(1);
                 metrics.send_batch.observe(segments as f64);
+                crate::telemetry::probes::io_send_batch(segments, t.len, driver);
             }
             Err(e) => tracing::debug!(error = %e, "send failed"),
         }

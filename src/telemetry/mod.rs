@@ -4,7 +4,10 @@
 //! with other workers' hot counters) and are summed when scraped.
 
 pub mod backends;
+pub mod exposition;
 pub mod metrics;
+pub mod probes;
+pub mod signals;
 
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -152,6 +155,8 @@ pub struct WorkerMetrics {
     pub recv_batch: AtomicHistogram<BatchBuckets>,
     /// Datagrams (GSO segments) per send syscall.
     pub send_batch: AtomicHistogram<BatchBuckets>,
+    /// QUIC loss, congestion window, handshake time, closes by reason.
+    pub obs: signals::ObsMetrics,
 }
 
 /// Why a new connection was answered with a stateless Retry.

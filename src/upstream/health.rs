@@ -177,6 +177,12 @@ pub async fn run_checker(
         };
         if let Some(state) = pool.health.check_result(ok, &cfg) {
             WorkerMetrics::inc(&metrics.health_transitions);
+            crate::telemetry::probes::backend_state(
+                &upstream,
+                &pool.address,
+                state.into(),
+                Duration::ZERO,
+            );
             match state {
                 HealthState::Unhealthy => {
                     tracing::warn!(%upstream, backend = %pool.address, "backend unhealthy")

@@ -276,6 +276,12 @@ impl UpstreamGroup {
                     .health
                     .eject(now, Duration::from_millis(o.base_ejection_ms));
                 WorkerMetrics::inc(&metrics.ejections);
+                crate::telemetry::probes::backend_state(
+                    &self.name,
+                    &b.address,
+                    crate::telemetry::probes::BackendEvent::Ejected,
+                    d,
+                );
                 tracing::warn!(
                     upstream = %self.name,
                     backend = %b.address,

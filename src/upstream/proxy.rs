@@ -198,6 +198,7 @@ async fn run(
         tried.push(idx);
         let backend = group.backends[idx].clone();
         WorkerMetrics::inc(&metrics.upstream_picks);
+        crate::telemetry::probes::request_routed(env.request_id, &group.name, &backend.address);
         side.edge.send(ToEdge::Backend {
             upstream: group.name.clone(),
             backend: backend.address,
@@ -234,6 +235,12 @@ async fn run(
                     return Err(a.err);
                 }
                 WorkerMetrics::inc(&metrics.retries);
+                crate::telemetry::probes::retry(
+                    env.request_id,
+                    &group.name,
+                    &backend.address,
+                    tried.len(),
+                );
                 tracing::info!(
                     request_id = env.request_id,
                     upstream = %group.name,
@@ -356,6 +363,8 @@ async fn attempt(
     if side.shared.cancel.is_cancelled() {
         return Err(AttemptError::fatal(UpstreamError::Cancelled));
     }
+
+    let sent_at = Instant::now();
     let (resp_fut, send) = sr
         .send_request(req, !env.has_body)
         .map_err(|e| classify_before(&e))?;
@@ -406,6 +415,12 @@ async fn attempt(
 
     let (parts, body) = resp.into_parts();
     let status = parts.status.as_u16();
+    crate::telemetry::probes::upstream_response(
+        env.request_id,
+        status,
+        sent_at.elapsed(),
+        &backend.address,
+    );
     let retry_status = RetryOn::Status(status);
     if !is_last && group.cfg.retries.on.contains(&retry_status) {
         // Candidate for a retry: do not forward this answer (the h2 stream
