@@ -1035,6 +1035,9 @@ def parse_args():
     p.add_argument("--profile", default=env_default("PERF_IO_PROFILE", "release"),
                    help="how the binaries were built, for the report header (default release: "
                    "fat LTO; say e.g. 'release, thin LTO' when CARGO_PROFILE_RELEASE_LTO=thin)")
+    p.add_argument("--cargo-profile", default=env_default("PERF_IO_CARGO_PROFILE", "release"),
+                   help="cargo profile to build and run (default release; `perf` = thin LTO, "
+                   "quicker to build, see Cargo.toml)")
     p.add_argument("--pin", action="store_true", default=bool(os.environ.get("PERF_IO_PIN")),
                    help="spooky on the last CPU (io.workers 1 unless --workers is given), the "
                    "load generator and backends on the others: less scheduler noise on small hosts")
@@ -1088,13 +1091,13 @@ def main() -> int:
     # Even when started with SIGINT ignored (a background job), Ctrl-C/SIGINT stops the run.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     target = os.path.abspath(os.environ.get("CARGO_TARGET_DIR") or os.path.join(ROOT, "target"))
-    bins = {n: os.path.join(target, "release", n) for n in ("spooky", "h3load")}
+    bins = {n: os.path.join(target, a.cargo_profile, n) for n in ("spooky", "h3load")}
     work = None
     try:
         if not a.no_build:
-            log("build: cargo build --release --locked -p spooky -p spooky-perf")
+            log(f"build: cargo build --profile {a.cargo_profile} --locked -p spooky -p spooky-perf")
             subprocess.run(
-                [os.environ.get("CARGO", "cargo"), "build", "--release", "--locked",
+                [os.environ.get("CARGO", "cargo"), "build", "--profile", a.cargo_profile, "--locked",
                  "-p", "spooky", "-p", "spooky-perf"],
                 cwd=ROOT, check=True,
             )
