@@ -722,6 +722,19 @@ def run_sweep(a, bins: dict, work: str, backend_ports: list[int]) -> dict:
                     f"{fmt(row['ok_per_cpu_s'])} ok per CPU-s, {fmt(row['cpu_us_per_req'])} µs CPU/req, "
                     f"peak RSS {fmt((row['vm_hwm_kib'] or 0) / 1024)} MiB"
                     + (f", {row['non_2xx']} NON-2XX" if row["non_2xx"] else ""))
+        if a.alloc_duration > 0:
+            for t in targets:
+                if t["key"] == "haproxy":
+                    continue
+                log(f"sweep: {t['name']}: counting libc allocations (bpftrace) over h3load -c 4 -m 16 "
+                    f"-d {a.alloc_duration}")
+                ac = count_allocs(a, bins, t, 4, 16)
+                out.setdefault("allocs", {})[t["key"]] = ac
+                if ac:
+                    log(f"sweep: {t['name']}: {fmt(ac['allocs_per_req'])} allocations and "
+                        f"{fmt(ac['frees_per_req'])} frees per request")
+                else:
+                    log(f"sweep: {t['name']}: allocation count skipped (needs root, bpftrace, libc malloc)")
         for t in targets:
             if t["backend"] == "uring" and not t.get("io_uring_fds"):
                 out.setdefault("warnings", []).append(f"{t['name']}: no io_uring instance open (fell back to epoll?)")
@@ -730,6 +743,69 @@ def run_sweep(a, bins: dict, work: str, backend_ports: list[int]) -> dict:
             stop(t["proc"])
             t["logf"].close()
     return out
+
+
+ALLOC_BT = """
+uprobe:{libc}:malloc /pid == {pid}/ {{ @calls["malloc"] = count(); }}
+uprobe:{libc}:calloc /pid == {pid}/ {{ @calls["calloc"] = count(); }}
+uprobe:{libc}:realloc /pid == {pid}/ {{ @calls["realloc"] = count(); }}
+uprobe:{libc}:free /pid == {pid}/ {{ @calls["free"] = count(); }}
+"""
+BT_ROW = re.compile(r'^@calls\[(\w+)\]: (\d+)')
+
+
+def libc_of(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            for line in f:
+                path = line.split()[-1] if len(line.split()) >= 6 else ""
+                if re.search(r"/libc\.so\.6$|/libc-[\d.]+\.so$", path):
+                    return path
+    except OSError:
+        pass
+    return None
+
+
+def count_allocs(a, bins: dict, t: dict, c: int, m: int) -> dict | None:
+    """libc malloc/calloc/realloc/free calls of the proxy process per 2xx
+    answer, counted exactly by bpftrace uprobes over a short run of its own
+    (uprobes slow the process down, so no other figure comes from it). None
+    when bpftrace, root or a libc allocator is missing (mimalloc/jemalloc
+    builds never call libc malloc)."""
+    bt = shutil.which("bpftrace")
+    pid = t["proc"].pid
+    libc = libc_of(pid)
+    if not bt or os.geteuid() != 0 or not libc:
+        return None
+    script = ALLOC_BT.format(libc=libc, pid=pid)
+    p = spawn([bt, "-e", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 30
+    line = ""
+    while time.monotonic() < deadline:
+        line = p.stdout.readline()
+        if not line or line.startswith("Attaching"):
+            break
+    if not line.startswith("Attaching"):
+        stop(p, signal.SIGKILL)
+        log(f"alloc count: bpftrace did not attach ({line.strip()}); skipped")
+        return None
+    time.sleep(0.5)
+    r = h3load(bins["h3load"], t["port"], ["-c", str(c), "-m", str(m), "-d", str(a.alloc_duration), "/"],
+               a.alloc_duration + 120)
+    p.send_signal(signal.SIGINT)
+    try:
+        out, _ = p.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        stop(p, signal.SIGKILL)
+        return None
+    finally:
+        if p in CHILDREN:
+            CHILDREN.remove(p)
+    calls = {mm.group(1): int(mm.group(2)) for mm in map(BT_ROW.match, out.splitlines()) if mm}
+    ok = r.get("s2xx", 0)
+    allocs = calls.get("malloc", 0) + calls.get("calloc", 0) + calls.get("realloc", 0)
+    return {"load": f"{c}x{m}", "ok": ok, "non_2xx": r["non_2xx"], "calls": calls,
+            "allocs_per_req": div(allocs, ok), "frees_per_req": div(calls.get("free", 0), ok)}
 
 
 def sweep_markdown(a, sw: dict) -> str:
@@ -795,6 +871,11 @@ def sweep_markdown(a, sw: dict) -> str:
     if uring and epoll:
         lines.append(f"- io_uring never slower than epoll: "
                      + ("**met**" if not slower else "**not met** (uring/epoll): " + "; ".join(slower)))
+    for k, ac in (sw.get("allocs") or {}).items():
+        if ac:
+            lines.append(f"- {names.get(k, k)}: **{fmt(ac['allocs_per_req'])} libc allocations** "
+                         f"(malloc+calloc+realloc) and {fmt(ac['frees_per_req'])} frees per request "
+                         f"(bpftrace uprobes, h3load -c 4 -m 16, {ac['ok']} answers)")
     for w in sw.get("warnings", []):
         lines.append(f"- **{w}**")
     if failed:
@@ -1056,6 +1137,9 @@ def parse_args():
                    "default: haproxy on PATH if haproxy -vv lists QUIC)")
     p.add_argument("--goal-vs-haproxy", type=float, default=env_default("PERF_IO_GOAL_VS_HAPROXY", 1.5),
                    help="spooky/HAProxy ratio the sweep reports as met (default 1.5)")
+    p.add_argument("--alloc-duration", type=int, default=env_default("PERF_IO_ALLOC_DURATION", 3),
+                   help="seconds of the sweep's allocation count (bpftrace uprobes on libc malloc, "
+                   "root only); 0 skips (default 3)")
     p.add_argument("--no-sweep", action="store_true", default=bool(os.environ.get("PERF_IO_NO_SWEEP")),
                    help="skip the sweep")
     p.add_argument("--sweep-only", action="store_true", default=bool(os.environ.get("PERF_IO_SWEEP_ONLY")),
