@@ -601,11 +601,37 @@ def reset_hwm(pid: int) -> None:
         pass
 
 
+PRELOADS = {"mimalloc": "libmimalloc.so.2", "jemalloc": "libjemalloc.so.2"}
+
+
+def preload_path(name: str) -> str:
+    """`mimalloc`/`jemalloc` (the distribution's shared library) or a path."""
+    if "/" in name:
+        if not os.path.exists(name):
+            raise RuntimeError(f"allocator library {name} not found")
+        return name
+    lib = PRELOADS.get(name)
+    if not lib:
+        raise RuntimeError(f"unknown allocator {name!r} (mimalloc, jemalloc or a path to a .so)")
+    for d in ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib",
+              "/usr/local/lib"):
+        if os.path.exists(os.path.join(d, lib)):
+            return os.path.join(d, lib)
+    raise RuntimeError(f"{lib} not found: install it (Debian: libmimalloc2.0 / libjemalloc2)")
+
+
 def start_spooky_target(a, driver: str, bins: dict, work: str, backend_ports: list[int]) -> dict:
+    """`driver` is a variant (see `variant`), optionally `@mimalloc`, `@jemalloc` or
+    `@/path/lib.so`: that allocator LD_PRELOADed over glibc's malloc, to compare
+    allocators on the very same binary."""
     port = free_port(socket.SOCK_DGRAM)
     admin_port = free_port()
-    backend, upstream_io = variant(driver)
-    cfg_path = os.path.join(work, f"sweep-spooky-{driver}.yaml")
+    base, _, alloc = driver.partition("@")
+    env = dict(os.environ)
+    if alloc:
+        env["LD_PRELOAD"] = preload_path(alloc)
+    backend, upstream_io = variant(base)
+    cfg_path = os.path.join(work, f"sweep-spooky-{driver.replace('/', '_')}.yaml")
     with open(cfg_path, "w") as f:
         f.write(
             CONFIG.format(
@@ -627,10 +653,10 @@ def start_spooky_target(a, driver: str, bins: dict, work: str, backend_ports: li
     chk = subprocess.run([bins["spooky"], "check", "--config", cfg_path], capture_output=True, text=True)
     if chk.returncode != 0:
         raise RuntimeError(f"spooky check rejected {cfg_path}:\n{chk.stdout}{chk.stderr}")
-    log_path = os.path.join(work, f"sweep-spooky-{driver}.log")
+    log_path = os.path.join(work, f"sweep-spooky-{driver.replace('/', '_')}.log")
     logf = open(log_path, "w")
     proc = spawn([bins["spooky"], "--config", cfg_path], cpus=a.spooky_cpus,
-                 stdout=logf, stderr=subprocess.STDOUT)
+                 stdout=logf, stderr=subprocess.STDOUT, env=env)
     wait_tcp(admin_port, f"spooky ({driver})", proc)
     return {"name": f"spooky {driver}", "key": driver, "proc": proc, "port": port,
             "log": log_path, "logf": logf, "backend": backend}
@@ -724,8 +750,8 @@ def run_sweep(a, bins: dict, work: str, backend_ports: list[int]) -> dict:
                     + (f", {row['non_2xx']} NON-2XX" if row["non_2xx"] else ""))
         if a.alloc_duration > 0:
             for t in targets:
-                if t["key"] == "haproxy":
-                    continue
+                if t["key"] == "haproxy" or "@" in t["key"]:
+                    continue  # HAProxy's pools and a preloaded allocator bypass libc malloc
                 log(f"sweep: {t['name']}: counting libc allocations (bpftrace) over h3load -c 4 -m 16 "
                     f"-d {a.alloc_duration}")
                 ac = count_allocs(a, bins, t, 4, 16)
@@ -813,8 +839,8 @@ def sweep_markdown(a, sw: dict) -> str:
     names = {k: ("HAProxy" if k == "haproxy" else k) for k in keys}
     spooky = [k for k in keys if k != "haproxy"]
     have_hap = "haproxy" in keys
-    uring = next((k for k in spooky if variant(k)[0] == "uring"), None)
-    epoll = next((k for k in spooky if variant(k)[0] == "epoll"), None)
+    uring = next((k for k in spooky if "@" not in k and variant(k)[0] == "uring"), None)
+    epoll = next((k for k in spooky if "@" not in k and variant(k)[0] == "epoll"), None)
     head = ["load (h3load)"] + [f"{names[k]} ok/CPU-s" for k in keys]
     head += [f"{names[k]}/HAProxy" for k in spooky] if have_hap else []
     head += [f"{uring}/{epoll}"] if uring and epoll else []
