@@ -234,6 +234,7 @@ H3_REQUESTS = re.compile(
     r"requests: (\d+) total, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored"
 )
 H3_BYTES = re.compile(r"body bytes: (\d+)")
+H3_STATUS = re.compile(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx")
 
 
 def h3load(bin_: str, port: int, args: list[str], timeout: float) -> dict:
@@ -259,6 +260,11 @@ def h3load(bin_: str, port: int, args: list[str], timeout: float) -> dict:
         r["total"], r["done"], r["ok"], r["failed"], r["errored"] = (int(x) for x in m.groups())
     m = H3_BYTES.search(out)
     r["body_bytes"] = int(m.group(1)) if m else None
+    m = H3_STATUS.search(out)
+    if m:
+        r["s2xx"], r["s3xx"], r["s4xx"], r["s5xx"] = (int(x) for x in m.groups())
+    # Every answer that is not a 2xx, plus requests that got no answer at all.
+    r["non_2xx"] = r.get("done", 0) - r.get("s2xx", 0) + r.get("errored", 0)
     r["stderr_tail"] = "\n".join(l for l in err.splitlines() if "failed" in l)[-500:]
     return r
 
@@ -342,7 +348,7 @@ upstreams:
     policy: round_robin
     backends:
 {backends}
-    pool: {{ connections_per_backend: 2, max_concurrent_streams: 100 }}
+    pool: {{ connections_per_backend: {pool_conns}, max_concurrent_streams: 100 }}
     timeouts: {{ connect_ms: 1000, request_ms: 30000, idle_ms: 60000 }}
 routes:
   - {{ path_prefix: "/", upstream: app }}
@@ -370,6 +376,7 @@ def run_driver(a, driver: str, bins: dict, work: str, backend_ports: list[int]) 
                 certs=os.path.join(work, "certs"),
                 workers=a.workers,
                 batch=a.batch,
+                pool_conns=a.pool_connections,
                 backends="\n".join(
                     f'      - {{ address: "127.0.0.1:{p}", weight: 1 }}' for p in backend_ports
                 ),
@@ -420,7 +427,7 @@ def run_driver(a, driver: str, bins: dict, work: str, backend_ports: list[int]) 
         res["small"] = {
             "h3load": r,
             "req_s": r["req_s"],
-            "errors": r.get("errored", 0) + r.get("failed", 0),
+            "errors": r["non_2xx"],
             "cpu_s": cpu,
             "metrics_delta": d,
             "cpu_s_per_100k": div(cpu * 100_000, reqs),
@@ -515,6 +522,398 @@ def run_driver(a, driver: str, bins: dict, work: str, backend_ports: list[int]) 
         stop(proc)
         logf.close()
     return res
+
+
+# ------------------------------------------------------------------ sweep
+#
+# Small GETs at several concurrencies, the same load for each spooky driver
+# and for HAProxy (when given), every target started once and idle while the
+# others run, so each point compares them minutes apart at most. The figure
+# is answers per CPU-second of the proxy process (utime+stime, all threads):
+# on a shared host it moves far less than req/s does.
+
+HAPROXY_CONFIG = """\
+# Written by perf/io_compare.py: HAProxy as the reference peer of the sweep.
+global
+    nbthread 1
+    maxconn 100000
+{limited_quic}
+defaults
+    mode http
+    timeout connect 1s
+    timeout client 30s
+    timeout server 30s
+    http-reuse always
+frontend h3
+    bind quic4@127.0.0.1:{port} ssl crt {pem} alpn h3
+    default_backend app
+frontend ready
+    bind 127.0.0.1:{ready}
+    http-request return status 200
+backend app
+    balance roundrobin
+{servers}
+"""
+
+
+def parse_points(spec: str) -> list[tuple[int, int]]:
+    """`4x1,4x16` -> [(4, 1), (4, 16)]: connections x streams per connection."""
+    pts = []
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        c, _, m = part.partition("x")
+        pts.append((int(c), int(m)))
+    return pts
+
+
+def find_haproxy(a) -> tuple[str | None, bool]:
+    """(path, uses the OpenSSL compatibility layer) of a HAProxy with QUIC:
+    `--haproxy`/`HAPROXY`, else `haproxy` on PATH if `haproxy -vv` lists
+    QUIC. An explicit binary without QUIC is an error; one on PATH is
+    skipped with a note."""
+    explicit = bool(a.haproxy)
+    path = a.haproxy or shutil.which("haproxy")
+    if not path:
+        return None, False
+    try:
+        vv = subprocess.run([path, "-vv"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired) as e:
+        if explicit:
+            raise RuntimeError(f"cannot run HAProxy {path}: {e}")
+        return None, False
+    if "+QUIC" not in vv:
+        if explicit:
+            raise RuntimeError(f"{path} has no QUIC support (haproxy -vv); see perf/build-haproxy.sh")
+        log(f"sweep: {path} has no QUIC (haproxy -vv); no HAProxy column "
+            "(perf/build-haproxy.sh builds one)")
+        return None, False
+    return path, "+QUIC_OPENSSL_COMPAT" in vv
+
+
+def reset_hwm(pid: int) -> None:
+    """Resets VmHWM to the current RSS (clear_refs 5), so each point's peak is its own."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+PRELOADS = {"mimalloc": "libmimalloc.so.2", "jemalloc": "libjemalloc.so.2"}
+
+
+def preload_path(name: str) -> str:
+    """`mimalloc`/`jemalloc` (the distribution's shared library) or a path."""
+    if "/" in name:
+        if not os.path.exists(name):
+            raise RuntimeError(f"allocator library {name} not found")
+        return name
+    lib = PRELOADS.get(name)
+    if not lib:
+        raise RuntimeError(f"unknown allocator {name!r} (mimalloc, jemalloc or a path to a .so)")
+    for d in ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib",
+              "/usr/local/lib"):
+        if os.path.exists(os.path.join(d, lib)):
+            return os.path.join(d, lib)
+    raise RuntimeError(f"{lib} not found: install it (Debian: libmimalloc2.0 / libjemalloc2)")
+
+
+def start_spooky_target(a, driver: str, bins: dict, work: str, backend_ports: list[int]) -> dict:
+    """`driver` is a variant (see `variant`), optionally `@mimalloc`, `@jemalloc` or
+    `@/path/lib.so`: that allocator LD_PRELOADed over glibc's malloc, to compare
+    allocators on the very same binary."""
+    port = free_port(socket.SOCK_DGRAM)
+    admin_port = free_port()
+    base, _, alloc = driver.partition("@")
+    env = dict(os.environ)
+    if alloc:
+        env["LD_PRELOAD"] = preload_path(alloc)
+    backend, upstream_io = variant(base)
+    cfg_path = os.path.join(work, f"sweep-spooky-{driver.replace('/', '_')}.yaml")
+    with open(cfg_path, "w") as f:
+        f.write(
+            CONFIG.format(
+                driver=f"sweep {driver}",
+                backend=backend,
+                upstream_io=upstream_io,
+                zerocopy="true" if zerocopy(driver) else "false",
+                port=port,
+                certs=os.path.join(work, "certs"),
+                workers=a.sweep_workers,
+                batch=a.batch,
+                pool_conns=a.pool_connections,
+                backends="\n".join(
+                    f'      - {{ address: "127.0.0.1:{p}", weight: 1 }}' for p in backend_ports
+                ),
+                admin=admin_port,
+            )
+        )
+    chk = subprocess.run([bins["spooky"], "check", "--config", cfg_path], capture_output=True, text=True)
+    if chk.returncode != 0:
+        raise RuntimeError(f"spooky check rejected {cfg_path}:\n{chk.stdout}{chk.stderr}")
+    log_path = os.path.join(work, f"sweep-spooky-{driver.replace('/', '_')}.log")
+    logf = open(log_path, "w")
+    proc = spawn([bins["spooky"], "--config", cfg_path], cpus=a.spooky_cpus,
+                 stdout=logf, stderr=subprocess.STDOUT, env=env)
+    wait_tcp(admin_port, f"spooky ({driver})", proc)
+    return {"name": f"spooky {driver}", "key": driver, "proc": proc, "port": port,
+            "log": log_path, "logf": logf, "backend": backend}
+
+
+def start_haproxy(a, path: str, compat: bool, work: str, backend_ports: list[int]) -> dict:
+    certs = os.path.join(work, "certs")
+    pem = os.path.join(work, "haproxy.pem")
+    with open(pem, "w") as out:
+        for n in ("cert.pem", "key.pem"):
+            with open(os.path.join(certs, n)) as f:
+                out.write(f.read())
+    port, ready = free_port(socket.SOCK_DGRAM), free_port()
+    cfg_path = os.path.join(work, "haproxy.cfg")
+    with open(cfg_path, "w") as f:
+        f.write(HAPROXY_CONFIG.format(
+            limited_quic="    limited-quic" if compat else "",
+            port=port, pem=pem, ready=ready,
+            servers="\n".join(f"    server s{i} 127.0.0.1:{p} proto h2"
+                              for i, p in enumerate(backend_ports, 1)),
+        ))
+    chk = subprocess.run([path, "-c", "-f", cfg_path], capture_output=True, text=True)
+    if chk.returncode != 0:
+        raise RuntimeError(f"haproxy -c rejected {cfg_path}:\n{chk.stdout}{chk.stderr}")
+    log_path = os.path.join(work, "haproxy.log")
+    logf = open(log_path, "w")
+    proc = spawn([path, "-db", "-f", cfg_path], cpus=a.spooky_cpus,
+                 stdout=logf, stderr=subprocess.STDOUT)
+    wait_tcp(ready, "haproxy", proc)
+    return {"name": "HAProxy", "key": "haproxy", "proc": proc, "port": port,
+            "log": log_path, "logf": logf, "backend": None}
+
+
+def run_sweep(a, bins: dict, work: str, backend_ports: list[int]) -> dict:
+    hap, compat = find_haproxy(a)
+    targets: list[dict] = []
+    out: dict = {"points": [f"{c}x{m}" for c, m in a.sweep_points], "targets": [], "runs": {}}
+    try:
+        for drv in a.sweep_drivers:
+            log(f"sweep: starting spooky {drv} (io.workers: {a.sweep_workers}, "
+                f"connections_per_backend: {a.pool_connections})")
+            targets.append(start_spooky_target(a, drv, bins, work, backend_ports))
+        if hap:
+            log(f"sweep: starting HAProxy {hap} (nbthread 1{', limited-quic' if compat else ''})")
+            targets.append(start_haproxy(a, hap, compat, work, backend_ports))
+            out["haproxy"] = hap
+            try:
+                out["haproxy_version"] = subprocess.run(
+                    [hap, "-v"], capture_output=True, text=True).stdout.splitlines()[0]
+            except (OSError, IndexError):
+                pass
+        out["targets"] = [t["key"] for t in targets]
+        for t in targets:
+            if a.warmup > 0:
+                log(f"sweep: {t['name']}: warm-up {a.warmup}s")
+                h3load(bins["h3load"], t["port"], ["-c", "4", "-m", "16", "-d", str(a.warmup), "/"],
+                       a.warmup + 60)
+            if t["backend"] == "uring":
+                t["io_uring_fds"] = io_uring_fds(t["proc"].pid)
+        n = len(a.sweep_points) * len(targets)
+        i = 0
+        for c, m in a.sweep_points:
+            point = f"{c}x{m}"
+            out["runs"][point] = {}
+            for t in targets:
+                i += 1
+                pid = t["proc"].pid
+                reset_hwm(pid)
+                t0 = cpu_seconds(pid)
+                r = h3load(bins["h3load"], t["port"],
+                           ["-c", str(c), "-m", str(m), "-d", str(a.sweep_duration), "/"],
+                           a.sweep_duration + 120)
+                cpu = cpu_seconds(pid) - t0
+                if t["proc"].poll() is not None:
+                    raise RuntimeError(f"{t['name']} exited with {t['proc'].returncode}; see {t['log']}")
+                ok = r.get("s2xx", 0)
+                row = {
+                    "h3load": r,
+                    "ok": ok,
+                    "non_2xx": r["non_2xx"],
+                    "req_s": r["req_s"],
+                    "cpu_s": cpu,
+                    "ok_per_cpu_s": div(ok, cpu),
+                    "cpu_us_per_req": div(cpu * 1e6, ok),
+                    "vm_hwm_kib": vm_hwm_kib(pid),
+                }
+                out["runs"][point][t["key"]] = row
+                log(f"sweep [{i}/{n}] {point:>6} {t['name']:<18} {ok:>8} ok, "
+                    f"{fmt(row['ok_per_cpu_s'])} ok per CPU-s, {fmt(row['cpu_us_per_req'])} µs CPU/req, "
+                    f"peak RSS {fmt((row['vm_hwm_kib'] or 0) / 1024)} MiB"
+                    + (f", {row['non_2xx']} NON-2XX" if row["non_2xx"] else ""))
+        if a.alloc_duration > 0:
+            for t in targets:
+                if t["key"] == "haproxy" or "@" in t["key"]:
+                    continue  # HAProxy's pools and a preloaded allocator bypass libc malloc
+                log(f"sweep: {t['name']}: counting libc allocations (bpftrace) over h3load -c 4 -m 16 "
+                    f"-d {a.alloc_duration}")
+                ac = count_allocs(a, bins, t, 4, 16)
+                out.setdefault("allocs", {})[t["key"]] = ac
+                if ac:
+                    log(f"sweep: {t['name']}: {fmt(ac['allocs_per_req'])} allocations and "
+                        f"{fmt(ac['frees_per_req'])} frees per request")
+                else:
+                    log(f"sweep: {t['name']}: allocation count skipped (needs root, bpftrace, libc malloc)")
+        for t in targets:
+            if t["backend"] == "uring" and not t.get("io_uring_fds"):
+                out.setdefault("warnings", []).append(f"{t['name']}: no io_uring instance open (fell back to epoll?)")
+    finally:
+        for t in targets:
+            stop(t["proc"])
+            t["logf"].close()
+    return out
+
+
+ALLOC_BT = """
+uprobe:{libc}:malloc /pid == {pid}/ {{ @calls["malloc"] = count(); }}
+uprobe:{libc}:calloc /pid == {pid}/ {{ @calls["calloc"] = count(); }}
+uprobe:{libc}:realloc /pid == {pid}/ {{ @calls["realloc"] = count(); }}
+uprobe:{libc}:free /pid == {pid}/ {{ @calls["free"] = count(); }}
+"""
+BT_ROW = re.compile(r'^@calls\[(\w+)\]: (\d+)')
+
+
+def libc_of(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            for line in f:
+                path = line.split()[-1] if len(line.split()) >= 6 else ""
+                if re.search(r"/libc\.so\.6$|/libc-[\d.]+\.so$", path):
+                    return path
+    except OSError:
+        pass
+    return None
+
+
+def count_allocs(a, bins: dict, t: dict, c: int, m: int) -> dict | None:
+    """libc malloc/calloc/realloc/free calls of the proxy process per 2xx
+    answer, counted exactly by bpftrace uprobes over a short run of its own
+    (uprobes slow the process down, so no other figure comes from it). None
+    when bpftrace, root or a libc allocator is missing (mimalloc/jemalloc
+    builds never call libc malloc)."""
+    bt = shutil.which("bpftrace")
+    pid = t["proc"].pid
+    libc = libc_of(pid)
+    if not bt or os.geteuid() != 0 or not libc:
+        return None
+    script = ALLOC_BT.format(libc=libc, pid=pid)
+    p = spawn([bt, "-e", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 30
+    line = ""
+    while time.monotonic() < deadline:
+        line = p.stdout.readline()
+        if not line or line.startswith("Attaching"):
+            break
+    if not line.startswith("Attaching"):
+        stop(p, signal.SIGKILL)
+        log(f"alloc count: bpftrace did not attach ({line.strip()}); skipped")
+        return None
+    time.sleep(0.5)
+    r = h3load(bins["h3load"], t["port"], ["-c", str(c), "-m", str(m), "-d", str(a.alloc_duration), "/"],
+               a.alloc_duration + 120)
+    p.send_signal(signal.SIGINT)
+    try:
+        out, _ = p.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        stop(p, signal.SIGKILL)
+        return None
+    finally:
+        if p in CHILDREN:
+            CHILDREN.remove(p)
+    calls = {mm.group(1): int(mm.group(2)) for mm in map(BT_ROW.match, out.splitlines()) if mm}
+    ok = r.get("s2xx", 0)
+    allocs = calls.get("malloc", 0) + calls.get("calloc", 0) + calls.get("realloc", 0)
+    return {"load": f"{c}x{m}", "ok": ok, "non_2xx": r["non_2xx"], "calls": calls,
+            "allocs_per_req": div(allocs, ok), "frees_per_req": div(calls.get("free", 0), ok)}
+
+
+def sweep_markdown(a, sw: dict) -> str:
+    keys = sw["targets"]
+    names = {k: ("HAProxy" if k == "haproxy" else k) for k in keys}
+    spooky = [k for k in keys if k != "haproxy"]
+    have_hap = "haproxy" in keys
+    uring = next((k for k in spooky if "@" not in k and variant(k)[0] == "uring"), None)
+    epoll = next((k for k in spooky if "@" not in k and variant(k)[0] == "epoll"), None)
+    head = ["load (h3load)"] + [f"{names[k]} ok/CPU-s" for k in keys]
+    head += [f"{names[k]}/HAProxy" for k in spooky] if have_hap else []
+    head += [f"{uring}/{epoll}"] if uring and epoll else []
+    head += ["µs CPU/req (" + ", ".join(names[k] for k in keys) + ")"]
+    head += ["non-2xx (" + ", ".join(names[k] for k in keys) + ")"]
+    head += ["peak RSS MiB (" + ", ".join(names[k] for k in keys) + ")"]
+    lines = [
+        f"## Sweep: small GETs, answers per proxy CPU-second "
+        f"({a.sweep_duration} s per point; spooky io.workers={a.sweep_workers}, "
+        f"connections_per_backend={a.pool_connections}"
+        + (f"; {sw.get('haproxy_version', 'HAProxy')} nbthread 1" if have_hap else "; no HAProxy given")
+        + ")",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|",
+    ]
+    below, slower, failed = [], [], []
+    for point in sw["points"]:
+        runs = sw["runs"].get(point, {})
+        c, _, m = point.partition("x")
+        cells = [f"`-c {c} -m {m}`"]
+        cells += [fmt(runs.get(k, {}).get("ok_per_cpu_s")) for k in keys]
+        if have_hap:
+            for k in spooky:
+                r = div(runs.get(k, {}).get("ok_per_cpu_s"), runs.get("haproxy", {}).get("ok_per_cpu_s"))
+                cells.append(f"**{r:.2f}×**" if r is not None else "–")
+                if r is not None and r < a.goal_vs_haproxy:
+                    below.append(f"{names[k]} at {point}: {r:.2f}×")
+        if uring and epoll:
+            r = div(runs.get(uring, {}).get("ok_per_cpu_s"), runs.get(epoll, {}).get("ok_per_cpu_s"))
+            cells.append(f"**{r:.2f}×**" if r is not None else "–")
+            if r is not None and r < 1.0:
+                slower.append(f"{point}: {r:.2f}×")
+        cells.append(" / ".join(fmt(runs.get(k, {}).get("cpu_us_per_req")) for k in keys))
+        nn = [runs.get(k, {}).get("non_2xx") for k in keys]
+        for k, v in zip(keys, nn):
+            if v:
+                failed.append(f"{names[k]} at {point}: {v}")
+        cells.append(" / ".join("**%d**" % v if v else "0" for v in (x or 0 for x in nn)))
+        cells.append(" / ".join(
+            fmt((runs.get(k, {}).get("vm_hwm_kib") or 0) / 1024 or None) for k in keys))
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(
+        "ok/CPU-s: 2xx answers h3load received ÷ utime+stime of the proxy process over the "
+        "same run (higher is better). µs CPU/req is its inverse: flat across the rows means "
+        "no growth of CPU per request with streams in flight. Peak RSS is VmHWM over the "
+        "point (reset with clear_refs before each). Every target serves the same demo "
+        "backends; idle targets wait while another is measured.")
+    if have_hap:
+        lines.append("")
+        lines.append(f"- goal ≥ {a.goal_vs_haproxy:.1f}× HAProxy at every point: "
+                     + ("**met**" if not below else "**not met**: " + "; ".join(below)))
+    if uring and epoll:
+        lines.append(f"- io_uring never slower than epoll: "
+                     + ("**met**" if not slower else "**not met** (uring/epoll): " + "; ".join(slower)))
+    for k, ac in (sw.get("allocs") or {}).items():
+        if ac:
+            lines.append(f"- {names.get(k, k)}: **{fmt(ac['allocs_per_req'])} libc allocations** "
+                         f"(malloc+calloc+realloc) and {fmt(ac['frees_per_req'])} frees per request "
+                         f"(bpftrace uprobes, h3load -c 4 -m 16, {ac['ok']} answers)")
+    for w in sw.get("warnings", []):
+        lines.append(f"- **{w}**")
+    if failed:
+        lines.append(f"- **NON-2XX ANSWERS**: " + "; ".join(failed))
+    return "\n".join(lines) + "\n"
+
+
+def sweep_failures(sw: dict | None) -> list[str]:
+    if not sw:
+        return []
+    return [f"{k} at {p}: {r['non_2xx']} non-2xx"
+            for p, runs in sw["runs"].items() for k, r in runs.items() if r.get("non_2xx")]
 
 
 # ----------------------------------------------------------------- report
@@ -743,14 +1142,44 @@ def parse_args():
     p.add_argument("--profile", default=env_default("PERF_IO_PROFILE", "release"),
                    help="how the binaries were built, for the report header (default release: "
                    "fat LTO; say e.g. 'release, thin LTO' when CARGO_PROFILE_RELEASE_LTO=thin)")
+    p.add_argument("--cargo-profile", default=env_default("PERF_IO_CARGO_PROFILE", "release"),
+                   help="cargo profile to build and run (default release; `perf` = thin LTO, "
+                   "quicker to build, see Cargo.toml)")
     p.add_argument("--pin", action="store_true", default=bool(os.environ.get("PERF_IO_PIN")),
                    help="spooky on the last CPU (io.workers 1 unless --workers is given), the "
                    "load generator and backends on the others: less scheduler noise on small hosts")
+    p.add_argument("--pool-connections", type=int, default=env_default("PERF_IO_POOL_CONNECTIONS", 32),
+                   help="upstream pool.connections_per_backend for every spooky run (default 32)")
+    p.add_argument("--sweep-points", default=env_default("PERF_IO_SWEEP_POINTS", "4x1,4x16,4x100,64x1"),
+                   help="sweep loads, CONNECTIONSxSTREAMS, comma-separated (default 4x1,4x16,4x100,64x1)")
+    p.add_argument("--sweep-duration", type=int, default=env_default("PERF_IO_SWEEP_DURATION", 5),
+                   help="seconds per sweep point and target (default 5)")
+    p.add_argument("--sweep-drivers", default=env_default("PERF_IO_SWEEP_DRIVERS", "uring,epoll"),
+                   help="spooky variants in the sweep (default uring,epoll)")
+    p.add_argument("--sweep-workers", default=env_default("PERF_IO_SWEEP_WORKERS", "1"),
+                   help="io.workers for spooky in the sweep (default 1, as HAProxy's nbthread 1)")
+    p.add_argument("--haproxy", default=env_default("HAPROXY", None),
+                   help="HAProxy binary with QUIC for the sweep's peer column (env HAPROXY; "
+                   "default: haproxy on PATH if haproxy -vv lists QUIC)")
+    p.add_argument("--goal-vs-haproxy", type=float, default=env_default("PERF_IO_GOAL_VS_HAPROXY", 1.5),
+                   help="spooky/HAProxy ratio the sweep reports as met (default 1.5)")
+    p.add_argument("--alloc-duration", type=int, default=env_default("PERF_IO_ALLOC_DURATION", 3),
+                   help="seconds of the sweep's allocation count (bpftrace uprobes on libc malloc, "
+                   "root only); 0 skips (default 3)")
+    p.add_argument("--no-sweep", action="store_true", default=bool(os.environ.get("PERF_IO_NO_SWEEP")),
+                   help="skip the sweep")
+    p.add_argument("--sweep-only", action="store_true", default=bool(os.environ.get("PERF_IO_SWEEP_ONLY")),
+                   help="run only the sweep (no per-driver small-GET/bulk/strace table)")
     p.add_argument("--quick", action="store_true",
-                   help="short run: 5 s small-GET, 256 MiB bulk, 2 s strace")
+                   help="short run: 5 s small-GET, 256 MiB bulk, 2 s strace, 3 s per sweep point")
     a = p.parse_args()
     if a.quick:
         a.duration, a.bulk_bytes, a.strace_duration = 5, 256 * MIB, 2
+        a.sweep_duration = 3
+    a.sweep_points = parse_points(a.sweep_points)
+    a.sweep_drivers = [d.strip() for d in a.sweep_drivers.split(",") if d.strip()]
+    if a.no_sweep and a.sweep_only:
+        p.error("--no-sweep and --sweep-only exclude each other")
     a.drivers = [d.strip() for d in a.drivers.split(",") if d.strip()]
     a.spooky_cpus = None
     if a.pin:
@@ -772,13 +1201,13 @@ def main() -> int:
     # Even when started with SIGINT ignored (a background job), Ctrl-C/SIGINT stops the run.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     target = os.path.abspath(os.environ.get("CARGO_TARGET_DIR") or os.path.join(ROOT, "target"))
-    bins = {n: os.path.join(target, "release", n) for n in ("spooky", "h3load")}
+    bins = {n: os.path.join(target, a.cargo_profile, n) for n in ("spooky", "h3load")}
     work = None
     try:
         if not a.no_build:
-            log("build: cargo build --release --locked -p spooky -p spooky-perf")
+            log(f"build: cargo build --profile {a.cargo_profile} --locked -p spooky -p spooky-perf")
             subprocess.run(
-                [os.environ.get("CARGO", "cargo"), "build", "--release", "--locked",
+                [os.environ.get("CARGO", "cargo"), "build", "--profile", a.cargo_profile, "--locked",
                  "-p", "spooky", "-p", "spooky-perf"],
                 cwd=ROOT, check=True,
             )
@@ -804,13 +1233,22 @@ def main() -> int:
                 "other work on this host makes the figures noisy")
         meta["profile"] = a.profile
         res: dict = {}
-        for drv in a.drivers:
-            backend, upstream_io = variant(drv)
-            log(f"{drv}: starting spooky (io.backend: {backend}, io.upstream_io: {upstream_io}, "
-                f"io.workers: {a.workers})")
-            res[drv] = run_driver(a, drv, bins, work, backend_ports)
+        if not a.sweep_only:
+            for drv in a.drivers:
+                backend, upstream_io = variant(drv)
+                log(f"{drv}: starting spooky (io.backend: {backend}, io.upstream_io: {upstream_io}, "
+                    f"io.workers: {a.workers})")
+                res[drv] = run_driver(a, drv, bins, work, backend_ports)
+        sw = None if a.no_sweep else run_sweep(a, bins, work, backend_ports)
 
-        md = markdown(a, res, meta)
+        md = "" if a.sweep_only else markdown(a, res, meta)
+        if sw:
+            if a.sweep_only:
+                md += (f"host: {meta['cpus']} CPUs ({meta['cpu_model']}), kernel {meta['kernel']}, "
+                       f"spooky {meta['git']} ({meta.get('profile', 'release')})\n\n")
+            else:
+                md += "\n"
+            md += sweep_markdown(a, sw)
         os.makedirs(a.out_dir, exist_ok=True)
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         base = os.path.join(a.out_dir, f"io-{stamp}")
@@ -832,12 +1270,23 @@ def main() -> int:
                 for key, label, better, vals in rows_for(a, res)
             },
             "runs": res,
+            "sweep": sw,
         }
         with open(base + ".json", "w") as f:
             json.dump(finite(raw), f, indent=2, default=str)
         png = maybe_png(a, res, base + ".png")
         print(md)
         log(f"wrote {base}.md, {base}.json" + (f", {base}.png" if png else ""))
+        failures = sweep_failures(sw) + [
+            f"{d} {ph}: {r[ph]['errors']} non-2xx"
+            for d, r in res.items() for ph in ("small",) if r.get(ph, {}).get("errors")
+        ] + [f"{d} bulk: incomplete" for d, r in res.items()
+             if r.get("bulk") and not r["bulk"].get("complete")]
+        if failures:
+            log("FAILED: requests answered other than 2xx (or not at all):")
+            for f_ in failures:
+                log(f"  {f_}")
+            return 1
         return 0
     except KeyboardInterrupt:
         log("interrupted; stopping everything")

@@ -642,17 +642,23 @@ impl Edge {
         self.timers.len()
     }
 
-    /// Gives every stream with pending response bytes a chance to write.
+    /// Gives the streams that became writable since the last call a chance
+    /// to write their pending response bytes.
+    ///
+    /// `stream_writable_next` hands out each stream once per time it turns
+    /// writable (quiche re-arms it on MAX_STREAM_DATA, STOP_SENDING, or when
+    /// a partial write left it waiting for capacity), so the work here is
+    /// proportional to what changed, not to the streams open (the full
+    /// `writable()` set was collected into a new `Vec` on every packet).
     fn flush_writable(&mut self, ci: usize) {
-        let Some(conn) = self.conns.get_mut(ci) else {
-            return;
-        };
-        if conn.h3.is_none() {
-            return;
-        }
-        let writable: Vec<u64> = conn.quic.writable().collect();
-        for sid in writable {
+        loop {
             let Some(conn) = self.conns.get_mut(ci) else {
+                return;
+            };
+            if conn.h3.is_none() {
+                return;
+            }
+            let Some(sid) = conn.quic.stream_writable_next() else {
                 return;
             };
             let Some(&slot) = conn.streams.get(&sid) else {

@@ -169,7 +169,11 @@ pub async fn run_worker<D: DatagramIo>(
                     side,
                     conn_span,
                 } => {
-                    let span = tracing::info_span!(
+                    // Debug level: at the default `info` an enabled span per
+                    // request (registry slot, formatted trace id, enter/exit
+                    // on every poll) cost more than the logs it labels; the
+                    // request's own log lines carry `request_id`.
+                    let span = tracing::debug_span!(
                         parent: &conn_span,
                         "request",
                         request_id = envelope.request_id,
