@@ -58,7 +58,11 @@ fn malformed_requests_are_the_clients_and_never_reach_or_blame_a_backend() {
     assert_eq!(spooky.metric("spooky_balancer_picks_total", &[]), 0.0);
     assert_eq!(spooky.metric("spooky_upstream_ejections_total", &[]), 0.0);
     assert_eq!(spooky.metric("spooky_upstream_retries_total", &[]), 0.0);
-    assert_eq!(a.stat("posts") + b.stat("posts"), 0, "a malformed request reached a backend");
+    assert_eq!(
+        a.stat("posts") + b.stat("posts"),
+        0,
+        "a malformed request reached a backend"
+    );
     // The connection and both backends are still fine.
     for _ in 0..4 {
         assert_eq!(c.get("/id").expect("GET /id").status, 200);
