@@ -6,6 +6,7 @@ mod common;
 mod e2e_config;
 mod e2e_control;
 mod e2e_failures;
+mod e2e_hostile_requests;
 mod e2e_peers;
 mod e2e_policies;
 mod e2e_probes;

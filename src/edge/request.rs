@@ -421,7 +421,10 @@ impl Edge {
             }
         }
         if malformed {
-            tracing::info!(stream = req.stream_id, "request body longer than content-length: stream reset with H3_MESSAGE_ERROR");
+            tracing::info!(
+                stream = req.stream_id,
+                "request body longer than content-length: stream reset with H3_MESSAGE_ERROR"
+            );
             self.metrics.malformed(MalformedReason::BodyLength);
             self.reset_stream(slot, h3_code::MESSAGE_ERROR);
         } else if let Some(code) = gone {
@@ -449,7 +452,10 @@ impl Edge {
         };
         req.req_finished = true;
         if req.content_length.is_some_and(|cl| cl != req.body_seen) {
-            tracing::info!(stream = req.stream_id, "request body shorter than content-length: stream reset with H3_MESSAGE_ERROR");
+            tracing::info!(
+                stream = req.stream_id,
+                "request body shorter than content-length: stream reset with H3_MESSAGE_ERROR"
+            );
             self.metrics.malformed(MalformedReason::BodyLength);
             req.log.error = Some("body length differs from content-length".into());
             self.reset_stream(slot, h3_code::MESSAGE_ERROR);
@@ -622,11 +628,9 @@ impl Edge {
                 "too many abandoned streams; closing connection with H3_EXCESSIVE_LOAD"
             );
             WorkerMetrics::inc(&self.metrics.abandoned_stream_closes);
-            let _ = conn.quic.close(
-                true,
-                h3_code::EXCESSIVE_LOAD,
-                b"too many abandoned streams",
-            );
+            let _ = conn
+                .quic
+                .close(true, h3_code::EXCESSIVE_LOAD, b"too many abandoned streams");
             self.mark_dirty(ci);
         }
     }

@@ -441,12 +441,12 @@ impl Pair {
         let h3c = self.h3.as_mut().unwrap();
         let sid = h3c.send_request(&mut self.client, &hdrs, true).unwrap();
         self.client_to_edge();
-        let _ = self
-            .client
-            .stream_shutdown(sid, quiche::Shutdown::Read, h3_code::REQUEST_CANCELLED);
-        let _ = self
-            .client
-            .stream_shutdown(sid, quiche::Shutdown::Write, h3_code::REQUEST_CANCELLED);
+        let _ =
+            self.client
+                .stream_shutdown(sid, quiche::Shutdown::Read, h3_code::REQUEST_CANCELLED);
+        let _ =
+            self.client
+                .stream_shutdown(sid, quiche::Shutdown::Write, h3_code::REQUEST_CANCELLED);
         self.client_to_edge();
     }
 
@@ -464,7 +464,10 @@ impl Pair {
 fn a_request_reset_before_dispatch_is_never_handed_upstream() {
     let mut p = Pair::new(64 * 1024);
     p.open_and_reset();
-    assert!(p.edge.poll_event().is_none(), "reset request was dispatched");
+    assert!(
+        p.edge.poll_event().is_none(),
+        "reset request was dispatched"
+    );
     assert_eq!(
         p.edge
             .metrics

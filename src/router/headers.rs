@@ -6,7 +6,9 @@ use std::time::Instant;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use quiche::h3::{Header, NameValue};
 
-use super::{is_idempotent, Envelope, MalformedReason, MalformedRequest, RequestError, TraceContext};
+use super::{
+    is_idempotent, Envelope, MalformedReason, MalformedRequest, RequestError, TraceContext,
+};
 
 /// Fields that only make sense on one hop (RFC 9113 §8.2.2, RFC 9114 §4.2);
 /// a request carrying them is malformed, a response has them stripped.
@@ -204,7 +206,10 @@ fn regular_fields(list: &[Header]) -> Result<Fields, RequestError> {
     for h in list {
         let name = h.name();
         if name.iter().any(|b| b.is_ascii_uppercase()) {
-            return Err(malformed(MalformedReason::HeaderName, "uppercase header name"));
+            return Err(malformed(
+                MalformedReason::HeaderName,
+                "uppercase header name",
+            ));
         }
         let hname = HeaderName::from_bytes(name)
             .map_err(|_| malformed(MalformedReason::HeaderName, "invalid header name"))?;
@@ -239,7 +244,11 @@ fn regular_fields(list: &[Header]) -> Result<Fields, RequestError> {
                 f.content_length = Some(v);
             }
             // Re-added with spooky's span as parent.
-            "traceparent" => f.trace = std::str::from_utf8(value).ok().and_then(TraceContext::parse),
+            "traceparent" => {
+                f.trace = std::str::from_utf8(value)
+                    .ok()
+                    .and_then(TraceContext::parse)
+            }
             _ => {
                 f.headers.append(hname, hvalue);
             }
@@ -297,7 +306,10 @@ pub fn check_path(path: &str, method: &http::Method) -> Result<(), RequestError>
         if c == b'%' {
             let hex = b.get(i + 1..i + 3).unwrap_or_default();
             if hex.len() != 2 || !hex.iter().all(u8::is_ascii_hexdigit) {
-                return Err(malformed(MalformedReason::Path, "bad percent-encoding in :path"));
+                return Err(malformed(
+                    MalformedReason::Path,
+                    "bad percent-encoding in :path",
+                ));
             }
             i += 3;
             continue;
@@ -320,10 +332,7 @@ fn is_path_char(c: u8) -> bool {
 }
 
 /// `:authority` or, without it, `host`; both present must agree.
-fn pick_authority(
-    authority: Option<String>,
-    host: Option<String>,
-) -> Result<String, RequestError> {
+fn pick_authority(authority: Option<String>, host: Option<String>) -> Result<String, RequestError> {
     let authority = match (authority.map(|a| a.to_ascii_lowercase()), host) {
         (Some(a), Some(h)) if a != h => {
             return Err(malformed(
@@ -421,14 +430,21 @@ pub fn trailers_from_h3(list: &[Header]) -> Result<HeaderMap, RequestError> {
     let mut map = HeaderMap::with_capacity(list.len());
     for h in list {
         if h.name().starts_with(b":") {
-            return Err(malformed(MalformedReason::Trailers, "pseudo-header in trailers"));
+            return Err(malformed(
+                MalformedReason::Trailers,
+                "pseudo-header in trailers",
+            ));
         }
         if h.name().iter().any(|b| b.is_ascii_uppercase()) {
-            return Err(malformed(MalformedReason::Trailers, "uppercase trailer name"));
+            return Err(malformed(
+                MalformedReason::Trailers,
+                "uppercase trailer name",
+            ));
         }
-        let n = HeaderName::from_bytes(h.name()).map_err(|_| malformed(MalformedReason::Trailers, "invalid trailer name"))?;
-        let v =
-            HeaderValue::from_bytes(h.value()).map_err(|_| malformed(MalformedReason::Trailers, "invalid trailer value"))?;
+        let n = HeaderName::from_bytes(h.name())
+            .map_err(|_| malformed(MalformedReason::Trailers, "invalid trailer name"))?;
+        let v = HeaderValue::from_bytes(h.value())
+            .map_err(|_| malformed(MalformedReason::Trailers, "invalid trailer value"))?;
         if CONNECTION_SPECIFIC.contains(&n.as_str()) {
             continue;
         }
@@ -607,7 +623,9 @@ mod tests {
 
     #[test]
     fn content_length_is_digits_only() {
-        for v in ["+0", "-1", "0x10", "1 2", "1_0", "", " ", "1e3", "5, 6", "٣"] {
+        for v in [
+            "+0", "-1", "0x10", "1 2", "1_0", "", " ", "1e3", "5, 6", "٣",
+        ] {
             assert_eq!(
                 reason_of(&with(&[("content-length", v.as_bytes())]), true),
                 Some(MalformedReason::ContentLength),
@@ -645,8 +663,17 @@ mod tests {
     #[test]
     fn path_characters_follow_rfc_3986() {
         let bad: [&[u8]; 11] = [
-            b"/a b", b"/a\x01b", b"/\x7f", b"/a#frag", b"/%zz", b"/%4", b"/a\\b", b"/<x>",
-            b"/a\tb", b"*", b"/\xc3\xa9",
+            b"/a b",
+            b"/a\x01b",
+            b"/\x7f",
+            b"/a#frag",
+            b"/%zz",
+            b"/%4",
+            b"/a\\b",
+            b"/<x>",
+            b"/a\tb",
+            b"*",
+            b"/\xc3\xa9",
         ];
         for p in bad {
             assert_eq!(

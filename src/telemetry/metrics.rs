@@ -329,8 +329,12 @@ impl Collector for WorkerSum {
             "HTTP/3 requests currently being handled.",
             sum_i64(ws, |w| &w.requests_in_flight),
         )?;
-        let malformed = crate::router::MalformedReason::ALL
-            .map(|r| (r.as_str(), sum_u64(ws, |w| &w.malformed_requests[r.index()])));
+        let malformed = crate::router::MalformedReason::ALL.map(|r| {
+            (
+                r.as_str(),
+                sum_u64(ws, |w| &w.malformed_requests[r.index()]),
+            )
+        });
         labelled_counter(
             e,
             "requests_malformed",

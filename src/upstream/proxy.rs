@@ -794,7 +794,11 @@ mod tests {
     async fn a_backend_reset_counts_against_the_backend() {
         let mut sr = backend().await;
         let a = fail_before(&mut sr, h2_request(&envelope("/fail", &[])).unwrap()).await;
-        assert!(matches!(a.err, UpstreamError::BeforeResponse(_)), "{:?}", a.err);
+        assert!(
+            matches!(a.err, UpstreamError::BeforeResponse(_)),
+            "{:?}",
+            a.err
+        );
         assert_eq!(a.reason, Some(RetryOn::Reset));
         assert!(a.backend_failure);
         assert_invariant(&a);
@@ -804,7 +808,11 @@ mod tests {
     fn errors_know_their_side() {
         let backend = std::net::SocketAddr::from(([127, 0, 0, 1], 9));
         let cases = [
-            (UpstreamError::RefusedLocally("x".into()), ErrorSide::Client, 400),
+            (
+                UpstreamError::RefusedLocally("x".into()),
+                ErrorSide::Client,
+                400,
+            ),
             (UpstreamError::Cancelled, ErrorSide::Client, 499),
             (
                 UpstreamError::NoBackend {

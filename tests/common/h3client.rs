@@ -1351,3 +1351,56 @@ fn wait_and_recv(
     }
     Ok(())
 }
+
+// ---- hostile-client helpers (tests/e2e_hostile_requests.rs) ---------------
+
+impl H3Client {
+    /// Sends `list` verbatim as a request's header section (no body, no
+    /// headers added, nothing lowercased) and returns the response.
+    pub fn send_header_list(&mut self, list: &[(&[u8], &[u8])]) -> Result<Response> {
+        let mut ex = vec![Exchange::new(Request::get("/"), &self.authority, false)];
+        ex[0].headers = list
+            .iter()
+            .map(|(n, v)| quiche::h3::Header::new(n, v))
+            .collect();
+        let deadline = Instant::now() + self.timeout;
+        self.drive_to_end(&mut ex, deadline)?;
+        pop_one(ex)?.into_response()
+    }
+
+    /// Rapid reset (CVE-2023-44487): opens `n` request streams for `req`
+    /// (its headers only), each HEADERS put on the wire and the stream reset
+    /// (RESET_STREAM + STOP_SENDING, H3_REQUEST_CANCELLED) in the very next
+    /// packet, waiting only for stream credit. Returns the streams opened.
+    pub fn open_and_reset(&mut self, req: &Request, n: usize) -> Result<usize> {
+        let headers = Exchange::new(req.clone(), &self.authority, false).headers;
+        let deadline = Instant::now() + self.timeout;
+        let mut opened = 0;
+        while opened < n {
+            self.check_open()?;
+            self.drain_socket()?;
+            self.process_h3(&mut [])?;
+            let sent = match self.h3.send_request(&mut self.conn, &headers, true) {
+                Ok(s) => Some(s),
+                Err(quiche::h3::Error::StreamBlocked)
+                | Err(quiche::h3::Error::TransportError(quiche::Error::StreamLimit)) => None,
+                Err(e) => return Err(ClientError::H3(e)),
+            };
+            self.flush()?;
+            match sent {
+                Some(sid) => {
+                    self.cancel_stream(sid);
+                    self.flush()?;
+                    opened += 1;
+                }
+                None if Instant::now() >= deadline => {
+                    return Err(ClientError::Timeout(format!(
+                        "no stream credit after {opened} reset streams"
+                    )))
+                }
+                None => self.wait(deadline)?,
+            }
+        }
+        Ok(opened)
+    }
+}
