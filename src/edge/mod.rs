@@ -33,7 +33,7 @@ use crate::config::{Config, CongestionControl, RetryMode};
 use crate::router::bridge::UpstreamSide;
 use crate::router::bridge::{RequestKey, ToEdge};
 use crate::router::Envelope;
-use crate::telemetry::{DropReason, WorkerMetrics};
+use crate::telemetry::{DropReason, RetryReason, WorkerMetrics};
 use admission::SourceRate;
 use cid::{CidGenerator, RetryTokens, CID_LEN};
 use request::Request;
@@ -1026,6 +1026,8 @@ fn close_delay(quic: &quiche::Connection) -> std::time::Duration {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_admission;
 
 /// Logs and counts one quiche path event (client address changes).
 fn on_path_event(metrics: &WorkerMetrics, ev: quiche::PathEvent) {
