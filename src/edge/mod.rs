@@ -33,7 +33,7 @@ use crate::config::{Config, CongestionControl, RetryMode};
 use crate::router::bridge::UpstreamSide;
 use crate::router::bridge::{RequestKey, ToEdge};
 use crate::router::Envelope;
-use crate::telemetry::{DropReason, RetryReason, WorkerMetrics};
+use crate::telemetry::{DropReason, WorkerMetrics};
 use admission::SourceRate;
 use cid::{CidGenerator, RetryTokens, CID_LEN};
 use request::Request;

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use super::*;
+use crate::telemetry::RetryReason;
 use crate::config::{Backend, Upstream};
 
 const SERVER: &str = "127.0.0.1:4433";
