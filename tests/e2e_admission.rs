@@ -173,9 +173,7 @@ fn initial_flood_past_the_threshold_gets_retry_and_rss_stays_bounded() {
         opened <= FLOOD_THRESHOLD as f64,
         "{opened} connections opened"
     );
-    assert!(
-        spooky.metric("spooky_quic_half_open_connections", &[]) <= FLOOD_THRESHOLD as f64
-    );
+    assert!(spooky.metric("spooky_quic_half_open_connections", &[]) <= FLOOD_THRESHOLD as f64);
     assert!(
         retries >= FLOOD_INITIALS as f64 * 0.9 - FLOOD_THRESHOLD as f64,
         "{retries} Retry packets"

@@ -760,7 +760,9 @@ fn retry_is_auto_true_or_false() {
         let c = fx.ok(&format!("quic: {{ retry: {text} }}\n{up}"));
         assert_eq!(c.quic.retry, mode, "{text}");
     }
-    assert!(!fx.errors(&format!("quic: {{ retry: sometimes }}\n{up}")).is_empty());
+    assert!(!fx
+        .errors(&format!("quic: {{ retry: sometimes }}\n{up}"))
+        .is_empty());
     let keys: Vec<String> = fx
         .errors(&format!(
             "quic: {{ retry_threshold: 0, handshake_timeout_ms: 0 }}\n{up}"

@@ -486,7 +486,10 @@ impl Edge {
         token: Option<Vec<u8>>,
         from: SocketAddr,
         to: SocketAddr,
-    ) -> Option<(quiche::ConnectionId<'static>, Option<quiche::ConnectionId<'static>>)> {
+    ) -> Option<(
+        quiche::ConnectionId<'static>,
+        Option<quiche::ConnectionId<'static>>,
+    )> {
         let token = token.unwrap_or_default();
         if !token.is_empty() {
             return match self.tokens.validate(&token, &from, SystemTime::now()) {

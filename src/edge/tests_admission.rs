@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use super::*;
-use crate::telemetry::RetryReason;
 use crate::config::{Backend, Upstream};
+use crate::telemetry::RetryReason;
 
 const SERVER: &str = "127.0.0.1:4433";
 
@@ -56,7 +56,14 @@ fn client(port: u16) -> quiche::Connection {
     cc.set_initial_max_streams_uni(16);
     let from = SocketAddr::from(([127, 0, 0, 1], port));
     let scid = quiche::ConnectionId::from_vec(port.to_be_bytes().repeat(8));
-    quiche::connect(Some("localhost"), &scid, from, SERVER.parse().unwrap(), &mut cc).unwrap()
+    quiche::connect(
+        Some("localhost"),
+        &scid,
+        from,
+        SERVER.parse().unwrap(),
+        &mut cc,
+    )
+    .unwrap()
 }
 
 /// Everything the edge wants to send now, as separate datagrams.
@@ -86,7 +93,11 @@ fn retry_starts_once_half_open_connections_reach_the_threshold() {
         send_initial(&mut e.edge, &mut client(port));
         let replies = drain(&mut e.edge);
         let hdr = quiche::Header::from_slice(&mut replies[0].0.clone(), CID_LEN).unwrap();
-        assert_eq!(hdr.ty, quiche::Type::Initial, "below the threshold: accepted");
+        assert_eq!(
+            hdr.ty,
+            quiche::Type::Initial,
+            "below the threshold: accepted"
+        );
     }
     assert_eq!(e.edge.half_open(), 2);
     assert_eq!(e.metrics.half_open.load(Ordering::Relaxed), 2);
