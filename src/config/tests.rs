@@ -20,7 +20,7 @@ quic:
   max_streams_bidi: 256
   initial_max_data: 16777216
   initial_max_stream_data: 1048576
-  retry: false
+  retry: auto
   cc: cubic
   server_id: 1
 io:
@@ -131,7 +131,7 @@ fn full_example_parses_with_every_value() {
             max_streams_bidi: 256,
             initial_max_data: 16_777_216,
             initial_max_stream_data: 1_048_576,
-            retry: RetryMode::Never,
+            retry: RetryMode::Auto,
             cc: CongestionControl::Cubic,
             server_id: 1,
             pacing: true,
@@ -745,4 +745,30 @@ fn errors_name_the_given_file() {
         e.to_string().starts_with("rel/spooky.yaml:1:8: watch: "),
         "{e}"
     );
+}
+
+#[test]
+fn retry_is_auto_true_or_false() {
+    let fx = Fixture::new();
+    let up = "upstreams: [{ name: a, backends: [{ address: \"127.0.0.1:1\" }] }]\n";
+    assert_eq!(fx.ok(up).quic.retry, RetryMode::Auto, "the default");
+    for (text, mode) in [
+        ("auto", RetryMode::Auto),
+        ("true", RetryMode::Always),
+        ("false", RetryMode::Never),
+    ] {
+        let c = fx.ok(&format!("quic: {{ retry: {text} }}\n{up}"));
+        assert_eq!(c.quic.retry, mode, "{text}");
+    }
+    assert!(!fx
+        .errors(&format!("quic: {{ retry: sometimes }}\n{up}"))
+        .is_empty());
+    let keys: Vec<String> = fx
+        .errors(&format!(
+            "quic: {{ retry_threshold: 0, handshake_timeout_ms: 0 }}\n{up}"
+        ))
+        .into_iter()
+        .map(|e| e.key)
+        .collect();
+    assert_eq!(keys, ["quic.retry_threshold", "quic.handshake_timeout_ms"]);
 }

@@ -499,7 +499,10 @@ impl Edge {
         token: Option<Vec<u8>>,
         from: SocketAddr,
         to: SocketAddr,
-    ) -> Option<(quiche::ConnectionId<'static>, Option<quiche::ConnectionId<'static>>)> {
+    ) -> Option<(
+        quiche::ConnectionId<'static>,
+        Option<quiche::ConnectionId<'static>>,
+    )> {
         let token = token.unwrap_or_default();
         if !token.is_empty() {
             return match self.tokens.validate(&token, &from, SystemTime::now()) {
@@ -1068,6 +1071,8 @@ fn close_delay(quic: &quiche::Connection) -> std::time::Duration {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_admission;
 
 /// Logs and counts one quiche path event (client address changes).
 fn on_path_event(metrics: &WorkerMetrics, ev: quiche::PathEvent) {

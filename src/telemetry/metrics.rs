@@ -16,10 +16,10 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
+use super::RetryReason;
 use super::{
     AtomicHistogram, Buckets, DropReason, HistogramSum, PathEvent, ReloadStats, WorkerMetrics,
 };
-use super::RetryReason;
 
 /// Prefix of every family name.
 const PREFIX: &str = "spooky";

@@ -192,6 +192,9 @@ pub struct Options {
     /// `io.upstream_io` (ring | tokio | auto): from `SPOOKY_TEST_UPSTREAM_IO`;
     /// empty = not written (the default, `auto`).
     pub upstream_io: String,
+    /// More `quic:` keys, each line indented by two spaces; when one of
+    /// them is `retry:` the `retry` flag above is not written.
+    pub quic_extra: String,
 }
 
 /// The I/O driver the suite runs on (`SPOOKY_TEST_IO_BACKEND`).
@@ -236,6 +239,7 @@ impl Options {
             // per worker, and several tests assert exact sequences.
             io_extra: "workers: 1".into(),
             upstream_io: test_upstream_io(),
+            quic_extra: String::new(),
         }
     }
 }
@@ -265,9 +269,14 @@ impl Spooky {
             io_keys.push(format!("upstream_io: {}", o.upstream_io));
         }
         let io = format!("io: {{ {} }}\n", io_keys.join(", "));
+        let quic = if o.quic_extra.contains("retry:") {
+            o.quic_extra.clone()
+        } else {
+            format!("  retry: {}\n{}", o.retry, o.quic_extra)
+        };
         format!(
-            "listen:\n  address: \"127.0.0.1:{port}\"\n  tls: {{ cert: cert.pem, key: key.pem }}\nquic:\n  retry: {}\n  idle_timeout_ms: 10000\n{io}{upstreams}limits: {{ max_body_buffer_bytes: {}, max_request_header_bytes: {} }}\nadmin: {{ address: \"127.0.0.1:{admin}\" }}\ntelemetry: {{ log: \"info\", log_format: text, access_log: true }}\n{}",
-            o.retry, o.max_body_buffer_bytes, o.max_request_header_bytes, o.extra
+            "listen:\n  address: \"127.0.0.1:{port}\"\n  tls: {{ cert: cert.pem, key: key.pem }}\nquic:\n{quic}  idle_timeout_ms: 10000\n{io}{upstreams}limits: {{ max_body_buffer_bytes: {}, max_request_header_bytes: {} }}\nadmin: {{ address: \"127.0.0.1:{admin}\" }}\ntelemetry: {{ log: \"info\", log_format: text, access_log: true }}\n{}",
+            o.max_body_buffer_bytes, o.max_request_header_bytes, o.extra
         )
     }
 
@@ -377,6 +386,17 @@ impl Spooky {
 
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Resident set size in KiB (`VmRSS` in /proc/<pid>/status).
+    pub fn rss_kib(&self) -> u64 {
+        let pid = self.pid().expect("spooky running");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc/<pid>/status")
     }
 }
 
