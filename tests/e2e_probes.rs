@@ -111,7 +111,10 @@ impl Trace {
                 return;
             }
             if let Ok(Some(st)) = self.child.try_wait() {
-                panic!("bpftrace exited ({st}) before attaching:\n{}", self.output());
+                panic!(
+                    "bpftrace exited ({st}) before attaching:\n{}",
+                    self.output()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -227,7 +230,8 @@ fn request_done_counts_every_request_once() {
         "request_routed must fire once per attempt:\n{out}"
     );
     assert!(
-        out.lines().any(|l| l.trim() == format!("@status[503]: {}", N / 5)),
+        out.lines()
+            .any(|l| l.trim() == format!("@status[503]: {}", N / 5)),
         "{out}"
     );
 }
