@@ -2,6 +2,8 @@
 //! spooky. Needs root and `bpftrace` (scripts/bootstrap.sh installs it);
 //! each test says why it skips otherwise.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
