@@ -2,6 +2,8 @@
 //! spooky. Needs root and `bpftrace` (scripts/bootstrap.sh installs it);
 //! each test says why it skips otherwise.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -111,7 +113,10 @@ impl Trace {
                 return;
             }
             if let Ok(Some(st)) = self.child.try_wait() {
-                panic!("bpftrace exited ({st}) before attaching:\n{}", self.output());
+                panic!(
+                    "bpftrace exited ({st}) before attaching:\n{}",
+                    self.output()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -227,7 +232,8 @@ fn request_done_counts_every_request_once() {
         "request_routed must fire once per attempt:\n{out}"
     );
     assert!(
-        out.lines().any(|l| l.trim() == format!("@status[503]: {}", N / 5)),
+        out.lines()
+            .any(|l| l.trim() == format!("@status[503]: {}", N / 5)),
         "{out}"
     );
 }
@@ -275,4 +281,73 @@ fn every_script_attaches_and_exits() {
         assert!(errs.is_empty(), "{name} reported errors {errs:?}:\n{out}");
         println!("{name}: attached and exited cleanly");
     }
+}
+
+/// The real `/metrics` of a spooky with two backends and two workers:
+/// promtool accepts it (exit 0), and every configured backend has its own
+/// series, summed over workers; `/backends` has one entry per backend.
+#[test]
+fn metrics_have_per_backend_series_and_pass_promtool() {
+    use crate::common::{http1_get, Options};
+    const N: usize = 12;
+    let (a, b) = (Backend::start("a"), Backend::start("b"));
+    let mut o = Options::new(&[&a, &b]);
+    o.io_extra = "workers: 2".into();
+    let s = Spooky::start_with(o);
+    let mut c = s.client();
+    for _ in 0..N {
+        assert_eq!(c.send(Request::get("/")).unwrap().status, 200);
+    }
+    c.close().unwrap();
+    for be in [&a, &b] {
+        let backend = format!("backend=\"{}\"", be.addr);
+        let picks = s.metric("spooky_balancer_backend_picks_total", &[&backend]);
+        assert!(picks >= 1.0, "no picks for {backend}");
+        let up = s.metric("spooky_upstream_backend_up", &[&backend]);
+        assert_eq!(up, 1.0, "{backend} not up");
+        let ok = s.metric(
+            "spooky_upstream_backend_responses_total",
+            &[&backend, "class=\"2xx\""],
+        );
+        assert_eq!(ok, picks, "{backend}: every pick answered 2xx");
+    }
+    let total = s.metric("spooky_balancer_backend_picks_total", &["upstream=\"app\""]);
+    assert_eq!(total, N as f64);
+
+    let (status, body) = http1_get(s.admin, "/backends").unwrap();
+    assert_eq!(status, 200);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let list = v.as_array().unwrap();
+    assert_eq!(list.len(), 2, "{body}");
+    for e in list {
+        assert_eq!(e["workers"].as_array().map(Vec::len), Some(2), "{body}");
+    }
+
+    let (status, text) = http1_get(s.admin, "/metrics").unwrap();
+    assert_eq!(status, 200);
+    let child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let Ok(mut child) = child else {
+        println!("skipping promtool: not installed (scripts/bootstrap.sh)");
+        return;
+    };
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics {:?}:\n{}{}\n{text}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -33,9 +33,9 @@ use super::reload::{ConfigStore, ReloadOutcome};
 use crate::telemetry::backends::BackendBoard;
 use crate::telemetry::MetricsRegistry;
 
+use crate::telemetry::exposition::Format;
 /// `Content-Type` of `/metrics` for scrapers that accept OpenMetrics.
 pub use crate::telemetry::exposition::OPENMETRICS_CONTENT_TYPE;
-use crate::telemetry::exposition::{Format, PROMETHEUS_TEXT_CONTENT_TYPE};
 const TEXT_PLAIN: &str = "text/plain; charset=utf-8";
 const APPLICATION_JSON: &str = "application/json";
 const APPLICATION_YAML: &str = "application/yaml; charset=utf-8";
@@ -63,10 +63,12 @@ pub struct AdminState {
 impl AdminState {
     /// Not ready until [`AdminState::ready`] is set; no config store.
     pub fn new(metrics: Arc<MetricsRegistry>) -> Arc<Self> {
+        let backends = Arc::new(BackendBoard::default());
+        metrics.attach_board(Arc::clone(&backends));
         Arc::new(Self {
             metrics,
             ready: AtomicBool::new(false),
-            backends: Arc::new(BackendBoard::default()),
+            backends,
             config: None,
         })
     }
@@ -77,6 +79,7 @@ impl AdminState {
         backends: Arc<BackendBoard>,
         config: Arc<ConfigStore>,
     ) -> Arc<Self> {
+        metrics.attach_board(Arc::clone(&backends));
         Arc::new(Self {
             metrics,
             ready: AtomicBool::new(false),
@@ -176,7 +179,7 @@ async fn route(req: &Request<Incoming>, state: &Arc<AdminState>) -> Response<Ful
         "/metrics" => metrics(req, state),
         "/ready" if state.ready.load(Ordering::Relaxed) => text(StatusCode::OK, "ready\n"),
         "/ready" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
-        "/backends" => json(StatusCode::OK, &state.backends.snapshot()),
+        "/backends" => json(StatusCode::OK, &state.backends.aggregated()),
         "/config" => match state.config.as_ref() {
             Some(store) => {
                 let snap = store.current();
@@ -316,6 +319,7 @@ fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+    use crate::telemetry::exposition::PROMETHEUS_TEXT_CONTENT_TYPE;
     use crate::telemetry::WorkerMetrics;
     use std::net::SocketAddr;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

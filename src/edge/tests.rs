@@ -505,4 +505,73 @@ fn a_source_past_its_abandoned_stream_limit_is_closed_with_excessive_load() {
             .load(Ordering::Relaxed),
         1
     );
+/// Under a lossy link (every 4th server packet dropped) the loss and
+/// retransmission counters move, and a client close is counted by reason
+/// once the connection is reaped.
+#[test]
+fn loss_counters_move_under_a_lossy_link() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut p = Pair::new(64 * 1024);
+    p.request("GET", "/big", true);
+    let (_env, side) = p.take_request();
+    side.edge
+        .send(ToEdge::Headers(vec![h3::Header::new(b":status", b"200")]));
+    for _ in 0..64 {
+        side.edge.send(ToEdge::Data(Bytes::from(vec![7u8; 4096])));
+    }
+    side.edge.send(ToEdge::End);
+    while let Ok((k, m)) = p.rx.try_recv() {
+        p.edge.handle_upstream(Instant::now(), k, m);
+    }
+    let mut buf = vec![0u8; 65536];
+    let mut sent = 0u64;
+    let deadline = Instant::now() + std::time::Duration::from_secs(10);
+    let mut received = 0usize;
+    while received < 64 * 4096 && Instant::now() < deadline {
+        while let Some(t) = p.edge.poll_transmit(&mut buf, 1) {
+            sent += 1;
+            if sent % 4 == 0 {
+                continue; // lost on the way
+            }
+            let info = quiche::RecvInfo {
+                from: t.from,
+                to: t.to,
+            };
+            let _ = p.client.recv(&mut buf[..t.len], info);
+        }
+        while let Ok((n, info)) = p.client.send(&mut buf) {
+            p.edge
+                .handle_datagram(Instant::now(), &mut buf[..n], info.from, info.to);
+        }
+        received += p.client_events().1.len();
+        std::thread::sleep(std::time::Duration::from_millis(1));
+        p.client.on_timeout();
+        p.edge.handle_timeout(Instant::now());
+    }
+    assert_eq!(
+        received,
+        64 * 4096,
+        "response did not complete over the lossy link"
+    );
+    p.client.close(true, 0x100, b"done").unwrap();
+    let deadline = Instant::now() + std::time::Duration::from_secs(5);
+    while p.edge.connections() > 0 && Instant::now() < deadline {
+        p.exchange();
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        p.edge.handle_timeout(Instant::now());
+    }
+    assert_eq!(p.edge.connections(), 0, "connection not reaped");
+    let obs = &p.edge.metrics.obs;
+    assert!(obs.packets_lost.load(Relaxed) > 0, "no loss counted");
+    assert!(
+        obs.packets_retransmitted.load(Relaxed) > 0,
+        "no retransmission counted"
+    );
+    assert!(obs.packets_sent.load(Relaxed) >= sent / 2);
+    let peer_closed = crate::telemetry::probes::CloseReason::ALL
+        .iter()
+        .position(|r| *r == crate::telemetry::probes::CloseReason::PeerClosed)
+        .unwrap();
+    assert_eq!(obs.closed_by_reason[peer_closed].load(Relaxed), 1);
+    assert_eq!(obs.handshake_duration.count(), 1);
 }

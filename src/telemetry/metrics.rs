@@ -49,6 +49,9 @@ pub struct MetricsRegistry {
     workers: Arc<WorkerList>,
     reload: Arc<ReloadStats>,
     registry: Registry,
+    /// The per-backend board `spooky_upstream_backend_up` reads, once the
+    /// control plane has attached it.
+    board: Arc<std::sync::OnceLock<Arc<super::backends::BackendBoard>>>,
 }
 
 impl MetricsRegistry {
@@ -60,13 +63,25 @@ impl MetricsRegistry {
         registry.register_collector(Box::new(super::signals::SignalsCollector(Arc::clone(
             &workers,
         ))));
+        registry.register_collector(Box::new(super::signals::BackendCollector(Arc::clone(
+            &workers,
+        ))));
         let reload = Arc::new(ReloadStats::default());
         registry.register_collector(Box::new(ReloadCollector(Arc::clone(&reload))));
+        let board = Arc::new(std::sync::OnceLock::new());
+        registry.register_collector(Box::new(BoardCollector(Arc::clone(&board))));
         Arc::new(Self {
             workers,
             reload,
             registry,
+            board,
         })
+    }
+
+    /// Serves `spooky_upstream_backend_up` from `board` (the first board
+    /// attached stays; there is one per process).
+    pub fn attach_board(&self, board: Arc<super::backends::BackendBoard>) {
+        let _ = self.board.set(board);
     }
 
     /// The config reload counters, for the control plane to bump.
@@ -524,6 +539,34 @@ impl Collector for ReloadCollector {
     }
 }
 
+/// `spooky_upstream_backend_up{upstream,backend}`: 1 while no worker sees
+/// the backend unhealthy or ejected, from the board `/backends` serves.
+#[derive(Debug)]
+struct BoardCollector(Arc<std::sync::OnceLock<Arc<super::backends::BackendBoard>>>);
+
+impl Collector for BoardCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
+        let mut m = enc.encode_descriptor(
+            "upstream_backend_up",
+            "1 while a backend is healthy (or not yet checked) and not ejected on any worker, else 0.",
+            None,
+            MetricType::Gauge,
+        )?;
+        let Some(board) = self.0.get() else {
+            return Ok(());
+        };
+        for b in board.aggregated() {
+            let addr = b.address.to_string();
+            let labels = [
+                ("upstream", b.upstream.as_str()),
+                ("backend", addr.as_str()),
+            ];
+            ConstGauge::new(i64::from(b.up())).encode(m.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
+
 /// `spooky_build_info{version="…"} 1`.
 #[derive(Debug)]
 struct BuildInfo;
@@ -545,6 +588,7 @@ impl Collector for BuildInfo {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn bumped() -> Arc<MetricsRegistry> {
         let reg = MetricsRegistry::new();
@@ -574,7 +618,64 @@ mod tests {
         b.send_batch.observe(64.0);
         reg.reload_stats().ok.fetch_add(1, Ordering::Relaxed);
         reg.reload_stats().generation.store(2, Ordering::Relaxed);
+        let (b1, b2) = (backend_addr(9001), backend_addr(9002));
+        let rr = crate::config::Policy::RoundRobin;
+        a.obs.routed(1, "app", b1, rr);
+        b.obs.routed(2, "app", b1, rr);
+        b.obs.routed(3, "app", b2, rr);
+        a.obs
+            .backends
+            .attempt_done("app", b1, rr, Some(200), Duration::from_millis(2));
+        b.obs
+            .backends
+            .attempt_done("app", b1, rr, Some(503), Duration::from_millis(20));
+        b.obs
+            .backends
+            .attempt_done("app", b2, rr, None, Duration::from_millis(1));
+        b.obs.retried(3, "app", b2, rr, 1);
+        a.obs.ejected("app", b2, rr, Duration::from_secs(10));
+        WorkerMetrics::inc(&a.obs.closed_by_reason[1]);
+        WorkerMetrics::add(&a.obs.packets_lost, 3);
+        a.obs.handshake_done(1, Duration::from_millis(2));
         reg
+    }
+
+    fn backend_addr(port: u16) -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    /// Every configured backend gets its own series, summed over workers.
+    #[test]
+    fn per_backend_series() {
+        let text = bumped().render();
+        for line in [
+            "spooky_balancer_backend_picks_total{upstream=\"app\",backend=\"127.0.0.1:9001\",policy=\"round_robin\"} 2",
+            "spooky_balancer_backend_picks_total{upstream=\"app\",backend=\"127.0.0.1:9002\",policy=\"round_robin\"} 1",
+            "spooky_upstream_backend_responses_total{upstream=\"app\",backend=\"127.0.0.1:9001\",class=\"2xx\"} 1",
+            "spooky_upstream_backend_responses_total{upstream=\"app\",backend=\"127.0.0.1:9001\",class=\"5xx\"} 1",
+            "spooky_upstream_backend_responses_total{upstream=\"app\",backend=\"127.0.0.1:9002\",class=\"error\"} 1",
+            "spooky_upstream_backend_retries_total{upstream=\"app\",backend=\"127.0.0.1:9002\"} 1",
+            "spooky_upstream_backend_ejections_total{upstream=\"app\",backend=\"127.0.0.1:9002\"} 1",
+            "spooky_upstream_backend_duration_seconds_count{upstream=\"app\",backend=\"127.0.0.1:9001\"} 2",
+            "spooky_upstream_backend_duration_seconds_sum{upstream=\"app\",backend=\"127.0.0.1:9001\"} 0.022",
+            "spooky_quic_connections_closed_by_reason_total{reason=\"idle_timeout\"} 1",
+            "spooky_quic_packets_lost_total 3",
+            "spooky_quic_handshake_duration_seconds_count 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
+        }
+    }
+
+    /// A reload that removes a backend removes its series.
+    #[test]
+    fn removed_backends_leave() {
+        let reg = bumped();
+        for w in reg.workers.lock().iter() {
+            w.obs.backends.retain(|_, a| a.port() == 9001);
+        }
+        let text = reg.render();
+        assert!(text.contains("backend=\"127.0.0.1:9001\""));
+        assert!(!text.contains("backend=\"127.0.0.1:9002\""), "{text}");
     }
 
     #[test]

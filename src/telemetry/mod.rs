@@ -350,6 +350,11 @@ impl<B: Buckets> AtomicHistogram<B> {
         self.count.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Observations so far.
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
     /// Adds this histogram into `acc` = (sum, count, per-bucket counts).
     pub fn add_to(&self, acc: &mut HistogramSum) {
         if acc.buckets.len() != B::BOUNDS.len() + 1 {

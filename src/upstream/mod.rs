@@ -276,12 +276,9 @@ impl UpstreamGroup {
                     .health
                     .eject(now, Duration::from_millis(o.base_ejection_ms));
                 WorkerMetrics::inc(&metrics.ejections);
-                crate::telemetry::probes::backend_state(
-                    &self.name,
-                    &b.address,
-                    crate::telemetry::probes::BackendEvent::Ejected,
-                    d,
-                );
+                metrics
+                    .obs
+                    .ejected(&self.name, b.address, self.cfg.policy, d);
                 tracing::warn!(
                     upstream = %self.name,
                     backend = %b.address,

@@ -198,7 +198,12 @@ async fn run(
         tried.push(idx);
         let backend = group.backends[idx].clone();
         WorkerMetrics::inc(&metrics.upstream_picks);
-        crate::telemetry::probes::request_routed(env.request_id, &group.name, &backend.address);
+        metrics.obs.routed(
+            env.request_id,
+            &group.name,
+            backend.address,
+            group.cfg.policy,
+        );
         side.edge.send(ToEdge::Backend {
             upstream: group.name.clone(),
             backend: backend.address,
@@ -207,6 +212,21 @@ async fn run(
         let is_last = tried.len() as u32 >= max_attempts;
         let res = attempt(group, idx, env, side, &mut replay, head_sent, is_last).await;
         let latency = started.elapsed();
+        let seen = match &res {
+            Ok(s)
+            | Err(AttemptError {
+                err: UpstreamError::Status(s),
+                ..
+            }) => Some(*s),
+            Err(_) => None,
+        };
+        metrics.obs.backends.attempt_done(
+            &group.name,
+            backend.address,
+            group.cfg.policy,
+            seen,
+            latency,
+        );
         match res {
             Ok(status) => {
                 let outcome = if status >= 500 {
@@ -235,10 +255,11 @@ async fn run(
                     return Err(a.err);
                 }
                 WorkerMetrics::inc(&metrics.retries);
-                crate::telemetry::probes::retry(
+                metrics.obs.retried(
                     env.request_id,
                     &group.name,
-                    &backend.address,
+                    backend.address,
+                    group.cfg.policy,
                     tried.len(),
                 );
                 tracing::info!(
