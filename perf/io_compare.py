@@ -536,7 +536,7 @@ HAPROXY_CONFIG = """\
 # Written by perf/io_compare.py: HAProxy as the reference peer of the sweep.
 global
     nbthread 1
-    maxconn 100000
+    maxconn 4096
 {limited_quic}
 defaults
     mode http
@@ -623,10 +623,15 @@ def preload_path(name: str) -> str:
 def start_spooky_target(a, driver: str, bins: dict, work: str, backend_ports: list[int]) -> dict:
     """`driver` is a variant (see `variant`), optionally `@mimalloc`, `@jemalloc` or
     `@/path/lib.so`: that allocator LD_PRELOADed over glibc's malloc, to compare
-    allocators on the very same binary."""
+    allocators on the very same binary; and optionally `%/path/to/spooky`: another
+    spooky build (A/B against a baseline)."""
     port = free_port(socket.SOCK_DGRAM)
     admin_port = free_port()
-    base, _, alloc = driver.partition("@")
+    driver_, _, other_bin = driver.partition("%")
+    spooky_bin = other_bin or bins["spooky"]
+    if not os.access(spooky_bin, os.X_OK):
+        raise RuntimeError(f"{spooky_bin} is not an executable spooky binary")
+    base, _, alloc = driver_.partition("@")
     env = dict(os.environ)
     if alloc:
         env["LD_PRELOAD"] = preload_path(alloc)
@@ -650,15 +655,16 @@ def start_spooky_target(a, driver: str, bins: dict, work: str, backend_ports: li
                 admin=admin_port,
             )
         )
-    chk = subprocess.run([bins["spooky"], "check", "--config", cfg_path], capture_output=True, text=True)
+    chk = subprocess.run([spooky_bin, "check", "--config", cfg_path], capture_output=True, text=True)
     if chk.returncode != 0:
         raise RuntimeError(f"spooky check rejected {cfg_path}:\n{chk.stdout}{chk.stderr}")
     log_path = os.path.join(work, f"sweep-spooky-{driver.replace('/', '_')}.log")
     logf = open(log_path, "w")
-    proc = spawn([bins["spooky"], "--config", cfg_path], cpus=a.spooky_cpus,
+    proc = spawn([spooky_bin, "--config", cfg_path], cpus=a.spooky_cpus,
                  stdout=logf, stderr=subprocess.STDOUT, env=env)
     wait_tcp(admin_port, f"spooky ({driver})", proc)
-    return {"name": f"spooky {driver}", "key": driver, "proc": proc, "port": port,
+    name = f"spooky {driver_}" + (f" ({os.path.basename(other_bin)})" if other_bin else "")
+    return {"name": name, "key": driver, "proc": proc, "port": port,
             "log": log_path, "logf": logf, "backend": backend}
 
 
@@ -748,12 +754,12 @@ def run_sweep(a, bins: dict, work: str, backend_ports: list[int]) -> dict:
                     f"{fmt(row['ok_per_cpu_s'])} ok per CPU-s, {fmt(row['cpu_us_per_req'])} µs CPU/req, "
                     f"peak RSS {fmt((row['vm_hwm_kib'] or 0) / 1024)} MiB"
                     + (f", {row['non_2xx']} NON-2XX" if row["non_2xx"] else ""))
-        if a.alloc_duration > 0:
+        if a.alloc_requests > 0:
             for t in targets:
-                if t["key"] == "haproxy" or "@" in t["key"]:
+                if t["key"] == "haproxy" or "@" in t["key"].partition("%")[0]:
                     continue  # HAProxy's pools and a preloaded allocator bypass libc malloc
                 log(f"sweep: {t['name']}: counting libc allocations (bpftrace) over h3load -c 4 -m 16 "
-                    f"-d {a.alloc_duration}")
+                    f"-n {a.alloc_requests}")
                 ac = count_allocs(a, bins, t, 4, 16)
                 out.setdefault("allocs", {})[t["key"]] = ac
                 if ac:
@@ -816,8 +822,9 @@ def count_allocs(a, bins: dict, t: dict, c: int, m: int) -> dict | None:
         log(f"alloc count: bpftrace did not attach ({line.strip()}); skipped")
         return None
     time.sleep(0.5)
-    r = h3load(bins["h3load"], t["port"], ["-c", str(c), "-m", str(m), "-d", str(a.alloc_duration), "/"],
-               a.alloc_duration + 120)
+    # A request count, not a duration: the probes slow the proxy many-fold.
+    r = h3load(bins["h3load"], t["port"],
+               ["-c", str(c), "-m", str(m), "-n", str(a.alloc_requests), "--timeout", "120", "/"], 300)
     p.send_signal(signal.SIGINT)
     try:
         out, _ = p.communicate(timeout=30)
@@ -836,11 +843,18 @@ def count_allocs(a, bins: dict, t: dict, c: int, m: int) -> dict | None:
 
 def sweep_markdown(a, sw: dict) -> str:
     keys = sw["targets"]
-    names = {k: ("HAProxy" if k == "haproxy" else k) for k in keys}
+    def show(k: str) -> str:
+        if k == "haproxy":
+            return "HAProxy"
+        drv, _, other = k.partition("%")
+        return f"{drv} ({os.path.basename(other)})" if other else drv
+
+    names = {k: show(k) for k in keys}
     spooky = [k for k in keys if k != "haproxy"]
     have_hap = "haproxy" in keys
-    uring = next((k for k in spooky if "@" not in k and variant(k)[0] == "uring"), None)
-    epoll = next((k for k in spooky if "@" not in k and variant(k)[0] == "epoll"), None)
+    plain = [k for k in spooky if "@" not in k.partition("%")[0]]
+    uring = next((k for k in plain if variant(k)[0] == "uring"), None)
+    epoll = next((k for k in plain if variant(k)[0] == "epoll"), None)
     head = ["load (h3load)"] + [f"{names[k]} ok/CPU-s" for k in keys]
     head += [f"{names[k]}/HAProxy" for k in spooky] if have_hap else []
     head += [f"{uring}/{epoll}"] if uring and epoll else []
@@ -1163,9 +1177,9 @@ def parse_args():
                    "default: haproxy on PATH if haproxy -vv lists QUIC)")
     p.add_argument("--goal-vs-haproxy", type=float, default=env_default("PERF_IO_GOAL_VS_HAPROXY", 1.5),
                    help="spooky/HAProxy ratio the sweep reports as met (default 1.5)")
-    p.add_argument("--alloc-duration", type=int, default=env_default("PERF_IO_ALLOC_DURATION", 3),
-                   help="seconds of the sweep's allocation count (bpftrace uprobes on libc malloc, "
-                   "root only); 0 skips (default 3)")
+    p.add_argument("--alloc-requests", type=int, default=env_default("PERF_IO_ALLOC_REQUESTS", 2000),
+                   help="requests of the sweep's allocation count (bpftrace uprobes on libc malloc, "
+                   "root only); 0 skips (default 2000)")
     p.add_argument("--no-sweep", action="store_true", default=bool(os.environ.get("PERF_IO_NO_SWEEP")),
                    help="skip the sweep")
     p.add_argument("--sweep-only", action="store_true", default=bool(os.environ.get("PERF_IO_SWEEP_ONLY")),

@@ -179,9 +179,13 @@ pub async fn run_worker<D: DatagramIo>(
                         request_id = envelope.request_id,
                         trace_id = %envelope.trace.trace_id_hex(),
                     );
-                    tokio::task::spawn_local(
-                        proxy(gateway.clone(), envelope, side, metrics.clone()).instrument(span),
-                    );
+                    let task = proxy(gateway.clone(), envelope, side, metrics.clone());
+                    if span.is_disabled() {
+                        // No `Instrumented` wrapper to enter and exit on every poll.
+                        tokio::task::spawn_local(task);
+                    } else {
+                        tokio::task::spawn_local(task.instrument(span));
+                    }
                 }
             }
         }
