@@ -8,6 +8,7 @@ mod e2e_control;
 mod e2e_failures;
 mod e2e_peers;
 mod e2e_policies;
+mod e2e_pool;
 mod e2e_proxy;
 mod e2e_upstream_io;
 mod e2e_workers;
