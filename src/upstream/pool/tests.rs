@@ -162,7 +162,7 @@ fn pool_grows_within_the_announced_limit_then_queues_then_sheds() {
         // Pool at its maximum: the 7th waits, the 8th finds the queue full.
         let waiter = {
             let pool = pool.clone();
-            tokio::task::spawn_local(async move { pool.acquire(far()).await.map(|_| ()) })
+            tokio::task::spawn_local(async move { pool.acquire(far()).await })
         };
         while pool.waiting.get() == 0 {
             tokio::task::yield_now().await;
@@ -174,7 +174,7 @@ fn pool_grows_within_the_announced_limit_then_queues_then_sheds() {
         );
         // A freed stream goes to the waiter.
         held.pop();
-        waiter.await.unwrap().unwrap();
+        held.push(waiter.await.unwrap().unwrap());
 
         // No stream frees up before a deadline: PoolTimeout, not a connect error.
         let soon = Instant::now() + Duration::from_millis(50);
