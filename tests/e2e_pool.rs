@@ -104,7 +104,10 @@ fn a_backend_announcing_few_streams_is_respected_without_errors() {
         "backend saw {peak} streams at once"
     );
     // ...and the pool opened more connections rather than queue behind one.
-    assert!(peak > ANNOUNCED + 2, "backend saw at most {peak} streams at once");
+    assert!(
+        peak > ANNOUNCED + 2,
+        "backend saw at most {peak} streams at once"
+    );
 }
 
 #[test]
@@ -123,13 +126,20 @@ fn idle_pool_connections_close_after_idle_ms() {
     // 200 streams at 50 per connection: the pool grew (plus the health
     // check's own connection).
     let grown = established_to(port);
-    assert!(grown >= 3, "{grown} connections to the backend after the burst");
+    assert!(
+        grown >= 3,
+        "{grown} connections to the backend after the burst"
+    );
     // Idle for idle_ms: back to the warm minimum and the health check.
     let until = Instant::now() + Duration::from_millis(IDLE_MS * 10);
     while established_to(port) > 2 && Instant::now() < until {
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert_eq!(established_to(port), 2, "pool did not shrink to its minimum");
+    assert_eq!(
+        established_to(port),
+        2,
+        "pool did not shrink to its minimum"
+    );
     // The warm connection still serves.
     let mut c = spooky.client();
     assert_eq!(c.get("/id").unwrap().text(), "alpha");

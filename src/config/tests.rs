@@ -698,7 +698,10 @@ fn not_yet_active_lists_inactive_settings() {
     assert!(!keys.contains(&"upstreams[].policy"), "{lines:#?}");
     assert!(!keys.contains(&"upstreams[].health_check"), "{lines:#?}");
     assert!(!keys.contains(&"quic.server_id"), "{lines:#?}");
-    assert!(!keys.contains(&"upstreams[].timeouts.idle_ms"), "{lines:#?}");
+    assert!(
+        !keys.contains(&"upstreams[].timeouts.idle_ms"),
+        "{lines:#?}"
+    );
 
     fs::write(fx.path("token"), "t").unwrap();
     let config = fx.ok(

@@ -555,7 +555,9 @@ impl BackendPool {
             self.keep_warm();
             match decide(self.slot_states(), &self.view(queued.is_some())) {
                 Step::Use(i) => {
-                    let Some(conn) = self.conn_at(i) else { continue };
+                    let Some(conn) = self.conn_at(i) else {
+                        continue;
+                    };
                     let guard = StreamGuard::new(conn.clone(), self.clone());
                     drop(queued.take());
                     // A fresh clone has no stream pending, so `ready` only

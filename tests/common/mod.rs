@@ -81,7 +81,13 @@ impl Backend {
     /// A backend started with extra `spooky demo-backend` arguments.
     pub fn start_args(name: &str, addr: SocketAddr, extra: &[&str]) -> Backend {
         let mut child = Command::new(SPOOKY)
-            .args(["demo-backend", "--listen", &addr.to_string(), "--name", name])
+            .args([
+                "demo-backend",
+                "--listen",
+                &addr.to_string(),
+                "--name",
+                name,
+            ])
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

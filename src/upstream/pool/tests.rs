@@ -155,7 +155,11 @@ fn pool_grows_within_the_announced_limit_then_queues_then_sheds() {
         }
         assert_eq!(pool.connections(), 2, "3 streams each, as announced");
         let gens: Vec<u64> = held.iter().map(|(_, g)| g.conn.generation).collect();
-        for g in gens.iter().copied().collect::<std::collections::BTreeSet<_>>() {
+        for g in gens
+            .iter()
+            .copied()
+            .collect::<std::collections::BTreeSet<_>>()
+        {
             assert_eq!(gens.iter().filter(|x| **x == g).count(), 3, "{gens:?}");
         }
 
