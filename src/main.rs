@@ -43,6 +43,10 @@ enum Command {
         /// Delay every response by this many milliseconds (a slow backend).
         #[arg(long, default_value_t = 0)]
         delay_ms: u64,
+        /// SETTINGS_MAX_CONCURRENT_STREAMS to announce (a backend with a low
+        /// stream limit).
+        #[arg(long, default_value_t = spooky::demo_backend::MAX_CONCURRENT_STREAMS)]
+        max_concurrent_streams: u32,
     },
 }
 
@@ -54,7 +58,15 @@ fn main() -> ExitCode {
             listen,
             name,
             delay_ms,
-        }) => demo_backend(listen, name, std::time::Duration::from_millis(delay_ms)),
+            max_concurrent_streams,
+        }) => demo_backend(
+            listen,
+            name,
+            spooky::demo_backend::DemoOptions {
+                delay: std::time::Duration::from_millis(delay_ms),
+                max_concurrent_streams,
+            },
+        ),
         None => run(&cli.config),
     }
 }
@@ -93,7 +105,7 @@ fn check(path: &std::path::Path) -> ExitCode {
 fn demo_backend(
     listen: std::net::SocketAddr,
     name: String,
-    delay: std::time::Duration,
+    opts: spooky::demo_backend::DemoOptions,
 ) -> ExitCode {
     init_plain_logging();
     let rt = match tokio::runtime::Builder::new_current_thread()
@@ -106,7 +118,7 @@ fn demo_backend(
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(spooky::demo_backend::run_with_delay(listen, name, delay)) {
+    match rt.block_on(spooky::demo_backend::run_with_options(listen, name, opts)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("spooky demo-backend: {e}");

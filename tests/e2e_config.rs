@@ -25,7 +25,12 @@ fn good_config_prints_effective_config_and_inactive_keys() {
     let (code, out, err) = check(GOOD);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("max_streams_bidi: 256"), "{out}");
-    assert!(out.contains("not yet active"), "{out}");
+    assert!(out.contains("max_connections_per_backend: 16"), "{out}");
+    // idle_ms closes idle pool connections: no longer listed as inactive.
+    assert!(
+        !out.contains("idle backend connections are not closed"),
+        "{out}"
+    );
 }
 
 fn assert_error(yaml: &str, line: usize, key: &str) {

@@ -11,6 +11,7 @@ mod e2e_hostile_requests;
 mod e2e_peers;
 mod e2e_policies;
 mod e2e_probes;
+mod e2e_pool;
 mod e2e_proxy;
 mod e2e_upstream_io;
 mod e2e_workers;

@@ -607,6 +607,9 @@ pub struct Pool {
     pub connections_per_backend: usize,
     /// Streams multiplexed on one backend connection.
     pub max_concurrent_streams: u32,
+    /// Connections the pool may grow to per backend when every connection is
+    /// at its stream limit (`connections_per_backend` is the warm minimum).
+    pub max_connections_per_backend: usize,
 }
 
 impl Default for Pool {
@@ -614,6 +617,7 @@ impl Default for Pool {
         Pool {
             connections_per_backend: 2,
             max_concurrent_streams: 100,
+            max_connections_per_backend: 16,
         }
     }
 }

@@ -160,6 +160,7 @@ fn full_example_parses_with_every_value() {
             pool: Pool {
                 connections_per_backend: 2,
                 max_concurrent_streams: 100,
+                max_connections_per_backend: 16,
             },
             timeouts: Timeouts {
                 connect_ms: 1_000,
@@ -700,7 +701,10 @@ fn not_yet_active_lists_inactive_settings() {
     assert!(!keys.contains(&"upstreams[].policy"), "{lines:#?}");
     assert!(!keys.contains(&"upstreams[].health_check"), "{lines:#?}");
     assert!(!keys.contains(&"quic.server_id"), "{lines:#?}");
-    assert!(keys.contains(&"upstreams[].timeouts.idle_ms"), "{lines:#?}");
+    assert!(
+        !keys.contains(&"upstreams[].timeouts.idle_ms"),
+        "{lines:#?}"
+    );
 
     fs::write(fx.path("token"), "t").unwrap();
     let config = fx.ok(

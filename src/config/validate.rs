@@ -232,6 +232,11 @@ impl Validator<'_> {
             &format!("{at}.pool.max_concurrent_streams"),
             positive,
         );
+        self.check(
+            u.pool.max_connections_per_backend >= u.pool.connections_per_backend,
+            &format!("{at}.pool.max_connections_per_backend"),
+            "must be at least connections_per_backend",
+        );
 
         for (name, value) in [
             ("connect_ms", u.timeouts.connect_ms),

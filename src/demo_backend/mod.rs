@@ -15,7 +15,7 @@
 //! | `GET /health`               | `ok`                                              |
 //! | `GET /headers`              | the request headers (and pseudo-headers) as JSON  |
 //! | `GET /trailers`             | `with trailers\n` + trailer `x-checksum: abc`     |
-//! | `GET /stats`                | `{"requests":N,"posts":N,"resets":N,"active":N}`  |
+//! | `GET /stats`                | `{"requests":N,"posts":N,"resets":N,"active":N,"peak_active":N}` |
 //! | `GET /reset`                | headers, 1000 bytes, then RST_STREAM(INTERNAL_ERROR) |
 //! | `GET /reset-before-headers` | RST_STREAM(INTERNAL_ERROR), no headers            |
 //! | `GET /refuse`               | RST_STREAM(REFUSED_STREAM), no headers            |
@@ -25,7 +25,11 @@
 //! it, send only what was granted) and received bodies release their
 //! capacity as they are consumed, so multi-GiB transfers run in constant
 //! memory. A stream the client resets is noticed (through `poll_reset` or a
-//! stream error) and counted in `/stats` as `resets`.
+//! stream error) and counted in `/stats` as `resets`. `peak_active` is the
+//! most streams ever open at once (health checks and `/stats` included), so
+//! a test can check that a client kept to the announced
+//! SETTINGS_MAX_CONCURRENT_STREAMS ([`DemoOptions::max_concurrent_streams`],
+//! `--max-concurrent-streams`).
 
 use std::future::{poll_fn, Future};
 use std::io::{self, Write as _};
@@ -47,8 +51,8 @@ use tokio::sync::watch;
 #[cfg(test)]
 mod tests;
 
-/// SETTINGS_MAX_CONCURRENT_STREAMS advertised to clients.
-const MAX_CONCURRENT_STREAMS: u32 = 1000;
+/// SETTINGS_MAX_CONCURRENT_STREAMS advertised to clients by default.
+pub const MAX_CONCURRENT_STREAMS: u32 = 1000;
 /// Per-stream receive window (SETTINGS_INITIAL_WINDOW_SIZE).
 const STREAM_WINDOW: u32 = 1 << 20;
 /// Connection-level receive window.
@@ -80,9 +84,39 @@ pub async fn run(listen: SocketAddr, name: String) -> io::Result<()> {
 /// Like [`run`], but every response (other than `/health` and `/stats`)
 /// waits `delay` first: a slow backend for latency-aware balancing tests.
 pub async fn run_with_delay(listen: SocketAddr, name: String, delay: Duration) -> io::Result<()> {
-    let mut shared = Shared::new(name)?;
-    shared.delay = delay;
-    let shared = Arc::new(shared);
+    let opts = DemoOptions {
+        delay,
+        ..DemoOptions::default()
+    };
+    run_with_options(listen, name, opts).await
+}
+
+/// How a demo backend behaves beyond its endpoints.
+#[derive(Debug, Clone, Copy)]
+pub struct DemoOptions {
+    /// Added before every response except `/health` and `/stats`.
+    pub delay: Duration,
+    /// SETTINGS_MAX_CONCURRENT_STREAMS announced on every connection; h2
+    /// refuses streams beyond it with REFUSED_STREAM.
+    pub max_concurrent_streams: u32,
+}
+
+impl Default for DemoOptions {
+    fn default() -> Self {
+        Self {
+            delay: Duration::ZERO,
+            max_concurrent_streams: MAX_CONCURRENT_STREAMS,
+        }
+    }
+}
+
+/// Like [`run`], with [`DemoOptions`].
+pub async fn run_with_options(
+    listen: SocketAddr,
+    name: String,
+    opts: DemoOptions,
+) -> io::Result<()> {
+    let shared = Arc::new(Shared::new(name, opts)?);
     let listener = bind(listen)?;
     let local = listener.local_addr()?;
     // A closed stdout must not keep the backend from serving.
@@ -107,7 +141,17 @@ pub async fn run_with_shutdown(
     name: String,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
-    serve(listener, Arc::new(Shared::new(name)?), shutdown).await
+    serve_with_options(listener, name, DemoOptions::default(), shutdown).await
+}
+
+/// Like [`run_with_shutdown`], with [`DemoOptions`].
+pub async fn serve_with_options(
+    listener: TcpListener,
+    name: String,
+    opts: DemoOptions,
+    shutdown: impl Future<Output = ()>,
+) -> io::Result<()> {
+    serve(listener, Arc::new(Shared::new(name, opts)?), shutdown).await
 }
 
 async fn serve(
@@ -162,10 +206,12 @@ struct Shared {
     pattern: Bytes,
     /// Added before every response except `/health` and `/stats`.
     delay: Duration,
+    /// SETTINGS_MAX_CONCURRENT_STREAMS announced.
+    max_concurrent_streams: u32,
 }
 
 impl Shared {
-    fn new(name: String) -> io::Result<Shared> {
+    fn new(name: String, opts: DemoOptions) -> io::Result<Shared> {
         let name_value = HeaderValue::from_str(&name).map_err(|_| {
             io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -180,7 +226,8 @@ impl Shared {
             name_value,
             stats: Stats::default(),
             pattern: Bytes::from(pattern),
-            delay: Duration::ZERO,
+            delay: opts.delay,
+            max_concurrent_streams: opts.max_concurrent_streams,
         })
     }
 
@@ -197,15 +244,18 @@ struct Stats {
     posts: AtomicU64,
     resets: AtomicU64,
     active: AtomicU64,
+    /// The most streams `active` ever reached.
+    peak_active: AtomicU64,
 }
 
 /// Counts one stream as active for as long as it lives.
 struct ActiveGuard<'a>(&'a AtomicU64);
 
 impl<'a> ActiveGuard<'a> {
-    fn new(counter: &'a AtomicU64) -> Self {
-        counter.fetch_add(1, Ordering::Relaxed);
-        ActiveGuard(counter)
+    fn new(stats: &'a Stats) -> Self {
+        let now = stats.active.fetch_add(1, Ordering::Relaxed) + 1;
+        stats.peak_active.fetch_max(now, Ordering::Relaxed);
+        ActiveGuard(&stats.active)
     }
 }
 
@@ -254,7 +304,7 @@ async fn serve_connection(
     mut stop: watch::Receiver<bool>,
 ) {
     let handshake = h2::server::Builder::new()
-        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .max_concurrent_streams(shared.max_concurrent_streams)
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .handshake::<_, Bytes>(tcp);
@@ -306,7 +356,7 @@ async fn handle_stream(
     if req.method() == Method::POST {
         stats.posts.fetch_add(1, Ordering::Relaxed);
     }
-    let _active = ActiveGuard::new(&stats.active);
+    let _active = ActiveGuard::new(stats);
     let path = req.uri().path().to_owned();
     if !shared.delay.is_zero() && path != "/health" && path != "/stats" {
         tokio::time::sleep(shared.delay).await;
@@ -415,12 +465,13 @@ async fn route(
         "/stats" if get => {
             let stats = &shared.stats;
             let body = format!(
-                "{{\"requests\":{},\"posts\":{},\"resets\":{},\"active\":{}}}",
+                "{{\"requests\":{},\"posts\":{},\"resets\":{},\"active\":{},\"peak_active\":{}}}",
                 stats.requests.load(Ordering::Relaxed),
                 stats.posts.load(Ordering::Relaxed),
                 stats.resets.load(Ordering::Relaxed),
                 // Not counting this `/stats` stream itself.
                 stats.active.load(Ordering::Relaxed).saturating_sub(1),
+                stats.peak_active.load(Ordering::Relaxed),
             );
             ctx.full(respond, StatusCode::OK, JSON, body).await
         }

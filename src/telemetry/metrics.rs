@@ -448,6 +448,16 @@ impl Collector for WorkerSum {
             "Requests with no healthy backend to go to.",
             sum_u64(ws, |w| &w.no_healthy_backend),
         )?;
+        labelled_counter(
+            e,
+            "upstream_pool_rejected",
+            "Requests answered 503 by a busy backend pool: queue_full (circuit.max_pending waiters) or deadline (no stream freed in time).",
+            "reason",
+            &[
+                ("queue_full", sum_u64(ws, |w| &w.pool_rejected_queue_full)),
+                ("deadline", sum_u64(ws, |w| &w.pool_rejected_deadline)),
+            ],
+        )?;
         gauge(
             e,
             "balancer_pending",
@@ -763,6 +773,7 @@ mod tests {
             ("upstream_ring_workers", "gauge"),
             ("upstream_ring_ops", "counter"),
             ("upstream_timeouts", "counter"),
+            ("upstream_pool_rejected", "counter"),
             ("balancer_picks", "counter"),
             ("request_duration_seconds", "histogram"),
             ("quic_rtt_seconds", "histogram"),

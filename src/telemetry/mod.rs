@@ -135,6 +135,11 @@ pub struct WorkerMetrics {
     pub circuit_rejections: AtomicU64,
     pub no_healthy_backend: AtomicU64,
     pub pending: AtomicI64,
+    /// Requests answered 503 because too many already waited for a pool
+    /// stream (`circuit.max_pending`), or because none freed up before the
+    /// request's deadline.
+    pub pool_rejected_queue_full: AtomicU64,
+    pub pool_rejected_deadline: AtomicU64,
     /// Datagrams handed to the worker that owns their connection.
     pub handoffs: AtomicU64,
     /// Packets held back by pacing until their send time.

@@ -40,6 +40,8 @@ pub enum UpstreamError {
     ConnectTimeout { backend: SocketAddr },
     #[error("no free stream to {backend} before the deadline")]
     PoolTimeout { backend: SocketAddr },
+    #[error("too many requests already wait for a stream to {backend} (circuit.max_pending)")]
+    PoolFull { backend: SocketAddr },
     #[error("backend refused the stream ({0})")]
     Refused(String),
     #[error("backend failed before responding: {0}")]
@@ -76,7 +78,9 @@ impl UpstreamError {
     /// load rather than by failure.
     pub fn retry_after(&self) -> Option<u32> {
         match self {
-            UpstreamError::Saturated { .. } | UpstreamError::PoolTimeout { .. } => Some(1),
+            UpstreamError::Saturated { .. }
+            | UpstreamError::PoolTimeout { .. }
+            | UpstreamError::PoolFull { .. } => Some(1),
             UpstreamError::NoBackend { .. } => Some(5),
             _ => None,
         }
@@ -108,6 +112,7 @@ impl UpstreamError {
             UpstreamError::NoRoute { .. } => 404,
             UpstreamError::NoBackend { .. }
             | UpstreamError::PoolTimeout { .. }
+            | UpstreamError::PoolFull { .. }
             | UpstreamError::Saturated { .. } => 503,
             UpstreamError::Status(s) => *s,
             UpstreamError::Connect { .. }
@@ -307,9 +312,12 @@ impl Gateway {
             .map(|u| {
                 let settings = PoolSettings {
                     connections: u.pool.connections_per_backend,
+                    max_connections: u.pool.max_connections_per_backend,
                     max_streams: u.pool.max_concurrent_streams,
                     connect_timeout: Duration::from_millis(u.timeouts.connect_ms),
+                    idle_timeout: Duration::from_millis(u.timeouts.idle_ms),
                     max_in_flight: u.circuit.max_in_flight_per_backend,
+                    max_waiting: u.circuit.max_pending,
                 };
                 let list: Vec<(SocketAddr, u32)> =
                     u.backends.iter().map(|b| (b.address, b.weight)).collect();

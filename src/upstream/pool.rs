@@ -1,16 +1,31 @@
 //! HTTP/2 connection pool for one backend (per worker).
 //!
-//! `connections_per_backend` h2c connections are opened in the background and
-//! shared by requests: each request takes the connection with the fewest
-//! streams in flight below `max_concurrent_streams` (and h2 itself enforces
-//! the backend's SETTINGS_MAX_CONCURRENT_STREAMS in `ready()`). A connection
-//! that closes or receives GOAWAY empties its slot and is reopened on demand;
-//! failed connects back off exponentially, during which the backend is
-//! reported unavailable to the balancer.
+//! `connections_per_backend` h2c connections are opened in the background
+//! (the warm minimum) and shared by requests: each request takes the
+//! connection with the fewest streams in flight below its stream cap,
+//! `min(max_concurrent_streams, the backend's SETTINGS_MAX_CONCURRENT_STREAMS)`.
+//! A new connection is used only after a PING round trip, so the backend's
+//! SETTINGS are known before the first stream goes out on it. When every
+//! connection is at its cap the request waits (at most `circuit.max_pending`
+//! waiters, until the request's deadline) and, when the connections being
+//! opened cannot take the waiters, the pool opens another one, up to
+//! `max_connections_per_backend`. A pool that is merely busy never fails a
+//! request as a connect failure: only a full queue (`PoolFull`) or a passed
+//! deadline (`PoolTimeout`) ends the wait, both 503 with `retry-after`.
+//!
+//! A connection that receives GOAWAY (or dies) leaves its slot at once and
+//! drains: its streams run to their end on the old h2 connection while the
+//! slot opens a new one. A connection unused for `timeouts.idle_ms` closes
+//! while the pool has more than its warm minimum. Failed connects back off
+//! exponentially, during which the backend is reported unavailable to the
+//! balancer.
+//!
+//! The choice among use / open / wait / fail is [`decide`], a pure function
+//! of a snapshot of the pool.
 
 use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -23,11 +38,18 @@ use super::UpstreamError;
 /// Pool tuning from the upstream's config.
 #[derive(Debug, Clone, Copy)]
 pub struct PoolSettings {
+    /// Warm minimum (`pool.connections_per_backend`).
     pub connections: usize,
+    /// Growth limit (`pool.max_connections_per_backend`).
+    pub max_connections: usize,
     pub max_streams: u32,
     pub connect_timeout: Duration,
+    /// An idle connection above the warm minimum closes after this long.
+    pub idle_timeout: Duration,
     /// Circuit breaking: requests in flight to this backend at most.
     pub max_in_flight: u32,
+    /// Requests that may wait for a stream at once (`circuit.max_pending`).
+    pub max_waiting: u32,
 }
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -39,27 +61,172 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 const STREAM_WINDOW: u32 = 1024 * 1024;
 const CONN_WINDOW: u32 = 64 * 1024 * 1024;
 
+/// A waiting request re-checks the pool at least this often: the safety net
+/// for a wake-up handed to a waiter that left before using it.
+const WAIT_RECHECK: Duration = Duration::from_millis(100);
+/// Connections found dead (GOAWAY, reset) one request tries before it gives
+/// up; each is left to drain and replaced.
+const MAX_STALE: u32 = 3;
+
+/// One live h2 connection and the pool's streams on it.
+struct Conn {
+    sr: SendRequest<Bytes>,
+    generation: u64,
+    in_flight: Cell<u32>,
+    /// When `in_flight` last fell to zero (or the connection came up).
+    idle_since: Cell<Instant>,
+}
+
+impl Conn {
+    /// Streams this connection may carry: the configured cap, lowered to
+    /// what the backend announced (SETTINGS_MAX_CONCURRENT_STREAMS; h2
+    /// reports "unlimited" until the backend's SETTINGS arrive).
+    fn cap(&self, configured: u32) -> u32 {
+        let announced = u32::try_from(self.sr.current_max_send_streams()).unwrap_or(u32::MAX);
+        configured.min(announced)
+    }
+}
+
 enum Slot {
     Empty,
     Connecting,
-    Ready {
-        sr: SendRequest<Bytes>,
-        generation: u64,
-        in_flight: Rc<Cell<u32>>,
-    },
+    Ready(Rc<Conn>),
+}
+
+/// A pool slot as [`decide`] sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotState {
+    Empty,
+    Connecting,
+    Ready { in_flight: u32, cap: u32 },
+}
+
+/// What [`decide`] needs besides the slots.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolView {
+    /// Not in connect backoff.
+    pub connectable: bool,
+    /// Requests waiting for a stream, the deciding one excluded.
+    pub waiting: u32,
+    /// `circuit.max_pending`.
+    pub max_waiting: u32,
+    /// The deciding request already waits (holds a place in the queue).
+    pub is_waiter: bool,
+    /// Streams a connection still being opened is expected to take (the
+    /// configured cap; the backend's own limit is not known yet).
+    pub stream_cap: u32,
+}
+
+/// What a request in [`BackendPool::acquire`] does next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Take a stream on the connection in this slot.
+    Use(usize),
+    /// Open a connection in this empty slot, then wait.
+    Open(usize),
+    /// Wait for a stream to free up or a connection to come up.
+    Wait,
+    /// Nothing is up or being opened and connects are failing: the one case
+    /// that is a connect failure.
+    Unreachable,
+    /// The waiting queue is at `max_waiting`: shed (503).
+    QueueFull,
+}
+
+/// The pool's use / open / wait / fail decision, from a snapshot.
+///
+/// Waiters go first: a newcomer takes a free stream only when nobody waits
+/// (or the queue is full, where taking it beats refusing). A connection is
+/// opened only when the requests that need a stream, this one included,
+/// exceed what the connections already being opened will take, so a burst
+/// opens connections in proportion to its size, not one per request.
+pub fn decide(slots: impl IntoIterator<Item = SlotState>, v: &PoolView) -> Step {
+    let mut best: Option<(usize, u32)> = None;
+    let mut ready = 0u32;
+    let mut connecting = 0u32;
+    let mut empty = None;
+    for (i, s) in slots.into_iter().enumerate() {
+        match s {
+            SlotState::Ready { in_flight, cap } => {
+                ready += 1;
+                if in_flight < cap && best.is_none_or(|(_, b)| in_flight < b) {
+                    best = Some((i, in_flight));
+                }
+            }
+            SlotState::Connecting => connecting += 1,
+            SlotState::Empty => {
+                empty = empty.or(Some(i));
+            }
+        }
+    }
+    let queue_full = !v.is_waiter && v.waiting >= v.max_waiting;
+    if let Some((i, _)) = best {
+        if v.is_waiter || v.waiting == 0 || queue_full {
+            return Step::Use(i);
+        }
+    }
+    if ready == 0 && connecting == 0 && !v.connectable {
+        return Step::Unreachable;
+    }
+    if queue_full {
+        return Step::QueueFull;
+    }
+    let demand = v.waiting.saturating_add(1);
+    let coming = connecting.saturating_mul(v.stream_cap);
+    match empty {
+        Some(e) if v.connectable && demand > coming => Step::Open(e),
+        _ => Step::Wait,
+    }
 }
 
 /// Keeps a stream count on its connection while a request uses it.
-#[derive(Debug)]
 pub struct StreamGuard {
-    in_flight: Rc<Cell<u32>>,
+    conn: Rc<Conn>,
     pool: Rc<BackendPool>,
+}
+
+impl std::fmt::Debug for StreamGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamGuard")
+            .field("generation", &self.conn.generation)
+            .finish()
+    }
+}
+
+impl StreamGuard {
+    fn new(conn: Rc<Conn>, pool: Rc<BackendPool>) -> Self {
+        conn.in_flight.set(conn.in_flight.get() + 1);
+        Self { conn, pool }
+    }
 }
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
-        self.in_flight.set(self.in_flight.get().saturating_sub(1));
-        self.pool.notify.notify_waiters();
+        let n = self.conn.in_flight.get().saturating_sub(1);
+        self.conn.in_flight.set(n);
+        if n == 0 {
+            self.conn.idle_since.set(Instant::now());
+        }
+        // One stream freed: one waiter can use it.
+        if self.pool.waiting.get() > 0 {
+            self.pool.notify.notify_one();
+        }
+    }
+}
+
+/// Holds a request's place in the pool's waiting queue.
+struct WaitGuard(Rc<BackendPool>);
+
+impl WaitGuard {
+    fn new(pool: &Rc<BackendPool>) -> Self {
+        pool.waiting.set(pool.waiting.get() + 1);
+        Self(pool.clone())
+    }
+}
+
+impl Drop for WaitGuard {
+    fn drop(&mut self) {
+        self.0.waiting.set(self.0.waiting.get().saturating_sub(1));
     }
 }
 
@@ -86,12 +253,15 @@ pub struct BackendPool {
     /// Active check and outlier state; read by every pick.
     pub health: super::health::BackendHealth,
     settings: PoolSettings,
+    /// `max_connections` slots; the first `connections` are kept warm.
     slots: RefCell<Vec<Slot>>,
     generation: Cell<u64>,
     failures: Cell<u32>,
     backoff_until: Cell<Option<Instant>>,
     last_error: RefCell<Option<String>>,
     in_flight: Cell<u32>,
+    /// Requests in `acquire` waiting for a stream.
+    waiting: Cell<u32>,
     notify: Notify,
     /// tokio or io_uring TCP, per worker.
     connector: Connector,
@@ -102,9 +272,15 @@ impl std::fmt::Debug for BackendPool {
         f.debug_struct("BackendPool")
             .field("address", &self.address)
             .field("in_flight", &self.in_flight.get())
+            .field("waiting", &self.waiting.get())
             .finish()
     }
 }
+
+type Handshake = (
+    SendRequest<Bytes>,
+    h2::client::Connection<UpstreamStream, Bytes>,
+);
 
 impl BackendPool {
     pub fn new(
@@ -113,7 +289,7 @@ impl BackendPool {
         settings: PoolSettings,
         connector: Connector,
     ) -> Rc<Self> {
-        let n = settings.connections.max(1);
+        let n = settings.max_connections.max(settings.connections).max(1);
         Rc::new(Self {
             address,
             weight,
@@ -125,6 +301,7 @@ impl BackendPool {
             backoff_until: Cell::new(None),
             last_error: RefCell::new(None),
             in_flight: Cell::new(0),
+            waiting: Cell::new(0),
             notify: Notify::new(),
             connector,
         })
@@ -161,88 +338,100 @@ impl BackendPool {
         self.in_flight.get()
     }
 
+    /// Connections up or being opened (draining ones excluded).
+    pub fn connections(&self) -> usize {
+        self.slots
+            .borrow()
+            .iter()
+            .filter(|s| !matches!(s, Slot::Empty))
+            .count()
+    }
+
     /// Counts one request against this backend until the guard drops.
     pub fn reserve(self: &Rc<Self>) -> InFlightGuard {
         self.in_flight.set(self.in_flight.get() + 1);
         InFlightGuard { pool: self.clone() }
     }
 
-    /// Opens every empty slot in the background (warm pool).
+    /// Opens the warm minimum in the background.
     pub fn warm(self: &Rc<Self>) {
-        let n = self.slots.borrow().len();
-        for i in 0..n {
+        self.keep_warm();
+    }
+
+    /// Opens empty slots until the warm minimum is up or being opened.
+    fn keep_warm(self: &Rc<Self>) {
+        let mut live = self.connections();
+        while live < self.settings.connections && self.connectable() {
+            let empty = self
+                .slots
+                .borrow()
+                .iter()
+                .position(|s| matches!(s, Slot::Empty));
+            let Some(i) = empty else { return };
             self.start_connect(i);
+            live += 1;
         }
     }
 
     fn start_connect(self: &Rc<Self>, idx: usize) {
         {
             let mut slots = self.slots.borrow_mut();
-            match slots.get(idx) {
-                Some(Slot::Empty) => slots[idx] = Slot::Connecting,
+            match slots.get_mut(idx) {
+                Some(s @ Slot::Empty) => *s = Slot::Connecting,
                 _ => return,
             }
         }
         let pool = self.clone();
         tokio::task::spawn_local(async move {
-            let res = pool.connect().await;
-            match res {
-                Ok((sr, conn)) => {
-                    let generation = pool.generation.get() + 1;
-                    pool.generation.set(generation);
-                    pool.failures.set(0);
-                    pool.backoff_until.set(None);
-                    if let Some(s) = pool.slots.borrow_mut().get_mut(idx) {
-                        *s = Slot::Ready {
-                            sr,
-                            generation,
-                            in_flight: Rc::new(Cell::new(0)),
-                        };
-                    }
-                    pool.notify.notify_waiters();
-                    let address = pool.address;
-                    tracing::debug!(backend = %address, slot = idx, "h2 connection up");
-                    // Hold the pool weakly while driving the connection: the
-                    // pool's slot holds the connection's `SendRequest`, and h2
-                    // only ends the connection once every `SendRequest` is
-                    // gone. A strong reference here would keep a pool
-                    // dropped by a config reload, and its connections, alive
-                    // forever.
-                    let weak = Rc::downgrade(&pool);
-                    drop(pool);
-                    // Drive the connection until it closes (GOAWAY, error,
-                    // EOF, or the pool and every request on it are gone).
-                    if let Err(e) = conn.await {
-                        tracing::debug!(backend = %address, error = %e, "h2 connection ended");
-                    }
-                    if let Some(pool) = weak.upgrade() {
-                        pool.clear_slot(idx, generation);
-                    }
-                }
-                Err(e) => {
-                    let failures = pool.failures.get() + 1;
-                    pool.failures.set(failures);
-                    let backoff = BACKOFF_MIN
-                        .saturating_mul(1u32 << (failures - 1).min(8))
-                        .min(BACKOFF_MAX);
-                    pool.backoff_until.set(Some(Instant::now() + backoff));
-                    if failures == 1 || failures.is_power_of_two() {
-                        tracing::warn!(backend = %pool.address, error = %e, failures, "backend connect failed");
-                    }
-                    *pool.last_error.borrow_mut() = Some(e.to_string());
-                    if let Some(s) = pool.slots.borrow_mut().get_mut(idx) {
-                        *s = Slot::Empty;
-                    }
-                    pool.notify.notify_waiters();
-                }
+            match pool.connect().await {
+                Ok((sr, conn)) => run_connection(pool, idx, sr, conn).await,
+                Err(e) => pool.connect_failed(idx, &e),
             }
         });
     }
 
+    fn connect_failed(&self, idx: usize, e: &UpstreamError) {
+        let failures = self.failures.get() + 1;
+        self.failures.set(failures);
+        let backoff = BACKOFF_MIN
+            .saturating_mul(1u32 << (failures - 1).min(8))
+            .min(BACKOFF_MAX);
+        self.backoff_until.set(Some(Instant::now() + backoff));
+        if failures == 1 || failures.is_power_of_two() {
+            tracing::warn!(backend = %self.address, error = %e, failures, "backend connect failed");
+        }
+        *self.last_error.borrow_mut() = Some(e.to_string());
+        if let Some(s) = self.slots.borrow_mut().get_mut(idx) {
+            *s = Slot::Empty;
+        }
+        self.notify.notify_waiters();
+    }
+
+    /// Puts a connection whose backend SETTINGS are known into its slot.
+    fn connected(&self, idx: usize, sr: SendRequest<Bytes>) -> u64 {
+        let generation = self.generation.get() + 1;
+        self.generation.set(generation);
+        self.failures.set(0);
+        self.backoff_until.set(None);
+        if let Some(s) = self.slots.borrow_mut().get_mut(idx) {
+            *s = Slot::Ready(Rc::new(Conn {
+                sr,
+                generation,
+                in_flight: Cell::new(0),
+                idle_since: Cell::new(Instant::now()),
+            }));
+        }
+        // A new connection has room for many streams: wake every waiter.
+        self.notify.notify_waiters();
+        generation
+    }
+
+    /// Empties slot `idx` if it still holds connection `generation`; the
+    /// connection itself drains (its streams run on) and ends when they do.
     fn clear_slot(&self, idx: usize, generation: u64) {
         let mut slots = self.slots.borrow_mut();
         if let Some(s) = slots.get_mut(idx) {
-            if matches!(s, Slot::Ready { generation: g, .. } if *g == generation) {
+            if matches!(s, Slot::Ready(c) if c.generation == generation) {
                 *s = Slot::Empty;
             }
         }
@@ -250,15 +439,36 @@ impl BackendPool {
         self.notify.notify_waiters();
     }
 
-    async fn connect(
-        &self,
-    ) -> Result<
-        (
-            SendRequest<Bytes>,
-            h2::client::Connection<UpstreamStream, Bytes>,
-        ),
-        UpstreamError,
-    > {
+    /// Called when connection `generation` in slot `idx` may have been idle
+    /// for `idle_timeout`: closes it (drops the pool's handle, so h2 ends the
+    /// connection with GOAWAY) while the pool has more than its warm
+    /// minimum. Returns when to check again; `None` once the slot no longer
+    /// holds this connection.
+    fn retire_if_idle(&self, idx: usize, generation: u64, now: Instant) -> Option<Instant> {
+        let idle = self.settings.idle_timeout;
+        let live = self.connections();
+        let mut slots = self.slots.borrow_mut();
+        let slot = slots.get_mut(idx)?;
+        let Slot::Ready(c) = &*slot else { return None };
+        if c.generation != generation {
+            return None;
+        }
+        if c.in_flight.get() > 0 {
+            return Some(now + idle);
+        }
+        let due = c.idle_since.get() + idle;
+        if due > now {
+            return Some(due);
+        }
+        if live <= self.settings.connections {
+            return Some(now + idle);
+        }
+        *slot = Slot::Empty;
+        tracing::debug!(backend = %self.address, slot = idx, "idle h2 connection closed");
+        None
+    }
+
+    async fn connect(&self) -> Result<Handshake, UpstreamError> {
         let addr = self.address;
         let tcp = tokio::time::timeout(self.settings.connect_timeout, self.connector.connect(addr))
             .await
@@ -283,100 +493,196 @@ impl BackendPool {
         Ok((sr, conn))
     }
 
-    /// Gets a connection with a free stream, opening one if needed, before `deadline`.
+    /// Snapshot of the slots for [`decide`].
+    fn slot_states(&self) -> Vec<SlotState> {
+        let cap = self.settings.max_streams;
+        self.slots
+            .borrow()
+            .iter()
+            .map(|s| match s {
+                Slot::Empty => SlotState::Empty,
+                Slot::Connecting => SlotState::Connecting,
+                Slot::Ready(c) => SlotState::Ready {
+                    in_flight: c.in_flight.get(),
+                    cap: c.cap(cap),
+                },
+            })
+            .collect()
+    }
+
+    fn view(&self, is_waiter: bool) -> PoolView {
+        PoolView {
+            connectable: self.connectable(),
+            waiting: self.waiting.get().saturating_sub(u32::from(is_waiter)),
+            max_waiting: self.settings.max_waiting,
+            is_waiter,
+            stream_cap: self.settings.max_streams,
+        }
+    }
+
+    fn conn_at(&self, idx: usize) -> Option<Rc<Conn>> {
+        match self.slots.borrow().get(idx) {
+            Some(Slot::Ready(c)) => Some(c.clone()),
+            _ => None,
+        }
+    }
+
+    fn connect_error(&self) -> UpstreamError {
+        UpstreamError::Connect {
+            backend: self.address,
+            error: self
+                .last_error
+                .borrow()
+                .clone()
+                .unwrap_or_else(|| "no connection".into()),
+        }
+    }
+
+    /// Gets a stream on a connection, waiting for one (or for a connection
+    /// the pool opens) until `deadline`. Fails with `PoolFull` when
+    /// `max_waiting` requests already wait, `PoolTimeout` at the deadline,
+    /// and a connect error only when connects to the backend are failing.
     pub async fn acquire(
         self: &Rc<Self>,
         deadline: Instant,
     ) -> Result<(SendRequest<Bytes>, StreamGuard), UpstreamError> {
-        let mut stale_retries = 0;
+        let mut queued: Option<WaitGuard> = None;
+        let mut stale = 0;
         loop {
             let notified = self.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-
-            // Pick the ready connection with the fewest streams below the cap.
-            let mut best: Option<(usize, u32)> = None;
-            let mut connecting = false;
-            let mut empty = None;
-            for (i, s) in self.slots.borrow().iter().enumerate() {
-                match s {
-                    Slot::Ready { in_flight, .. } => {
-                        let n = in_flight.get();
-                        if n < self.settings.max_streams && best.is_none_or(|(_, b)| n < b) {
-                            best = Some((i, n));
-                        }
-                    }
-                    Slot::Connecting => connecting = true,
-                    Slot::Empty => {
-                        if empty.is_none() {
-                            empty = Some(i);
-                        }
-                    }
-                }
-            }
-            // Keep the pool at full size in the background.
-            if let Some(i) = empty {
-                if self.connectable() {
-                    self.start_connect(i);
-                    connecting = true;
-                }
-            }
-            if let Some((i, _)) = best {
-                let (sr, generation, in_flight) = match &self.slots.borrow()[i] {
-                    Slot::Ready {
-                        sr,
-                        generation,
-                        in_flight,
-                    } => (sr.clone(), *generation, in_flight.clone()),
-                    _ => continue,
-                };
-                in_flight.set(in_flight.get() + 1);
-                let guard = StreamGuard {
-                    in_flight,
-                    pool: self.clone(),
-                };
-                match tokio::time::timeout_at(deadline.into(), sr.ready()).await {
-                    Ok(Ok(sr)) => return Ok((sr, guard)),
-                    Ok(Err(e)) => {
-                        // GOAWAY or a dead connection: nothing was sent, so
-                        // trying another connection is safe for any method.
-                        drop(guard);
-                        self.clear_slot(i, generation);
-                        stale_retries += 1;
-                        if stale_retries > 3 {
-                            return Err(UpstreamError::Connect {
-                                backend: self.address,
-                                error: format!("h2 connection unusable: {e}"),
-                            });
-                        }
+            self.keep_warm();
+            match decide(self.slot_states(), &self.view(queued.is_some())) {
+                Step::Use(i) => {
+                    let Some(conn) = self.conn_at(i) else {
                         continue;
-                    }
-                    Err(_) => {
-                        return Err(UpstreamError::PoolTimeout {
-                            backend: self.address,
-                        })
+                    };
+                    let guard = StreamGuard::new(conn.clone(), self.clone());
+                    drop(queued.take());
+                    // A fresh clone has no stream pending, so `ready` only
+                    // reports whether the connection still takes streams.
+                    match conn.sr.clone().ready().await {
+                        Ok(sr) => return Ok((sr, guard)),
+                        Err(e) => {
+                            // GOAWAY or a dead connection: nothing was sent,
+                            // so another connection is safe for any method.
+                            drop(guard);
+                            self.clear_slot(i, conn.generation);
+                            stale += 1;
+                            if stale > MAX_STALE {
+                                return Err(UpstreamError::Connect {
+                                    backend: self.address,
+                                    error: format!("h2 connection unusable: {e}"),
+                                });
+                            }
+                            continue;
+                        }
                     }
                 }
+                Step::Open(i) => self.start_connect(i),
+                Step::Wait => {}
+                Step::Unreachable => return Err(self.connect_error()),
+                Step::QueueFull => {
+                    return Err(UpstreamError::PoolFull {
+                        backend: self.address,
+                    })
+                }
             }
-            if !connecting {
-                let err = self
-                    .last_error
-                    .borrow()
-                    .clone()
-                    .unwrap_or_else(|| "no connection".into());
-                return Err(UpstreamError::Connect {
-                    backend: self.address,
-                    error: err,
-                });
+            if queued.is_none() {
+                queued = Some(WaitGuard::new(self));
             }
-            if tokio::time::timeout_at(deadline.into(), notified)
-                .await
-                .is_err()
-            {
-                return Err(UpstreamError::ConnectTimeout {
+            let wake = deadline.min(Instant::now() + WAIT_RECHECK);
+            let woken = tokio::time::timeout_at(wake.into(), notified).await.is_ok();
+            if !woken && Instant::now() >= deadline {
+                return Err(UpstreamError::PoolTimeout {
                     backend: self.address,
                 });
             }
         }
     }
 }
+
+/// Readies a new connection (learns the backend's SETTINGS), puts it in
+/// slot `idx`, then drives it until it ends, closing it when idle.
+async fn run_connection(
+    pool: Rc<BackendPool>,
+    idx: usize,
+    sr: SendRequest<Bytes>,
+    mut conn: h2::client::Connection<UpstreamStream, Bytes>,
+) {
+    let address = pool.address;
+    let pings = conn.ping_pong();
+    tokio::pin!(conn);
+    // The backend sends its SETTINGS first, so once our PING is answered
+    // its SETTINGS_MAX_CONCURRENT_STREAMS is applied: no stream goes out
+    // on this connection above the backend's limit.
+    let settled = async {
+        if let Some(mut p) = pings {
+            if let Err(e) = p.ping(h2::Ping::opaque()).await {
+                tracing::debug!(backend = %address, error = %e, "h2 settings ping failed");
+            }
+        }
+    };
+    tokio::select! {
+        r = &mut conn => {
+            let error = r.err().map_or_else(|| "closed".to_string(), |e| e.to_string());
+            pool.connect_failed(idx, &UpstreamError::Connect {
+                backend: address,
+                error: format!("h2 connection ended during setup: {error}"),
+            });
+            return;
+        }
+        _ = tokio::time::timeout(pool.settings.connect_timeout, settled) => {}
+    }
+    let generation = pool.connected(idx, sr);
+    tracing::debug!(backend = %address, slot = idx, "h2 connection up");
+    let idle = pool.settings.idle_timeout;
+    // Hold the pool weakly while driving the connection: the pool's slot
+    // holds the connection's `SendRequest`, and h2 only ends the connection
+    // once every `SendRequest` is gone. A strong reference here would keep a
+    // pool dropped by a config reload, and its connections, alive forever.
+    let weak = Rc::downgrade(&pool);
+    drop(pool);
+    drive(weak, idx, generation, conn, Instant::now() + idle).await;
+}
+
+/// Drives a ready connection until it closes (GOAWAY, error, EOF, or the
+/// pool and every request on it are gone), checking for idleness at
+/// `check_at` and whenever the last check says.
+async fn drive(
+    weak: Weak<BackendPool>,
+    idx: usize,
+    generation: u64,
+    mut conn: std::pin::Pin<&mut h2::client::Connection<UpstreamStream, Bytes>>,
+    first_check: Instant,
+) {
+    let mut check_at = Some(first_check);
+    loop {
+        let check = async {
+            match check_at {
+                Some(t) => tokio::time::sleep_until(t.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            r = &mut conn => {
+                if let Err(e) = r {
+                    tracing::debug!(slot = idx, error = %e, "h2 connection ended");
+                }
+                break;
+            }
+            () = check => {
+                check_at = weak
+                    .upgrade()
+                    .and_then(|p| p.retire_if_idle(idx, generation, Instant::now()));
+            }
+        }
+    }
+    if let Some(pool) = weak.upgrade() {
+        pool.clear_slot(idx, generation);
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -60,6 +60,12 @@ pub async fn proxy(
                 UpstreamError::Connect { .. } | UpstreamError::ConnectTimeout { .. } => {
                     WorkerMetrics::inc(&metrics.upstream_connect_failures)
                 }
+                UpstreamError::PoolFull { .. } => {
+                    WorkerMetrics::inc(&metrics.pool_rejected_queue_full)
+                }
+                UpstreamError::PoolTimeout { .. } => {
+                    WorkerMetrics::inc(&metrics.pool_rejected_deadline)
+                }
                 _ => {}
             }
             tracing::debug!(request_id = env.request_id, error = %e, head_sent, "upstream request failed");
@@ -363,8 +369,9 @@ async fn attempt(
     let _reserved = backend.reserve();
     let t = group.timeouts;
     let head_deadline = env.received_at + t.request;
-    let acquire_deadline = (Instant::now() + t.connect).min(head_deadline);
-    let (mut sr, _guard) = backend.acquire(acquire_deadline).await.map_err(|err| {
+    // A busy pool makes the request wait up to its own deadline (each
+    // connect the pool makes is bounded by `connect_ms` on its own).
+    let (mut sr, _guard) = backend.acquire(head_deadline).await.map_err(|err| {
         let connect = matches!(
             err,
             UpstreamError::Connect { .. } | UpstreamError::ConnectTimeout { .. }

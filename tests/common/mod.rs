@@ -69,6 +69,17 @@ impl Backend {
     }
 
     pub fn start_full(name: &str, addr: SocketAddr, delay_ms: u64) -> Backend {
+        Self::start_args(name, addr, &["--delay-ms", &delay_ms.to_string()])
+    }
+
+    /// A backend announcing SETTINGS_MAX_CONCURRENT_STREAMS = `n`.
+    pub fn start_max_streams(name: &str, n: u32) -> Backend {
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_tcp_port()));
+        Self::start_args(name, addr, &["--max-concurrent-streams", &n.to_string()])
+    }
+
+    /// A backend started with extra `spooky demo-backend` arguments.
+    pub fn start_args(name: &str, addr: SocketAddr, extra: &[&str]) -> Backend {
         let mut child = Command::new(SPOOKY)
             .args([
                 "demo-backend",
@@ -76,9 +87,8 @@ impl Backend {
                 &addr.to_string(),
                 "--name",
                 name,
-                "--delay-ms",
-                &delay_ms.to_string(),
             ])
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
