@@ -26,6 +26,7 @@ pub use schema::{
     Limits, Listen, LogFormat, OnAllUnhealthy, Outlier, Policy, Pool, Quic, Retries, RetryOn,
     Route, Telemetry, Timeouts, Tls, Upstream, UpstreamIo, Workers,
 };
+pub use schema::OnWorkerFailure;
 
 use locate::KeyLocations;
 

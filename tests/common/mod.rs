@@ -192,6 +192,8 @@ pub struct Options {
     /// `io.upstream_io` (ring | tokio | auto): from `SPOOKY_TEST_UPSTREAM_IO`;
     /// empty = not written (the default, `auto`).
     pub upstream_io: String,
+    /// Extra environment for the spooky process (e.g. `SPOOKY_FAULT_INJECT`).
+    pub env: Vec<(String, String)>,
 }
 
 /// The I/O driver the suite runs on (`SPOOKY_TEST_IO_BACKEND`).
@@ -236,6 +238,7 @@ impl Options {
             // per worker, and several tests assert exact sequences.
             io_extra: "workers: 1".into(),
             upstream_io: test_upstream_io(),
+            env: Vec::new(),
         }
     }
 }
@@ -282,6 +285,7 @@ impl Spooky {
         let child = Command::new(SPOOKY)
             .arg("--config")
             .arg(&config_path)
+            .envs(o.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -377,6 +381,21 @@ impl Spooky {
 
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Waits up to `limit` for the process to exit on its own; its exit
+    /// code, or `None` while it still runs (or was killed by a signal).
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let child = self.child.as_mut()?;
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(st)) = child.try_wait() {
+                self.child = None;
+                return st.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
     }
 }
 
