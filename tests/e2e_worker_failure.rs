@@ -106,7 +106,11 @@ fn continue_keeps_serving_with_ready_503() {
         "{}",
         s.log()
     );
-    assert!(s.log().contains("io.on_worker_failure: continue"), "{}", s.log());
+    assert!(
+        s.log().contains("io.on_worker_failure: continue"),
+        "{}",
+        s.log()
+    );
     // New connections land on the surviving socket (the dead worker's one
     // left the reuseport group) and are served.
     for i in 0..6 {

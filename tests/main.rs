@@ -10,5 +10,5 @@ mod e2e_peers;
 mod e2e_policies;
 mod e2e_proxy;
 mod e2e_upstream_io;
-mod e2e_workers;
 mod e2e_worker_failure;
+mod e2e_workers;

@@ -30,7 +30,9 @@ use libfuzzer_sys::fuzz_target;
 use quiche::h3;
 use spooky::edge::EdgeEvent;
 use spooky::router::bridge::{ToEdge, ToUpstream, UpstreamSide};
-use spooky_fuzz::{config, edge, EdgeKnobs, EdgeUnderTest, MAX_SEGMENTS, SERVER_ADDR, TRANSMIT_BUF};
+use spooky_fuzz::{
+    config, edge, EdgeKnobs, EdgeUnderTest, MAX_SEGMENTS, SERVER_ADDR, TRANSMIT_BUF,
+};
 
 /// Steps one input runs (keeps an execution in the milliseconds).
 const MAX_STEPS: usize = 96;
@@ -69,7 +71,11 @@ enum Step {
         fin: bool,
     },
     /// Request body on one of the client's open streams.
-    Body { stream: u8, data: Vec<u8>, fin: bool },
+    Body {
+        stream: u8,
+        data: Vec<u8>,
+        fin: bool,
+    },
     /// The client resets or stops one of its streams.
     Cancel { stream: u8, stop_sending: bool },
     /// The upstream task of one handed-out request acts.
@@ -94,12 +100,23 @@ enum Mutation {
 
 #[derive(Debug, Arbitrary)]
 enum Upstream {
-    Head { status: u16, fields: Vec<(Vec<u8>, Vec<u8>)> },
-    Data { len: u16 },
-    Trailers { fields: Vec<(Vec<u8>, Vec<u8>)> },
+    Head {
+        status: u16,
+        fields: Vec<(Vec<u8>, Vec<u8>)>,
+    },
+    Data {
+        len: u16,
+    },
+    Trailers {
+        fields: Vec<(Vec<u8>, Vec<u8>)>,
+    },
     End,
-    Fail { status: u16 },
-    Reset { code: u16 },
+    Fail {
+        status: u16,
+    },
+    Reset {
+        code: u16,
+    },
     /// Return the request-body permits the edge lent (as h2 would).
     Credit,
     /// The upstream task goes away without a word.
@@ -232,7 +249,10 @@ impl Harness {
     fn deliver(&mut self, buf: &mut [u8]) {
         let from = self.client.from;
         self.senders.insert(from);
-        let _ = self.e.edge.handle_datagram(self.now, buf, from, SERVER_ADDR);
+        let _ = self
+            .e
+            .edge
+            .handle_datagram(self.now, buf, from, SERVER_ADDR);
     }
 
     /// One client packet to the edge; false when the client had none.

@@ -70,19 +70,16 @@ fn h3_list(fields: &[(Vec<u8>, Vec<u8>)]) -> Vec<Header> {
 fn request_side(input: &Input) {
     let list = h3_list(&input.request);
     let client: SocketAddr = if input.client_v6 {
-        "[2001:db8::1]:4433".parse().unwrap_or(([127, 0, 0, 1], 1).into())
+        "[2001:db8::1]:4433"
+            .parse()
+            .unwrap_or(([127, 0, 0, 1], 1).into())
     } else {
         SocketAddr::from(([192, 0, 2, 1], 4433))
     };
     let limit = usize::from(input.max_header_bytes).max(1);
-    if let Ok(env) = headers::build_envelope(
-        &list,
-        input.more_frames,
-        client,
-        1,
-        limit,
-        Instant::now(),
-    ) {
+    if let Ok(env) =
+        headers::build_envelope(&list, input.more_frames, client, 1, limit, Instant::now())
+    {
         assert!(
             headers::header_section_size(&list) <= limit,
             "over-limit header section accepted"
@@ -101,7 +98,10 @@ fn request_side(input: &Input) {
         );
         for (name, value) in &env.headers {
             let n = name.as_str();
-            assert!(!H2_REFUSED.contains(&n), "forwarded connection-specific {n}");
+            assert!(
+                !H2_REFUSED.contains(&n),
+                "forwarded connection-specific {n}"
+            );
             if n == "te" {
                 assert_eq!(value.as_bytes(), b"trailers", "forwarded te h2 refuses");
             }

@@ -29,7 +29,7 @@ const MAX_DATAGRAMS: usize = 8;
 #[derive(Debug, Arbitrary)]
 struct Input {
     retry: bool,
-    server_id: u16,
+    server_id: u8,
     worker: u8,
     max_connections: u8,
     v6: bool,
@@ -56,8 +56,8 @@ struct OwnLayout {
 fuzz_target!(|input: Input| {
     let knobs = EdgeKnobs {
         retry: input.retry,
-        server_id: input.server_id.max(1),
-        max_connections: u32::from(input.max_connections),
+        server_id: u16::from(input.server_id).max(1),
+        max_connections: u32::from(input.max_connections % 4) + 1,
     };
     let worker = input.worker;
     let cids = CidGenerator::new(knobs.server_id, worker);
@@ -73,7 +73,11 @@ fuzz_target!(|input: Input| {
     for d in input.datagrams.iter().take(MAX_DATAGRAMS) {
         let mut buf = d.bytes.clone();
         if let Some(o) = &d.own_layout {
-            stamp_cid(&mut buf, &CidGenerator::new(knobs.server_id, o.worker), o.long);
+            stamp_cid(
+                &mut buf,
+                &CidGenerator::new(knobs.server_id, o.worker),
+                o.long,
+            );
         }
         let parsed = quiche::Header::from_slice(&mut buf.clone(), CID_LEN)
             .ok()

@@ -5,8 +5,9 @@
 //! directory (quiche loads PEM files by path); every input then builds its
 //! own fresh `Edge`, so a crash reproduces from its input alone.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use spooky::config::Config;
 use spooky::edge::Edge;
@@ -59,7 +60,7 @@ fn fixture() -> &'static Fixture {
 }
 
 /// Knobs of the edge config a target may turn.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct EdgeKnobs {
     /// `quic.retry: true` (every Initial without a token gets a Retry).
     pub retry: bool,
@@ -72,7 +73,18 @@ pub struct EdgeKnobs {
 /// The config an edge target runs with, built from `config.yaml` text the
 /// way an operator writes it (so it follows schema changes, such as
 /// `quic.retry` gaining values, without touching the targets).
+/// Parsed once per distinct knobs and process: loading is not what these
+/// targets fuzz, and it costs more than an execution should.
 pub fn config(knobs: EdgeKnobs) -> Config {
+    static CACHE: OnceLock<Mutex<HashMap<EdgeKnobs, Config>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
+    let mut map = cache.lock().unwrap_or_else(|e| e.into_inner());
+    map.entry(knobs)
+        .or_insert_with(|| load_config(knobs))
+        .clone()
+}
+
+fn load_config(knobs: EdgeKnobs) -> Config {
     let f = fixture();
     let text = format!(
         "listen:\n  address: \"{SERVER_ADDR}\"\n  tls: {{ cert: {:?}, key: {:?} }}\n\

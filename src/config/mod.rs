@@ -21,12 +21,12 @@ mod tests;
 use std::path::{Path, PathBuf};
 
 pub use error::{ConfigError, ConfigErrors};
+pub use schema::OnWorkerFailure;
 pub use schema::{
     Admin, Backend, Circuit, Config, CongestionControl, HashKey, HealthCheck, Io, IoBackend,
     Limits, Listen, LogFormat, OnAllUnhealthy, Outlier, Policy, Pool, Quic, Retries, RetryOn,
     Route, Telemetry, Timeouts, Tls, Upstream, UpstreamIo, Workers,
 };
-pub use schema::OnWorkerFailure;
 
 use locate::KeyLocations;
 
