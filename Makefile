@@ -2,7 +2,7 @@
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: run test build bootstrap certs check lint perf-io clean
+.PHONY: run test build bootstrap certs check lint perf-io clean fuzz-smoke
 
 bootstrap:
 	@scripts/bootstrap.sh
@@ -24,6 +24,7 @@ test: bootstrap lint
 	SPOOKY_TEST_IO_BACKEND=uring $(CARGO) test --locked --test main
 	SPOOKY_TEST_IO_BACKEND=uring SPOOKY_TEST_UPSTREAM_IO=ring $(CARGO) test --locked --test main
 	SPOOKY_TEST_IO_BACKEND=epoll $(CARGO) test --locked --test main
+	@scripts/fuzz-smoke.sh
 
 lint:
 	$(CARGO) fmt --all -- --check
@@ -36,6 +37,12 @@ perf-io: build certs
 
 check: build certs
 	target/release/spooky check --config config.yaml
+
+## Every cargo-fuzz target in fuzz/ for FUZZ_SECONDS (default 30) each, from
+## the seeds in fuzz/corpus/; executions per target and a summary
+## (docs/fuzzing.md). Skipped, with a line saying so, without nightly Rust.
+fuzz-smoke: bootstrap
+	@scripts/fuzz-smoke.sh
 
 clean:
 	$(CARGO) clean

@@ -5,6 +5,7 @@
 # openssl (demo certificates), curl (admin API), strace (perf: syscalls per request),
 # prometheus (promtool + a real scraping server for tests/e2e_control.rs),
 # bpftrace (tests/e2e_probes.rs attaches ebpf-probes/*.bt to the USDT probes).
+# cargo-fuzz where a nightly toolchain exists (make fuzz-smoke).
 set -euo pipefail
 
 need=()
@@ -23,6 +24,14 @@ have_cmd curl || need+=(curl)
 have_cmd promtool || need+=(prometheus)
 have_cmd make || need+=(make)
 have_cmd bpftrace || need+=(bpftrace)
+
+# cargo-fuzz (make fuzz-smoke) from crates.io, only where a nightly toolchain
+# exists to run it; without nightly, fuzz-smoke says so and skips.
+if have_cmd rustup && rustup toolchain list 2>/dev/null | grep -q '^nightly' \
+  && ! cargo +nightly fuzz --version >/dev/null 2>&1; then
+  echo "bootstrap: installing cargo-fuzz"
+  cargo install cargo-fuzz --locked --quiet
+fi
 
 if [ ${#need[@]} -eq 0 ]; then
   exit 0

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use spooky::config::{self, Config};
-use spooky::config::{IoBackend, UpstreamIo};
+use spooky::config::{IoBackend, OnWorkerFailure, UpstreamIo};
 use spooky::control::admin::{self, AdminState};
 use spooky::control::reload::{self as reload, ConfigStore};
 use spooky::runtime::WorkerContext;
@@ -259,6 +259,8 @@ fn run(path: &std::path::Path) -> ExitCode {
     );
 
     let mut threads = Vec::with_capacity(workers);
+    // Each worker thread reports here the moment it ends, however it ends.
+    let (exit_tx, mut exit_rx) = tokio::sync::mpsc::unbounded_channel::<WorkerExit>();
     for ((id, sock), handoff) in sockets
         .into_iter()
         .enumerate()
@@ -275,9 +277,15 @@ fn run(path: &std::path::Path) -> ExitCode {
         let gso = cfg.io.gso;
         let gro = cfg.io.gro;
         let zerocopy = cfg.io.zerocopy_send;
+        let exits = exit_tx.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("spooky-w{id}"))
-            .spawn(move || run_worker_thread(ctx, sock, use_uring, gso, gro, zerocopy, shutdown));
+            .spawn(move || {
+                let outcome = guarded(id, || {
+                    run_worker_thread(ctx, sock, use_uring, gso, gro, zerocopy, shutdown)
+                });
+                let _ = exits.send(WorkerExit { id, outcome });
+            });
         match spawned {
             Ok(t) => threads.push(t),
             Err(e) => {
@@ -303,32 +311,21 @@ fn run(path: &std::path::Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    rt.block_on(async {
-        let all_done = async {
-            while threads.iter().any(|t| !t.is_finished()) {
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-        };
-        tokio::select! {
-            _ = wait_for_signal() => {}
-            _ = all_done => {}
-        }
-    });
+    drop(exit_tx);
+    let policy = cfg.io.on_worker_failure;
+    let mut failed = rt.block_on(supervise(&mut exit_rx, workers, policy, &admin_state));
     let _ = shutdown_tx.send(true);
-    let mut ok = true;
     for t in threads {
-        match t.join() {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "worker failed");
-                ok = false;
-            }
-            Err(_) => {
-                tracing::error!("worker panicked");
-                ok = false;
-            }
+        // Every outcome, panics included, came through `exit_rx`.
+        let _ = t.join();
+    }
+    // Workers that failed while draining count too.
+    while let Ok(exit) = exit_rx.try_recv() {
+        if exit.outcome.is_err() {
+            failed += 1;
         }
     }
+    let ok = failed == 0;
     if let Ok(t) = admin_thread {
         let _ = t.join();
     }
@@ -337,6 +334,88 @@ fn run(path: &std::path::Path) -> ExitCode {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
+    }
+}
+
+/// How one worker thread ended: `Err` carries the error or panic message.
+struct WorkerExit {
+    id: usize,
+    outcome: Result<(), String>,
+}
+
+/// Runs a worker's body, turning a panic into an error, and logs a failure
+/// the moment it happens (the main thread may be busy draining others).
+fn guarded(
+    id: usize,
+    body: impl FnOnce() -> Result<(), spooky::runtime::RuntimeError>,
+) -> Result<(), String> {
+    let outcome = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)) {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(format!("error: {e}")),
+        Err(payload) => {
+            let msg = payload
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "non-string panic payload".to_string());
+            Err(format!("panic: {msg}"))
+        }
+    };
+    if let Err(reason) = &outcome {
+        tracing::error!(worker = id, %reason, "worker failed");
+    }
+    outcome
+}
+
+/// Waits for SIGTERM/SIGINT or for workers to end, and returns how many
+/// failed. Any worker that ends before a signal has failed (a worker only
+/// returns `Ok` after a shutdown): `/ready` turns 503 at once and stays so;
+/// with `io.on_worker_failure: exit` the first failure ends the wait (the
+/// caller drains the rest and exits non-zero), with `continue` the wait
+/// goes on while any worker is left.
+async fn supervise(
+    exits: &mut tokio::sync::mpsc::UnboundedReceiver<WorkerExit>,
+    workers: usize,
+    policy: OnWorkerFailure,
+    admin: &AdminState,
+) -> usize {
+    let signal = wait_for_signal();
+    tokio::pin!(signal);
+    let mut alive = workers;
+    let mut failed = 0;
+    loop {
+        tokio::select! {
+            _ = &mut signal => return failed,
+            exit = exits.recv() => {
+                let Some(exit) = exit else { return failed };
+                alive = alive.saturating_sub(1);
+                failed += 1;
+                admin.ready.store(false, std::sync::atomic::Ordering::Relaxed);
+                admin.failed_workers.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if exit.outcome.is_ok() {
+                    tracing::error!(worker = exit.id, "worker stopped without a shutdown");
+                }
+                match policy {
+                    OnWorkerFailure::Exit => {
+                        tracing::error!(
+                            worker = exit.id,
+                            "io.on_worker_failure: exit; draining the other workers, then exiting 1"
+                        );
+                        return failed;
+                    }
+                    OnWorkerFailure::Continue if alive == 0 => {
+                        tracing::error!("no worker left; exiting 1");
+                        return failed;
+                    }
+                    OnWorkerFailure::Continue => tracing::warn!(
+                        worker = exit.id,
+                        alive,
+                        "io.on_worker_failure: continue; serving on the remaining workers, \
+                         /ready answers 503 until a restart"
+                    ),
+                }
+            }
+        }
     }
 }
 

@@ -14,4 +14,5 @@ mod e2e_probes;
 mod e2e_pool;
 mod e2e_proxy;
 mod e2e_upstream_io;
+mod e2e_worker_failure;
 mod e2e_workers;

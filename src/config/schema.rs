@@ -267,6 +267,8 @@ pub struct Io {
     /// buffers instead of copying them). Off by default: on loopback the
     /// kernel copies anyway, and `make perf-io` has not shown a gain.
     pub zerocopy_send: bool,
+    /// What the process does when one worker thread panics or fails.
+    pub on_worker_failure: OnWorkerFailure,
 }
 
 impl Default for Io {
@@ -279,6 +281,7 @@ impl Default for Io {
             gro: true,
             upstream_io: UpstreamIo::default(),
             zerocopy_send: false,
+            on_worker_failure: OnWorkerFailure::default(),
         }
     }
 }
@@ -309,6 +312,21 @@ pub enum UpstreamIo {
     Ring,
     /// tokio's `TcpStream` (epoll readiness and read/write syscalls).
     Tokio,
+}
+
+/// `io.on_worker_failure`: a worker that panics or fails is logged at once
+/// and `/ready` answers 503 either way; this says whether the process goes
+/// with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnWorkerFailure {
+    /// Drain the other workers and exit non-zero, so a supervisor restarts
+    /// the whole process (the failed worker's connections are gone anyway).
+    #[default]
+    Exit,
+    /// Keep serving on the remaining workers; `/ready` stays 503 until a
+    /// restart, so a health-checking balancer still moves traffic away.
+    Continue,
 }
 
 /// Worker thread count: `auto` (one per core) or an explicit positive count.

@@ -148,6 +148,7 @@ fn full_example_parses_with_every_value() {
             gro: true,
             upstream_io: UpstreamIo::Auto,
             zerocopy_send: false,
+            on_worker_failure: crate::config::OnWorkerFailure::Exit,
         },
         upstreams: vec![Upstream {
             name: "app".to_string(),

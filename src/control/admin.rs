@@ -12,7 +12,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -53,6 +53,10 @@ pub struct AdminState {
     pub metrics: Arc<MetricsRegistry>,
     /// `/ready` answers 200 while set, 503 otherwise.
     pub ready: AtomicBool,
+    /// Worker threads that panicked or failed; any makes `/ready` 503 for
+    /// good (the process exits, or runs on the rest with
+    /// `io.on_worker_failure: continue`) and names the count in its body.
+    pub failed_workers: AtomicUsize,
     /// Per-backend state the workers publish; `/backends` serves it.
     pub backends: Arc<BackendBoard>,
     /// The config in effect and reloads; `None` (no `/config`, `/reload`)
@@ -69,6 +73,7 @@ impl AdminState {
             metrics,
             ready: AtomicBool::new(false),
             backends,
+            failed_workers: AtomicUsize::new(0),
             config: None,
         })
     }
@@ -83,6 +88,7 @@ impl AdminState {
         Arc::new(Self {
             metrics,
             ready: AtomicBool::new(false),
+            failed_workers: AtomicUsize::new(0),
             backends,
             config: Some(config),
         })
@@ -177,8 +183,7 @@ async fn route(req: &Request<Incoming>, state: &Arc<AdminState>) -> Response<Ful
     }
     match path {
         "/metrics" => metrics(req, state),
-        "/ready" if state.ready.load(Ordering::Relaxed) => text(StatusCode::OK, "ready\n"),
-        "/ready" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+        "/ready" => ready(state),
         "/backends" => json(StatusCode::OK, &state.backends.aggregated()),
         "/config" => match state.config.as_ref() {
             Some(store) => {
@@ -307,6 +312,26 @@ fn json<T: serde::Serialize>(status: StatusCode, v: &T) -> Response<Full<Bytes>>
     r
 }
 
+/// `GET /ready`: 200 while serving; 503 before the listener is up, while
+/// shutting down, and for good once a worker failed (the body says so, for
+/// whoever reads the probe's output).
+fn ready(state: &AdminState) -> Response<Full<Bytes>> {
+    let failed = state.failed_workers.load(Ordering::Relaxed);
+    if failed > 0 {
+        let body = format!("not ready: {failed} worker(s) failed\n");
+        let mut r = Response::new(Full::new(Bytes::from(body)));
+        *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        r.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static(TEXT_PLAIN));
+        return r;
+    }
+    if state.ready.load(Ordering::Relaxed) {
+        text(StatusCode::OK, "ready\n")
+    } else {
+        text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    }
+}
+
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
     *r.status_mut() = status;
@@ -424,6 +449,14 @@ mod tests {
         state.ready.store(true, Ordering::Relaxed);
         let r = fetch(addr, "GET", "/ready").await;
         assert_eq!((r.status, r.body.as_str()), (200, "ready\n"));
+        // A failed worker makes it 503 even with the ready flag still set.
+        state.failed_workers.store(1, Ordering::Relaxed);
+        let r = fetch(addr, "GET", "/ready").await;
+        assert_eq!(
+            (r.status, r.body.as_str()),
+            (503, "not ready: 1 worker(s) failed\n")
+        );
+        state.failed_workers.store(0, Ordering::Relaxed);
 
         let r = fetch(addr, "GET", "/nope").await;
         assert_eq!(r.status, 404);

@@ -192,6 +192,9 @@ pub fn restart_required(old: &Config, new: &Config) -> Vec<String> {
     if old.io.upstream_io != new.io.upstream_io {
         keys.push("io.upstream_io".to_string());
     }
+    if old.io.on_worker_failure != new.io.on_worker_failure {
+        keys.push("io.on_worker_failure".to_string());
+    }
     if old.admin.address != new.admin.address {
         keys.push("admin.address".to_string());
     }

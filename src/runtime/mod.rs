@@ -3,6 +3,8 @@
 //! handles shutdown. This is the only place where the sans-IO edge meets
 //! sockets and clocks.
 
+pub mod fault;
+
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
@@ -27,6 +29,9 @@ pub enum RuntimeError {
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Edge(#[from] EdgeError),
+    /// `SPOOKY_FAULT_INJECT=error_worker:…` (debug builds, see [`fault`]).
+    #[error("fault injected into worker {0}")]
+    FaultInjected(usize),
 }
 
 /// How long in-flight requests get to finish after a shutdown signal.
@@ -137,6 +142,9 @@ pub async fn run_worker<D: DatagramIo>(
     let mut forced = false;
     let mut last_counters = io.counters();
     let mut last_ring_ops = 0;
+    // Debug builds only: a planned failure of this worker (`fault`).
+    let fault = fault::for_worker(worker_id);
+    let fault_at = fault.map(|f| Instant::now() + f.after);
 
     loop {
         // A new config generation applies from here on, to new requests.
@@ -314,6 +322,9 @@ pub async fn run_worker<D: DatagramIo>(
                     config_rx = watch::channel(generation).1;
                 }
             }
+            _ = sleep_until_opt(fault_at), if fault_at.is_some() => {
+                return inject(fault, worker_id);
+            }
             r = shutdown.changed(), if closing_since.is_none() => {
                 if r.is_err() || *shutdown.borrow() {
                     tracing::info!(
@@ -326,6 +337,22 @@ pub async fn run_worker<D: DatagramIo>(
                 }
             }
         }
+    }
+}
+
+/// Sleeps until `at`; never wakes when there is none.
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Carries out an injected fault (debug builds plan them, see [`fault`]).
+fn inject(fault: Option<fault::Fault>, worker_id: usize) -> Result<(), RuntimeError> {
+    match fault.map(|f| f.kind) {
+        Some(fault::FaultKind::Panic) => panic!("fault injected into worker {worker_id}"),
+        _ => Err(RuntimeError::FaultInjected(worker_id)),
     }
 }
 

@@ -205,6 +205,8 @@ pub struct Options {
     /// More `quic:` keys, each line indented by two spaces; when one of
     /// them is `retry:` the `retry` flag above is not written.
     pub quic_extra: String,
+    /// Extra environment for the spooky process (e.g. `SPOOKY_FAULT_INJECT`).
+    pub env: Vec<(String, String)>,
 }
 
 /// The I/O driver the suite runs on (`SPOOKY_TEST_IO_BACKEND`).
@@ -250,6 +252,7 @@ impl Options {
             io_extra: "workers: 1".into(),
             upstream_io: test_upstream_io(),
             quic_extra: String::new(),
+            env: Vec::new(),
         }
     }
 }
@@ -301,6 +304,7 @@ impl Spooky {
         let child = Command::new(SPOOKY)
             .arg("--config")
             .arg(&config_path)
+            .envs(o.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -407,6 +411,21 @@ impl Spooky {
             .find_map(|l| l.strip_prefix("VmRSS:"))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
             .expect("VmRSS in /proc/<pid>/status")
+    }
+
+    /// Waits up to `limit` for the process to exit on its own; its exit
+    /// code, or `None` while it still runs (or was killed by a signal).
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let child = self.child.as_mut()?;
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(st)) = child.try_wait() {
+                self.child = None;
+                return st.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
     }
 }
 
