@@ -11,3 +11,4 @@ mod e2e_policies;
 mod e2e_proxy;
 mod e2e_upstream_io;
 mod e2e_workers;
+mod e2e_silent_clients;

@@ -68,6 +68,11 @@ pub struct EdgeSettings {
     pub max_connections: usize,
     pub max_request_header_bytes: usize,
     pub max_body_buffer_bytes: usize,
+    /// Per-stream starting grant and the budgets growth is charged to
+    /// (see `router::bridge`).
+    pub initial_body_buffer_bytes: usize,
+    pub max_connection_buffer_bytes: usize,
+    pub max_worker_buffer_bytes: usize,
     pub access_log: bool,
     /// Hold packets until quiche's `SendInfo.at` (see `quic.pacing`).
     pub pacing: bool,
@@ -137,6 +142,9 @@ struct Conn {
     /// else is built for this connection until it has gone out.
     held: Option<Held>,
     held_buf: Vec<u8>,
+    /// Body buffer growth granted to this connection's streams above their
+    /// initial grants (`limits.max_connection_buffer_bytes`).
+    buffer_grown: usize,
 }
 
 /// Abandoned streams one connection may accumulate (see `Conn::abandoned`).
@@ -169,6 +177,9 @@ pub struct Edge {
     scratch: Vec<u8>,
     /// The `now` of the input being handled (the edge never reads a clock).
     now: Instant,
+    /// Body buffer growth granted on this worker above the streams'
+    /// initial grants (`limits.max_worker_buffer_bytes`).
+    buffer_grown: usize,
 }
 
 /// Builds the quiche transport config from `config.yaml`.
@@ -241,6 +252,9 @@ impl Edge {
                 max_connections: cfg.limits.max_connections,
                 max_request_header_bytes: cfg.limits.max_request_header_bytes,
                 max_body_buffer_bytes: cfg.limits.max_body_buffer_bytes,
+                initial_body_buffer_bytes: cfg.limits.initial_body_buffer_bytes,
+                max_connection_buffer_bytes: cfg.limits.max_connection_buffer_bytes,
+                max_worker_buffer_bytes: cfg.limits.max_worker_buffer_bytes,
                 access_log: cfg.telemetry.access_log,
                 pacing: cfg.quic.pacing,
             },
@@ -262,6 +276,7 @@ impl Edge {
             draining: false,
             scratch: vec![0u8; 64 * 1024],
             now: Instant::now(),
+            buffer_grown: 0,
         })
     }
 
@@ -283,6 +298,9 @@ impl Edge {
             max_connections: cfg.limits.max_connections,
             max_request_header_bytes: cfg.limits.max_request_header_bytes,
             max_body_buffer_bytes: cfg.limits.max_body_buffer_bytes,
+            initial_body_buffer_bytes: cfg.limits.initial_body_buffer_bytes,
+            max_connection_buffer_bytes: cfg.limits.max_connection_buffer_bytes,
+            max_worker_buffer_bytes: cfg.limits.max_worker_buffer_bytes,
             access_log: cfg.telemetry.access_log,
             pacing: cfg.quic.pacing,
         };
@@ -442,6 +460,7 @@ impl Edge {
             span: tracing::info_span!("conn", conn = serial, peer = %from),
             held: None,
             held_buf: Vec::new(),
+            buffer_grown: 0,
         });
         self.by_cid.insert(new_scid, ci);
         self.by_cid.insert(dcid.clone(), ci);
@@ -489,6 +508,7 @@ impl Edge {
             on_path_event(&self.metrics, ev);
         }
         self.poll_h3(ci, now);
+        self.cancel_if_draining(ci);
         self.flush_writable(ci);
         self.mark_dirty(ci);
         self.update_timer(ci);
@@ -593,6 +613,7 @@ impl Edge {
             }
             ToEdge::RequestCredit => {
                 if req.req_data_pending {
+                    self.grow_request_buffer(key.slot);
                     self.read_request_body(key.slot);
                     // Draining the last bytes queues quiche's Finished event
                     // (and maybe others): deliver them now, not at the next
@@ -854,6 +875,7 @@ impl Edge {
         // Cancel every request still open on this connection.
         for (_, slot) in conn.streams.iter() {
             if let Some(req) = self.requests.try_remove(*slot) {
+                self.buffer_grown = self.buffer_grown.saturating_sub(req.buffer_grown);
                 req.shared.cancel_with(h3_code::REQUEST_CANCELLED);
                 self.metrics
                     .requests_in_flight

@@ -52,6 +52,11 @@ pub enum UpstreamError {
     Idle(Duration),
     #[error("client went away")]
     Cancelled,
+    /// The client stopped reading: response bytes waited for its budget for
+    /// this long. The client's fault: never charged to the backend, never
+    /// retried.
+    #[error("client stopped reading for {0:?}")]
+    ClientStalled(Duration),
 }
 
 impl UpstreamError {
@@ -79,7 +84,7 @@ impl UpstreamError {
             | UpstreamError::BeforeResponse(_)
             | UpstreamError::ResponseReset(_) => 502,
             UpstreamError::Timeout(_) | UpstreamError::Idle(_) => 504,
-            UpstreamError::Cancelled => 499,
+            UpstreamError::Cancelled | UpstreamError::ClientStalled(_) => 499,
         }
     }
 }

@@ -192,6 +192,8 @@ pub struct Options {
     /// `io.upstream_io` (ring | tokio | auto): from `SPOOKY_TEST_UPSTREAM_IO`;
     /// empty = not written (the default, `auto`).
     pub upstream_io: String,
+    /// More `limits:` keys, e.g. `max_connection_buffer_bytes: 1048576`.
+    pub limits_extra: String,
 }
 
 /// The I/O driver the suite runs on (`SPOOKY_TEST_IO_BACKEND`).
@@ -236,6 +238,7 @@ impl Options {
             // per worker, and several tests assert exact sequences.
             io_extra: "workers: 1".into(),
             upstream_io: test_upstream_io(),
+            limits_extra: String::new(),
         }
     }
 }
@@ -265,8 +268,13 @@ impl Spooky {
             io_keys.push(format!("upstream_io: {}", o.upstream_io));
         }
         let io = format!("io: {{ {} }}\n", io_keys.join(", "));
+        let limits_extra = if o.limits_extra.is_empty() {
+            String::new()
+        } else {
+            format!(", {}", o.limits_extra)
+        };
         format!(
-            "listen:\n  address: \"127.0.0.1:{port}\"\n  tls: {{ cert: cert.pem, key: key.pem }}\nquic:\n  retry: {}\n  idle_timeout_ms: 10000\n{io}{upstreams}limits: {{ max_body_buffer_bytes: {}, max_request_header_bytes: {} }}\nadmin: {{ address: \"127.0.0.1:{admin}\" }}\ntelemetry: {{ log: \"info\", log_format: text, access_log: true }}\n{}",
+            "listen:\n  address: \"127.0.0.1:{port}\"\n  tls: {{ cert: cert.pem, key: key.pem }}\nquic:\n  retry: {}\n  idle_timeout_ms: 10000\n{io}{upstreams}limits: {{ max_body_buffer_bytes: {}, max_request_header_bytes: {}{limits_extra} }}\nadmin: {{ address: \"127.0.0.1:{admin}\" }}\ntelemetry: {{ log: \"info\", log_format: text, access_log: true }}\n{}",
             o.retry, o.max_body_buffer_bytes, o.max_request_header_bytes, o.extra
         )
     }
