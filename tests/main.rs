@@ -9,6 +9,6 @@ mod e2e_failures;
 mod e2e_peers;
 mod e2e_policies;
 mod e2e_proxy;
+mod e2e_silent_clients;
 mod e2e_upstream_io;
 mod e2e_workers;
-mod e2e_silent_clients;

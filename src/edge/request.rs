@@ -668,7 +668,11 @@ impl Edge {
         let extra = StreamShared::growth(grant, self.settings.max_body_buffer_bytes, room);
         let added = req.shared.grow_resp(extra);
         if added > 0 {
-            tracing::trace!(stream = req.stream_id, grant = grant + added, "response buffer grown");
+            tracing::trace!(
+                stream = req.stream_id,
+                grant = grant + added,
+                "response buffer grown"
+            );
             self.charge_growth(slot, added);
         }
     }
@@ -688,7 +692,11 @@ impl Edge {
         let extra = StreamShared::growth(grant, self.settings.max_body_buffer_bytes, room);
         let added = req.shared.grow_req(extra);
         if added > 0 {
-            tracing::trace!(stream = req.stream_id, grant = grant + added, "request buffer grown");
+            tracing::trace!(
+                stream = req.stream_id,
+                grant = grant + added,
+                "request buffer grown"
+            );
             self.charge_growth(slot, added);
         }
     }

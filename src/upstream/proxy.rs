@@ -40,7 +40,11 @@ pub async fn proxy(
         Ok(()) | Err(UpstreamError::Cancelled) => {}
         Err(UpstreamError::ClientStalled(idle)) => {
             // Not a backend failure: nothing was recorded against it.
-            tracing::debug!(request_id = env.request_id, ?idle, "client stopped reading; stream reset");
+            tracing::debug!(
+                request_id = env.request_id,
+                ?idle,
+                "client stopped reading; stream reset"
+            );
             side.edge.send(ToEdge::Reset {
                 code: h3_code::REQUEST_CANCELLED,
             });

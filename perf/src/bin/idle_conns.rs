@@ -67,7 +67,9 @@ fn main() -> Result<(), String> {
         let mut c = H3Client::connect_with(args.addr, &args.authority, opts.clone())
             .map_err(|e| format!("connection {i}: {e}"))?;
         if !args.path.is_empty() {
-            let r = c.get(&args.path).map_err(|e| format!("connection {i}: {e}"))?;
+            let r = c
+                .get(&args.path)
+                .map_err(|e| format!("connection {i}: {e}"))?;
             if r.status != 200 {
                 return Err(format!("connection {i}: status {}", r.status));
             }
