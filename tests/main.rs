@@ -13,6 +13,7 @@ mod e2e_policies;
 mod e2e_probes;
 mod e2e_pool;
 mod e2e_proxy;
+mod e2e_silent_clients;
 mod e2e_upstream_io;
 mod e2e_worker_failure;
 mod e2e_workers;

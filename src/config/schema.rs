@@ -865,6 +865,14 @@ pub struct Limits {
     pub max_request_header_bytes: usize,
     /// Request body bytes buffered for retries before streaming.
     pub max_body_buffer_bytes: usize,
+    /// What each stream may buffer per direction from the start; it grows
+    /// (doubling, up to `max_body_buffer_bytes`) only when it holds the
+    /// stream back.
+    pub initial_body_buffer_bytes: usize,
+    /// Growth above the initial grants, summed over one connection's streams.
+    pub max_connection_buffer_bytes: usize,
+    /// Growth above the initial grants, summed over one worker's streams.
+    pub max_worker_buffer_bytes: usize,
 }
 
 impl Default for Limits {
@@ -873,6 +881,9 @@ impl Default for Limits {
             max_connections: 100_000,
             max_request_header_bytes: 65_536,
             max_body_buffer_bytes: 1_048_576,
+            initial_body_buffer_bytes: 16_384,
+            max_connection_buffer_bytes: 4_194_304,
+            max_worker_buffer_bytes: 67_108_864,
         }
     }
 }

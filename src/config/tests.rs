@@ -205,6 +205,7 @@ fn full_example_parses_with_every_value() {
             max_connections: 100_000,
             max_request_header_bytes: 65_536,
             max_body_buffer_bytes: 1_048_576,
+            ..Limits::default()
         },
         admin: Admin {
             address: addr("127.0.0.1:9901"),

@@ -77,6 +77,11 @@ pub struct EdgeSettings {
     pub max_connections: usize,
     pub max_request_header_bytes: usize,
     pub max_body_buffer_bytes: usize,
+    /// Per-stream starting grant and the budgets growth is charged to
+    /// (see `router::bridge`).
+    pub initial_body_buffer_bytes: usize,
+    pub max_connection_buffer_bytes: usize,
+    pub max_worker_buffer_bytes: usize,
     pub access_log: bool,
     /// Hold packets until quiche's `SendInfo.at` (see `quic.pacing`).
     pub pacing: bool,
@@ -92,6 +97,9 @@ impl EdgeSettings {
             max_connections: admission::worker_share(cfg),
             max_request_header_bytes: cfg.limits.max_request_header_bytes,
             max_body_buffer_bytes: cfg.limits.max_body_buffer_bytes,
+            initial_body_buffer_bytes: cfg.limits.initial_body_buffer_bytes,
+            max_connection_buffer_bytes: cfg.limits.max_connection_buffer_bytes,
+            max_worker_buffer_bytes: cfg.limits.max_worker_buffer_bytes,
             access_log: cfg.telemetry.access_log,
             pacing: cfg.quic.pacing,
         }
@@ -180,6 +188,9 @@ struct Conn {
     handshake_deadline: Option<Instant>,
     /// When the first Initial arrived; `handshake_done` reports from here.
     accepted_at: Instant,
+    /// Body buffer growth granted to this connection's streams above their
+    /// initial grants (`limits.max_connection_buffer_bytes`).
+    buffer_grown: usize,
 }
 
 /// Abandoned streams one connection may accumulate (see `Conn::abandoned`).
@@ -219,6 +230,9 @@ pub struct Edge {
     half_open: usize,
     /// `quic.new_connections_per_source`.
     source_rate: SourceRate,
+    /// Body buffer growth granted on this worker above the streams'
+    /// initial grants (`limits.max_worker_buffer_bytes`).
+    buffer_grown: usize,
 }
 
 /// Builds the quiche transport config from `config.yaml`.
@@ -312,6 +326,7 @@ impl Edge {
             ),
             half_open: 0,
             source_rate: SourceRate::new(cfg.quic.new_connections_per_source),
+            buffer_grown: 0,
         })
     }
 
@@ -476,6 +491,7 @@ impl Edge {
             held_buf: Vec::new(),
             handshake_deadline: Some(self.now + self.settings.handshake_timeout),
             accepted_at: self.now,
+            buffer_grown: 0,
         });
         self.set_half_open(self.half_open + 1);
         self.by_cid.insert(new_scid, ci);
@@ -581,6 +597,7 @@ impl Edge {
             on_path_event(&self.metrics, ev);
         }
         self.poll_h3(ci, now);
+        self.cancel_if_draining(ci);
         self.flush_writable(ci);
         self.mark_dirty(ci);
         self.update_timer(ci);
@@ -723,6 +740,7 @@ impl Edge {
             }
             ToEdge::RequestCredit => {
                 if req.req_data_pending {
+                    self.grow_request_buffer(key.slot);
                     self.read_request_body(key.slot);
                     // Draining the last bytes queues quiche's Finished event
                     // (and maybe others): deliver them now, not at the next
@@ -1014,6 +1032,7 @@ impl Edge {
         // Cancel every request still open on this connection.
         for (_, slot) in conn.streams.iter() {
             if let Some(req) = self.requests.try_remove(*slot) {
+                self.buffer_grown = self.buffer_grown.saturating_sub(req.buffer_grown);
                 req.shared.cancel_with(h3_code::REQUEST_CANCELLED);
                 self.metrics
                     .requests_in_flight

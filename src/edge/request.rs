@@ -74,6 +74,9 @@ pub(super) struct Request {
     /// Request body bytes seen, checked against content-length.
     pub body_seen: u64,
     pub content_length: Option<u64>,
+    /// Growth of this stream's grants (both directions) above the initial
+    /// ones, charged to its connection and worker until it finishes.
+    pub buffer_grown: usize,
 }
 
 impl Request {
@@ -233,7 +236,7 @@ impl Edge {
         let client = peer.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
         let serial = self.next_request_serial;
         self.next_request_serial += 1;
-        let shared = StreamShared::new(self.settings.max_body_buffer_bytes);
+        let shared = StreamShared::new(self.settings.initial_body_buffer_bytes);
         let mut log = AccessInfo {
             request_id: serial,
             started: Some(now),
@@ -269,6 +272,7 @@ impl Edge {
             log,
             body_seen: 0,
             content_length: None,
+            buffer_grown: 0,
         };
         self.metrics
             .requests_in_flight
@@ -595,6 +599,16 @@ impl Edge {
             self.client_cancelled(slot, code);
             return;
         }
+        // quiche took everything buffered while the upstream task waits for
+        // permits with bytes in hand: the grant is the bottleneck.
+        if req.resp.head_sent
+            && req.resp.chunks.is_empty()
+            && !req.resp.end
+            && req.shared.resp_starved.swap(false, Ordering::Relaxed)
+        {
+            self.grow_response_buffer(slot);
+            return;
+        }
         if req.resp.fin_sent {
             if !req.req_finished {
                 // Complete response before the full request: ask the client to
@@ -640,7 +654,9 @@ impl Edge {
         let Some(req) = self.requests.try_remove(slot) else {
             return;
         };
+        self.buffer_grown = self.buffer_grown.saturating_sub(req.buffer_grown);
         if let Some(conn) = self.conns.get_mut(req.conn) {
+            conn.buffer_grown = conn.buffer_grown.saturating_sub(req.buffer_grown);
             conn.streams.remove(&req.stream_id);
             if outcome != "ok" || !req.req_finished {
                 self.count_abandoned(req.conn);
@@ -665,5 +681,99 @@ impl Edge {
         self.metrics.request_finished(status, took);
         req.probe_done(status, took);
         req.log_access(self.settings.access_log, outcome);
+    }
+}
+
+impl Edge {
+    /// What the connection and worker budgets still allow a stream of
+    /// connection `ci` to grow by.
+    fn buffer_room(&self, ci: usize) -> usize {
+        let conn = self
+            .conns
+            .get(ci)
+            .map_or(0, |c| c.buffer_grown)
+            .min(self.settings.max_connection_buffer_bytes);
+        (self.settings.max_connection_buffer_bytes - conn).min(
+            self.settings
+                .max_worker_buffer_bytes
+                .saturating_sub(self.buffer_grown),
+        )
+    }
+
+    /// Charges `extra` bytes of growth to request `slot`, its connection and
+    /// the worker.
+    fn charge_growth(&mut self, slot: usize, extra: usize) {
+        let Some(req) = self.requests.get_mut(slot) else {
+            return;
+        };
+        req.buffer_grown += extra;
+        self.buffer_grown += extra;
+        if let Some(conn) = self.conns.get_mut(req.conn) {
+            conn.buffer_grown += extra;
+        }
+    }
+
+    /// Doubles the response grant of `slot` within the budgets.
+    pub(super) fn grow_response_buffer(&mut self, slot: usize) {
+        let Some(req) = self.requests.get(slot) else {
+            return;
+        };
+        let grant = req.shared.resp_grant.load(Ordering::Relaxed);
+        let room = self.buffer_room(req.conn);
+        let extra = StreamShared::growth(grant, self.settings.max_body_buffer_bytes, room);
+        let added = req.shared.grow_resp(extra);
+        if added > 0 {
+            tracing::trace!(
+                stream = req.stream_id,
+                grant = grant + added,
+                "response buffer grown"
+            );
+            self.charge_growth(slot, added);
+        }
+    }
+
+    /// Doubles the request grant of `slot` within the budgets, when the
+    /// upstream side has returned every permit (it drained the buffer)
+    /// while the client still had bytes waiting.
+    pub(super) fn grow_request_buffer(&mut self, slot: usize) {
+        let Some(req) = self.requests.get(slot) else {
+            return;
+        };
+        let grant = req.shared.req_grant.load(Ordering::Relaxed);
+        if req.shared.req_budget.available_permits() < grant {
+            return;
+        }
+        let room = self.buffer_room(req.conn);
+        let extra = StreamShared::growth(grant, self.settings.max_body_buffer_bytes, room);
+        let added = req.shared.grow_req(extra);
+        if added > 0 {
+            tracing::trace!(
+                stream = req.stream_id,
+                grant = grant + added,
+                "request buffer grown"
+            );
+            self.charge_growth(slot, added);
+        }
+    }
+
+    /// Cancels every request of a connection the client has closed
+    /// (CONNECTION_CLOSE received: quiche is draining and will never send
+    /// again), so their backend streams are reset now rather than when the
+    /// draining period ends.
+    pub(super) fn cancel_if_draining(&mut self, ci: usize) {
+        let slots: Vec<usize> = match self.conns.get(ci) {
+            Some(c) if c.quic.is_draining() && !c.streams.is_empty() => {
+                c.streams.values().copied().collect()
+            }
+            _ => return,
+        };
+        for slot in slots {
+            if let Some(req) = self.requests.get_mut(slot) {
+                req.shared.cancel_with(h3_code::REQUEST_CANCELLED);
+                req.log.error = Some("client closed the connection".into());
+                WorkerMetrics::inc(&self.metrics.client_cancels);
+            }
+            self.finish_request(slot, "connection_closed");
+        }
     }
 }

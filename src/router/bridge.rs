@@ -7,9 +7,18 @@
 //! h2 granted send capacity). Response direction: the upstream task takes
 //! `resp_budget` permits before forwarding a chunk and only then releases h2
 //! receive capacity; the edge returns the permits as quiche accepts the bytes.
-//! Each direction therefore buffers at most `limits.max_body_buffer_bytes`.
+//!
+//! Each direction starts with a small grant (`limits.initial_body_buffer_bytes`)
+//! and grows (doubling, up to `limits.max_body_buffer_bytes`) only when the
+//! grant itself is what holds the stream back: the producer is waiting for
+//! permits while the consumer has taken everything buffered. Growth beyond
+//! the initial grant is charged to the connection's and the worker's budgets
+//! (`limits.max_connection_buffer_bytes`, `limits.max_worker_buffer_bytes`),
+//! which the edge keeps; a stream whose growth is refused keeps working with
+//! what it has. So a client that stops reading pins at most its streams'
+//! grants, and every stream can always move at least its initial grant.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -70,6 +79,14 @@ pub enum ToEdge {
 pub struct StreamShared {
     pub req_budget: Semaphore,
     pub resp_budget: Semaphore,
+    /// Permits `req_budget` was created with plus every growth since.
+    pub req_grant: AtomicUsize,
+    /// Permits `resp_budget` was created with plus every growth since.
+    pub resp_grant: AtomicUsize,
+    /// Set by the upstream task while it waits for `resp_budget` permits
+    /// with response bytes in hand: tells the edge the grant is the
+    /// bottleneck (see [`StreamShared::grow_resp`]).
+    pub resp_starved: AtomicBool,
     /// Fired by the edge when the client or its connection goes away.
     pub cancel: CancellationToken,
     /// HTTP/3 error code the client used, for logs (0 = none).
@@ -80,11 +97,15 @@ pub struct StreamShared {
 }
 
 impl StreamShared {
-    pub fn new(budget: usize) -> Arc<Self> {
-        let budget = budget.clamp(1, Semaphore::MAX_PERMITS);
+    /// Both directions start with `initial` permits (bytes).
+    pub fn new(initial: usize) -> Arc<Self> {
+        let initial = initial.clamp(1, Semaphore::MAX_PERMITS);
         Arc::new(Self {
-            req_budget: Semaphore::new(budget),
-            resp_budget: Semaphore::new(budget),
+            req_budget: Semaphore::new(initial),
+            resp_budget: Semaphore::new(initial),
+            req_grant: AtomicUsize::new(initial),
+            resp_grant: AtomicUsize::new(initial),
+            resp_starved: AtomicBool::new(false),
             cancel: CancellationToken::new(),
             cancel_code: AtomicU64::new(0),
             bytes_up: AtomicU64::new(0),
@@ -95,6 +116,40 @@ impl StreamShared {
     pub fn cancel_with(&self, code: u64) {
         self.cancel_code.store(code, Ordering::Relaxed);
         self.cancel.cancel();
+    }
+
+    /// Largest response piece the upstream task forwards at once: half the
+    /// grant, so the edge can write one piece while the next is on its way.
+    pub fn resp_piece(&self) -> usize {
+        (self.resp_grant.load(Ordering::Relaxed) / 2).max(1)
+    }
+
+    /// How much a grant of `grant` may grow now: doubling, capped by the
+    /// stream ceiling `max` and by `room` (what the connection and worker
+    /// budgets have left).
+    pub fn growth(grant: usize, max: usize, room: usize) -> usize {
+        grant
+            .min(max.saturating_sub(grant))
+            .min(room)
+            .min(Semaphore::MAX_PERMITS.saturating_sub(grant))
+    }
+
+    /// Adds `extra` response permits; returns what was added.
+    pub fn grow_resp(&self, extra: usize) -> usize {
+        if extra > 0 {
+            self.resp_grant.fetch_add(extra, Ordering::Relaxed);
+            self.resp_budget.add_permits(extra);
+        }
+        extra
+    }
+
+    /// Adds `extra` request permits; returns what was added.
+    pub fn grow_req(&self, extra: usize) -> usize {
+        if extra > 0 {
+            self.req_grant.fetch_add(extra, Ordering::Relaxed);
+            self.req_budget.add_permits(extra);
+        }
+        extra
     }
 }
 
@@ -118,6 +173,39 @@ pub struct UpstreamSide {
     pub shared: Arc<StreamShared>,
     pub body: mpsc::UnboundedReceiver<ToUpstream>,
     pub edge: EdgeSender,
-    /// Largest chunk that fits the response budget.
+    /// The per-stream ceiling (`limits.max_body_buffer_bytes`); pieces are
+    /// cut to [`StreamShared::resp_piece`], never above this.
     pub budget: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn streams_start_with_the_initial_grant() {
+        let s = StreamShared::new(16 * 1024);
+        assert_eq!(s.resp_budget.available_permits(), 16 * 1024);
+        assert_eq!(s.req_budget.available_permits(), 16 * 1024);
+        assert_eq!(s.resp_piece(), 8 * 1024);
+    }
+
+    #[test]
+    fn growth_doubles_up_to_the_ceiling_and_the_room_left() {
+        assert_eq!(StreamShared::growth(16, 1024, 1 << 20), 16);
+        assert_eq!(StreamShared::growth(768, 1024, 1 << 20), 256);
+        assert_eq!(StreamShared::growth(1024, 1024, 1 << 20), 0);
+        assert_eq!(StreamShared::growth(64, 1024, 10), 10);
+        assert_eq!(StreamShared::growth(64, 1024, 0), 0);
+    }
+
+    #[test]
+    fn growing_adds_permits_and_widens_pieces() {
+        let s = StreamShared::new(1000);
+        assert_eq!(s.grow_resp(1000), 1000);
+        assert_eq!(s.resp_budget.available_permits(), 2000);
+        assert_eq!(s.resp_piece(), 1000);
+        assert_eq!(s.grow_req(0), 0);
+        assert_eq!(s.req_grant.load(Ordering::Relaxed), 1000);
+    }
 }

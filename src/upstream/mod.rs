@@ -59,6 +59,11 @@ pub enum UpstreamError {
     /// backend's failure.
     #[error("request refused before sending: {0}")]
     RefusedLocally(String),
+    /// The client stopped reading: response bytes waited for its budget for
+    /// this long. The client's fault: never charged to the backend, never
+    /// retried.
+    #[error("client stopped reading for {0:?}")]
+    ClientStalled(Duration),
 }
 
 /// Which side of the proxy an error belongs to (after pingora-error's
@@ -91,6 +96,7 @@ impl UpstreamError {
         match self {
             UpstreamError::NoRoute { .. }
             | UpstreamError::Cancelled
+            | UpstreamError::ClientStalled(_)
             | UpstreamError::RefusedLocally(_) => ErrorSide::Client,
             UpstreamError::NoBackend { .. }
             | UpstreamError::Saturated { .. }
@@ -121,7 +127,7 @@ impl UpstreamError {
             | UpstreamError::BeforeResponse(_)
             | UpstreamError::ResponseReset(_) => 502,
             UpstreamError::Timeout(_) | UpstreamError::Idle(_) => 504,
-            UpstreamError::Cancelled => 499,
+            UpstreamError::Cancelled | UpstreamError::ClientStalled(_) => 499,
             UpstreamError::RefusedLocally(_) => 400,
         }
     }

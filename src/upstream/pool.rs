@@ -54,12 +54,25 @@ pub struct PoolSettings {
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
-/// h2 receive windows: large enough for bulk transfers on a LAN. A stalled
-/// client can pin at most one stream window of the connection window, and
-/// only until `timeouts.idle_ms`; the connection window leaves room for 64
-/// stalled streams before other streams on the connection feel it.
-const STREAM_WINDOW: u32 = 1024 * 1024;
-const CONN_WINDOW: u32 = 64 * 1024 * 1024;
+/// h2 stream receive window. What a backend may send on one stream beyond
+/// what spooky has handed to the edge, so it is also what a stream whose
+/// client stopped reading pins on the h2 side (HAProxy's default is the
+/// same 64 KiB). Bulk throughput needs only this much in flight between the
+/// backend and spooky; the edge's grant (`limits.*_body_buffer_bytes`)
+/// absorbs the client side.
+const STREAM_WINDOW: u32 = 64 * 1024;
+/// Floor of the h2 connection receive window.
+const CONN_WINDOW: u32 = 4 * 1024 * 1024;
+
+/// Connection window for a pool allowing `max_streams` streams per
+/// connection: room for every stream's full window, so streams stalled by
+/// their clients can never close the connection window on the others.
+fn conn_window(max_streams: u32) -> u32 {
+    const H2_MAX_WINDOW: u32 = (1 << 31) - 1;
+    STREAM_WINDOW
+        .saturating_mul(max_streams)
+        .clamp(CONN_WINDOW, H2_MAX_WINDOW)
+}
 
 /// A waiting request re-checks the pool at least this often: the safety net
 /// for a wake-up handed to a waiter that left before using it.
@@ -479,7 +492,7 @@ impl BackendPool {
             })?;
         let handshake = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONN_WINDOW)
+            .initial_connection_window_size(conn_window(self.settings.max_streams))
             .max_frame_size(64 * 1024)
             .enable_push(false)
             .handshake::<_, Bytes>(tcp);
@@ -686,3 +699,16 @@ async fn drive(
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod window_tests {
+    use super::*;
+
+    #[test]
+    fn connection_window_covers_every_stream_window() {
+        assert_eq!(conn_window(1), CONN_WINDOW);
+        assert_eq!(conn_window(100), 100 * STREAM_WINDOW);
+        assert!(conn_window(1000) >= 1000 * STREAM_WINDOW);
+        assert_eq!(conn_window(u32::MAX), (1 << 31) - 1);
+    }
+}

@@ -52,6 +52,17 @@ pub async fn proxy(
                 code: h3_code::MESSAGE_ERROR,
             });
         }
+        Err(UpstreamError::ClientStalled(idle)) => {
+            // Not a backend failure: nothing was recorded against it.
+            tracing::debug!(
+                request_id = env.request_id,
+                ?idle,
+                "client stopped reading; stream reset"
+            );
+            side.edge.send(ToEdge::Reset {
+                code: h3_code::REQUEST_CANCELLED,
+            });
+        }
         Err(e) => {
             match &e {
                 UpstreamError::Timeout(_) | UpstreamError::Idle(_) => {
@@ -656,6 +667,38 @@ async fn pump_request_body_inner(
     }
 }
 
+/// Takes `n` response permits. When they are not there at once, flags the
+/// stream as starved for the edge (which may then grow the grant) and
+/// waits; a client that stops reading must not pin this h2 stream (and its
+/// share of the connection window) forever, so the wait ends after `idle`
+/// with [`UpstreamError::ClientStalled`]: the client's doing, never the
+/// backend's.
+async fn take_resp_permits(
+    shared: &StreamShared,
+    n: usize,
+    idle: Duration,
+) -> Result<(), UpstreamError> {
+    let n = u32::try_from(n).unwrap_or(u32::MAX);
+    if let Ok(p) = shared.resp_budget.try_acquire_many(n) {
+        p.forget();
+        return Ok(());
+    }
+    shared
+        .resp_starved
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let got = timeout(idle, shared.resp_budget.acquire_many(n)).await;
+    shared
+        .resp_starved
+        .store(false, std::sync::atomic::Ordering::Relaxed);
+    match got {
+        Err(_) => Err(UpstreamError::ClientStalled(idle)),
+        Ok(p) => {
+            p.map_err(|_| UpstreamError::Cancelled)?.forget();
+            Ok(())
+        }
+    }
+}
+
 /// Moves response body chunks from h2 to the edge, taking budget first and
 /// only then releasing h2 flow-control capacity.
 async fn pump_response_body(
@@ -674,14 +717,8 @@ async fn pump_response_body(
         let mut chunk = chunk.map_err(|e| UpstreamError::ResponseReset(e.to_string()))?;
         let len = chunk.len();
         while !chunk.is_empty() {
-            let n = chunk.len().min(budget);
-            // A client that stops reading must not pin this h2 stream (and
-            // its share of the connection window) forever.
-            let permits = match timeout(idle, shared.resp_budget.acquire_many(n as u32)).await {
-                Err(_) => return Err(UpstreamError::Idle(idle)),
-                Ok(p) => p.map_err(|_| UpstreamError::Cancelled)?,
-            };
-            permits.forget();
+            let n = chunk.len().min(shared.resp_piece()).min(budget.max(1));
+            take_resp_permits(shared, n, idle).await?;
             let piece = chunk.split_to(n);
             if !edge.send(ToEdge::Data(piece)) {
                 return Err(UpstreamError::Cancelled);

@@ -1404,3 +1404,36 @@ impl H3Client {
         Ok(opened)
     }
 }
+
+impl H3Client {
+    /// A client that stops reading: opens `n` GETs of `path` as concurrent
+    /// streams, sends them, and returns without reading or acknowledging
+    /// anything. Until the caller drives the client again (or drops it), the
+    /// server sees a peer that went silent: no ACKs, no stream credit, no
+    /// packets at all. Returns the stream ids.
+    pub fn open_and_go_silent(&mut self, path: &str, n: usize) -> Result<Vec<u64>> {
+        let mut ids = Vec::with_capacity(n);
+        let deadline = Instant::now() + self.timeout;
+        while ids.len() < n {
+            let req = Exchange::new(Request::get(path), &self.authority, false);
+            match self.h3.send_request(&mut self.conn, &req.headers, true) {
+                Ok(id) => ids.push(id),
+                Err(quiche::h3::Error::StreamBlocked)
+                | Err(quiche::h3::Error::TransportError(quiche::Error::StreamLimit)) => {
+                    // Out of stream credit: let the server's MAX_STREAMS in.
+                    self.flush()?;
+                    if Instant::now() >= deadline {
+                        return Err(ClientError::Timeout(format!(
+                            "opened only {} of {n} streams",
+                            ids.len()
+                        )));
+                    }
+                    self.wait(deadline)?;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.flush()?;
+        Ok(ids)
+    }
+}

@@ -207,6 +207,8 @@ pub struct Options {
     pub quic_extra: String,
     /// Extra environment for the spooky process (e.g. `SPOOKY_FAULT_INJECT`).
     pub env: Vec<(String, String)>,
+    /// More `limits:` keys, e.g. `max_connection_buffer_bytes: 1048576`.
+    pub limits_extra: String,
 }
 
 /// The I/O driver the suite runs on (`SPOOKY_TEST_IO_BACKEND`).
@@ -253,6 +255,7 @@ impl Options {
             upstream_io: test_upstream_io(),
             quic_extra: String::new(),
             env: Vec::new(),
+            limits_extra: String::new(),
         }
     }
 }
@@ -282,13 +285,18 @@ impl Spooky {
             io_keys.push(format!("upstream_io: {}", o.upstream_io));
         }
         let io = format!("io: {{ {} }}\n", io_keys.join(", "));
+        let limits_extra = if o.limits_extra.is_empty() {
+            String::new()
+        } else {
+            format!(", {}", o.limits_extra)
+        };
         let quic = if o.quic_extra.contains("retry:") {
             o.quic_extra.clone()
         } else {
             format!("  retry: {}\n{}", o.retry, o.quic_extra)
         };
         format!(
-            "listen:\n  address: \"127.0.0.1:{port}\"\n  tls: {{ cert: cert.pem, key: key.pem }}\nquic:\n{quic}  idle_timeout_ms: 10000\n{io}{upstreams}limits: {{ max_body_buffer_bytes: {}, max_request_header_bytes: {} }}\nadmin: {{ address: \"127.0.0.1:{admin}\" }}\ntelemetry: {{ log: \"info\", log_format: text, access_log: true }}\n{}",
+            "listen:\n  address: \"127.0.0.1:{port}\"\n  tls: {{ cert: cert.pem, key: key.pem }}\nquic:\n{quic}  idle_timeout_ms: 10000\n{io}{upstreams}limits: {{ max_body_buffer_bytes: {}, max_request_header_bytes: {}{limits_extra} }}\nadmin: {{ address: \"127.0.0.1:{admin}\" }}\ntelemetry: {{ log: \"info\", log_format: text, access_log: true }}\n{}",
             o.max_body_buffer_bytes, o.max_request_header_bytes, o.extra
         )
     }
