@@ -9,7 +9,7 @@
 //! Example: `rapid_reset --addr 127.0.0.1:8443 --admin 127.0.0.1:9901 --pid $(pidof spooky) -d 10`
 
 #[path = "../../../tests/common/h3client.rs"]
-#[allow(clippy::unwrap_used, dead_code)]
+#[allow(clippy::unwrap_used)]
 mod h3client;
 
 use std::io::{Read, Write};
