@@ -505,6 +505,8 @@ fn a_source_past_its_abandoned_stream_limit_is_closed_with_excessive_load() {
             .load(Ordering::Relaxed),
         1
     );
+}
+
 /// Under a lossy link (every 4th server packet dropped) the loss and
 /// retransmission counters move, and a client close is counted by reason
 /// once the connection is reaped.

@@ -100,7 +100,8 @@ impl UpstreamError {
             | UpstreamError::RefusedLocally(_) => ErrorSide::Client,
             UpstreamError::NoBackend { .. }
             | UpstreamError::Saturated { .. }
-            | UpstreamError::PoolTimeout { .. } => ErrorSide::Spooky,
+            | UpstreamError::PoolTimeout { .. }
+            | UpstreamError::PoolFull { .. } => ErrorSide::Spooky,
             UpstreamError::Status(_)
             | UpstreamError::Connect { .. }
             | UpstreamError::ConnectTimeout { .. }
