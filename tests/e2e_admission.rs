@@ -4,6 +4,7 @@
 //! half-open threshold gets stateless Retry and leaves RSS bounded.
 //! Initials come from raw UDP sockets: a quiche client builds each one and
 //! only its first datagram is sent; nothing is ever answered.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};

@@ -2,6 +2,7 @@
 //! client's error, never a backend's (no 502, no retry, no ejection), and a
 //! request the client resets before it is dispatched never reaches a backend.
 //! Real spooky process, real HTTP/3 client over UDP, real h2 demo backends.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use crate::common::h3client::{ClientError, Request, Response};
 use crate::common::{Backend, Spooky};

@@ -2,6 +2,7 @@
 //! ACKs) must pin only what the budgets allow, must not stop other clients
 //! from being served, must never count against the backends, and their
 //! backend streams must be reset once their connections are gone.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::{Duration, Instant};
 

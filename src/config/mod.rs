@@ -21,8 +21,8 @@ mod tests;
 use std::path::{Path, PathBuf};
 
 pub use error::{ConfigError, ConfigErrors};
-pub use schema::RetryMode;
 pub use schema::OnWorkerFailure;
+pub use schema::RetryMode;
 pub use schema::{
     Admin, Backend, Circuit, Config, CongestionControl, HashKey, HealthCheck, Io, IoBackend,
     Limits, Listen, LogFormat, OnAllUnhealthy, Outlier, Policy, Pool, Quic, Retries, RetryOn,

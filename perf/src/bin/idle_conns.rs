@@ -9,7 +9,7 @@
 //! `idle_conns --pid $(pidof spooky) -n 1000 --addr 127.0.0.1:8443`
 
 #[path = "../../../tests/common/h3client.rs"]
-#[allow(clippy::unwrap_used, dead_code)]
+#[allow(clippy::unwrap_used)]
 mod h3client;
 
 use std::net::SocketAddr;
