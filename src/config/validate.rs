@@ -365,10 +365,9 @@ impl Validator<'_> {
             "must be greater than 0",
         );
         self.check(
-            limits.initial_body_buffer_bytes > 0
-                && limits.initial_body_buffer_bytes <= limits.max_body_buffer_bytes,
+            limits.initial_body_buffer_bytes > 0,
             "limits.initial_body_buffer_bytes",
-            "must be greater than 0 and at most max_body_buffer_bytes",
+            "must be greater than 0 (a value above max_body_buffer_bytes is capped to it)",
         );
     }
 

@@ -97,7 +97,11 @@ impl EdgeSettings {
             max_connections: admission::worker_share(cfg),
             max_request_header_bytes: cfg.limits.max_request_header_bytes,
             max_body_buffer_bytes: cfg.limits.max_body_buffer_bytes,
-            initial_body_buffer_bytes: cfg.limits.initial_body_buffer_bytes,
+            // A stream never starts above its ceiling.
+            initial_body_buffer_bytes: cfg
+                .limits
+                .initial_body_buffer_bytes
+                .min(cfg.limits.max_body_buffer_bytes),
             max_connection_buffer_bytes: cfg.limits.max_connection_buffer_bytes,
             max_worker_buffer_bytes: cfg.limits.max_worker_buffer_bytes,
             access_log: cfg.telemetry.access_log,
@@ -191,6 +195,9 @@ struct Conn {
     /// Body buffer growth granted to this connection's streams above their
     /// initial grants (`limits.max_connection_buffer_bytes`).
     buffer_grown: usize,
+    /// STOP_SENDING frames from the client already looked at
+    /// (`Edge::sweep_stopped`).
+    stopped_seen: u64,
 }
 
 /// Abandoned streams one connection may accumulate (see `Conn::abandoned`).
@@ -492,6 +499,7 @@ impl Edge {
             handshake_deadline: Some(self.now + self.settings.handshake_timeout),
             accepted_at: self.now,
             buffer_grown: 0,
+            stopped_seen: 0,
         });
         self.set_half_open(self.half_open + 1);
         self.by_cid.insert(new_scid, ci);
@@ -598,6 +606,7 @@ impl Edge {
         }
         self.poll_h3(ci, now);
         self.cancel_if_draining(ci);
+        self.sweep_stopped(ci);
         self.flush_writable(ci);
         self.mark_dirty(ci);
         self.update_timer(ci);
@@ -692,6 +701,38 @@ impl Edge {
                 continue;
             }
             self.flush_response(slot);
+        }
+    }
+
+    /// Cancels the requests whose streams the client stopped (STOP_SENDING).
+    ///
+    /// `flush_writable` sees a stopped stream only if quiche re-marks it
+    /// writable, and quiche does that only for a stream that was not writable
+    /// already: a stream handed out by `stream_writable_next` earlier with
+    /// nothing to write (a request still waiting for its backend) would keep
+    /// its upstream request running. quiche counts the STOP_SENDING frames it
+    /// received, so the streams are looked at only when that count moved:
+    /// no work on the usual event, one pass over this connection's requests
+    /// when its client stopped some.
+    fn sweep_stopped(&mut self, ci: usize) {
+        let Some(conn) = self.conns.get_mut(ci) else {
+            return;
+        };
+        let stopped = conn.quic.stats().stopped_stream_count_remote;
+        if stopped == conn.stopped_seen {
+            return;
+        }
+        conn.stopped_seen = stopped;
+        let gone: Vec<(usize, u64)> = conn
+            .streams
+            .iter()
+            .filter_map(|(&sid, &slot)| match conn.quic.stream_capacity(sid) {
+                Err(quiche::Error::StreamStopped(code)) => Some((slot, code)),
+                _ => None,
+            })
+            .collect();
+        for (slot, code) in gone {
+            self.client_cancelled(slot, code);
         }
     }
 
