@@ -162,6 +162,9 @@ fn run(path: &std::path::Path) -> ExitCode {
     let store = ConfigStore::new(path, cfg.clone(), registry.reload_stats());
     let admin_state = AdminState::with_control(registry.clone(), board.clone(), store.clone());
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    // The admin server outlives the workers' drain, so `/ready` answers 503
+    // (and `/metrics` stays scrapable) until the last worker is joined.
+    let (admin_stop_tx, admin_stop_rx) = tokio::sync::watch::channel(false);
 
     // Admin server on its own thread: the data plane never waits on it.
     let admin_addr = cfg.admin.address;
@@ -176,7 +179,8 @@ fn run(path: &std::path::Path) -> ExitCode {
     let admin_thread = {
         let state = admin_state.clone();
         let store = store.clone();
-        let mut rx = shutdown_rx.clone();
+        let rx = shutdown_rx.clone();
+        let mut stop = admin_stop_rx;
         std::thread::Builder::new()
             .name("spooky-admin".into())
             .spawn(move || {
@@ -204,7 +208,7 @@ fn run(path: &std::path::Path) -> ExitCode {
                     tokio::spawn(reload::watch_file(store.clone(), rx.clone()));
                     tokio::spawn(reload_on_sighup(store));
                     admin::serve(listener, state, async move {
-                        let _ = rx.wait_for(|v| *v).await;
+                        let _ = stop.wait_for(|v| *v).await;
                     })
                     .await;
                 });
@@ -314,11 +318,16 @@ fn run(path: &std::path::Path) -> ExitCode {
     drop(exit_tx);
     let policy = cfg.io.on_worker_failure;
     let mut failed = rt.block_on(supervise(&mut exit_rx, workers, policy, &admin_state));
+    // Draining: no longer ready for new traffic.
+    admin_state
+        .ready
+        .store(false, std::sync::atomic::Ordering::Relaxed);
     let _ = shutdown_tx.send(true);
     for t in threads {
         // Every outcome, panics included, came through `exit_rx`.
         let _ = t.join();
     }
+    let _ = admin_stop_tx.send(true);
     // Workers that failed while draining count too.
     while let Ok(exit) = exit_rx.try_recv() {
         if exit.outcome.is_err() {

@@ -94,6 +94,66 @@ fn unanswered_initial_draws_at_most_three_times_its_bytes() {
     assert_eq!(spooky.metric("spooky_quic_connections_active", &[]), 0.0);
 }
 
+/// The same with an independent client's Initial: ngtcp2's `gtlsclient`
+/// talks to a relay that forwards only its first datagram to spooky and
+/// nothing back. Before quiche charged Initial padding to the
+/// anti-amplification budget, this drew 6,410 bytes in 8 datagrams (5.3×),
+/// resent at 0/1/2/5/10 s; the quiche-built Initial above never showed it.
+#[test]
+fn unanswered_ngtcp2_initial_draws_at_most_three_times_its_bytes() {
+    use std::process::{Command, Stdio};
+    if Command::new("gtlsclient")
+        .arg("--help")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_err()
+    {
+        eprintln!(
+            "skipped: gtlsclient (ngtcp2-client) not installed; scripts/bootstrap.sh installs it"
+        );
+        return;
+    }
+    let backend = Backend::start("a");
+    let spooky = with_quic(&backend, "  retry: auto\n");
+    let front = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = front.local_addr().unwrap().port().to_string();
+    let up = UdpSocket::bind("127.0.0.1:0").unwrap();
+    up.connect(spooky.addr).unwrap();
+    let mut client = Command::new("gtlsclient")
+        .args(["-q", "--exit-on-all-streams-close", "127.0.0.1", &port])
+        .arg(format!("https://localhost:{port}/"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn gtlsclient");
+    let mut buf = [0u8; 65536];
+    front
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let first = front.recv_from(&mut buf).map(|(n, _)| n);
+    let _ = client.kill();
+    let _ = client.wait();
+    let n = first.expect("gtlsclient sent its Initial");
+    assert!(
+        n >= 1200,
+        "a client Initial datagram is padded to 1200 bytes"
+    );
+    let start = Instant::now();
+    up.send(&buf[..n]).unwrap();
+    let (bytes, datagrams, last) = count_replies(&up, start + Duration::from_secs(10));
+    eprintln!(
+        "ngtcp2 Initial: sent {n} bytes, got {bytes} bytes in {datagrams} datagrams ({:.2}x), last after {:?}",
+        bytes as f64 / n as f64,
+        last.map(|l| l - start)
+    );
+    assert!(bytes > 0, "the handshake flight was sent");
+    assert!(
+        bytes <= AMPLIFICATION_FACTOR * n,
+        "{bytes} bytes in {datagrams} datagrams back for {n} sent"
+    );
+}
+
 #[test]
 fn handshake_that_never_completes_is_closed_at_the_timeout() {
     let backend = Backend::start("a");

@@ -83,13 +83,11 @@ fn exits_after_failure(fault: &str, logged: &str) {
 }
 
 #[test]
-#[ignore = "known broken: the admin server stops at shutdown, so /ready is unreachable (not 503) while the survivors drain"]
 fn worker_panic_makes_ready_503_and_exits_1() {
     exits_after_failure("panic", "panic: fault injected into worker 1");
 }
 
 #[test]
-#[ignore = "known broken: the admin server stops at shutdown, so /ready is unreachable (not 503) while the survivors drain"]
 fn worker_error_makes_ready_503_and_exits_1() {
     exits_after_failure("error", "error: fault injected into worker 1");
 }
