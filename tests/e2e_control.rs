@@ -50,33 +50,6 @@ fn admin_metrics(spooky: &Spooky) -> String {
     body
 }
 
-/// Runs `promtool check metrics` on `text` (the Prometheus 0.0.4 text
-/// `/metrics` serves to a scraper that does not ask for OpenMetrics): it
-/// must pass with exit 0 and no lint.
-fn promtool_check(text: &str) {
-    use std::io::Write;
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn promtool");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool check metrics failed:\nstdout: {}\nstderr: {}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// A Prometheus server scraping `target` every second, in a temp dir.
 struct Prometheus {
     addr: SocketAddr,
@@ -190,7 +163,10 @@ fn counters_match_requests_and_prometheus_reads_them_back() {
             "no {family}"
         );
     }
-    promtool_check(&text);
+    assert!(
+        crate::common::promtool_check(&text),
+        "promtool is installed"
+    );
 
     let prom = Prometheus::start(spooky.admin);
     let deadline = Instant::now() + Duration::from_secs(60);

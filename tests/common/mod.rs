@@ -545,3 +545,34 @@ impl Spooky {
         std::fs::rename(&tmp, &self.config_path).unwrap();
     }
 }
+
+/// Runs `promtool check metrics` on `text` (what `/metrics` serves a scraper
+/// that does not ask for OpenMetrics: Prometheus text 0.0.4). `false` when
+/// promtool is not installed (the caller skips, saying so); panics when it
+/// reports anything, lint included.
+pub fn promtool_check(text: &str) -> bool {
+    let Ok(mut child) = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+    else {
+        return false;
+    };
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics {:?}:\n{}{}\n{text}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    true
+}
