@@ -715,42 +715,44 @@ impl Edge {
 
     /// Doubles the response grant of `slot` within the budgets.
     pub(super) fn grow_response_buffer(&mut self, slot: usize) {
-        let Some(req) = self.requests.get(slot) else {
-            return;
-        };
-        let grant = req.shared.resp_grant.load(Ordering::Relaxed);
-        let room = self.buffer_room(req.conn);
-        let extra = StreamShared::growth(grant, self.settings.max_body_buffer_bytes, room);
-        let added = req.shared.grow_resp(extra);
-        if added > 0 {
-            tracing::trace!(
-                stream = req.stream_id,
-                grant = grant + added,
-                "response buffer grown"
-            );
-            self.charge_growth(slot, added);
-        }
+        self.grow_buffer(slot, false);
     }
 
     /// Doubles the request grant of `slot` within the budgets, when the
     /// upstream side has returned every permit (it drained the buffer)
     /// while the client still had bytes waiting.
     pub(super) fn grow_request_buffer(&mut self, slot: usize) {
+        self.grow_buffer(slot, true);
+    }
+
+    /// Doubles one direction's grant of `slot` (`request`: the request
+    /// body's, else the response's) within the connection and worker budgets.
+    fn grow_buffer(&mut self, slot: usize, request: bool) {
         let Some(req) = self.requests.get(slot) else {
             return;
         };
-        let grant = req.shared.req_grant.load(Ordering::Relaxed);
-        if req.shared.req_budget.available_permits() < grant {
+        let grant = if request {
+            &req.shared.req_grant
+        } else {
+            &req.shared.resp_grant
+        }
+        .load(Ordering::Relaxed);
+        if request && req.shared.req_budget.available_permits() < grant {
             return;
         }
         let room = self.buffer_room(req.conn);
         let extra = StreamShared::growth(grant, self.settings.max_body_buffer_bytes, room);
-        let added = req.shared.grow_req(extra);
+        let added = if request {
+            req.shared.grow_req(extra)
+        } else {
+            req.shared.grow_resp(extra)
+        };
         if added > 0 {
             tracing::trace!(
                 stream = req.stream_id,
+                request,
                 grant = grant + added,
-                "request buffer grown"
+                "body buffer grown"
             );
             self.charge_growth(slot, added);
         }
