@@ -175,6 +175,12 @@ struct Conn {
     /// When to send CONNECTION_CLOSE: a few PTOs after the last response
     /// was queued, so its bytes can still be retransmitted if lost.
     close_at: Option<Instant>,
+    /// Streams whose whole response was handed to quiche but which quiche
+    /// still holds, i.e. bytes not yet acknowledged (quiche collects a
+    /// stream once its last byte is acked). A draining connection waits for
+    /// them before CONNECTION_CLOSE, which would discard what is unsent.
+    /// Pruned as it grows, so it stays short.
+    unacked: Vec<u64>,
     /// Streams that ended by reset or early response. quiche's HTTP/3 layer
     /// keeps some state for such streams until the connection ends
     /// (cloudflare/quiche#2524), so a connection that abandons too many is
@@ -492,6 +498,7 @@ impl Edge {
             max_stream_id: None,
             closing: false,
             close_at: None,
+            unacked: Vec::new(),
             abandoned: 0,
             span: tracing::info_span!("conn", conn = serial, peer = %from),
             held: None,
@@ -823,10 +830,16 @@ impl Edge {
                 continue;
             }
             if conn.close_at.is_some_and(|c| c <= now) {
-                conn.close_at = None;
-                let _ = conn
-                    .quic
-                    .close(true, h3_code::NO_ERROR, b"server shutting down");
+                if responses_unacked(conn) {
+                    // Still delivering: look again a few PTOs later. The
+                    // drain deadline's force_close_all bounds the wait.
+                    conn.close_at = Some(now + close_delay(&conn.quic));
+                } else {
+                    conn.close_at = None;
+                    let _ = conn
+                        .quic
+                        .close(true, h3_code::NO_ERROR, b"server shutting down");
+                }
             }
             conn.quic.on_timeout();
             self.after_activity(ci, now);
@@ -1112,6 +1125,16 @@ impl Edge {
             "connection closed"
         );
     }
+}
+
+/// Whether quiche still holds a stream whose response spooky finished
+/// (see `Conn::unacked`); forgets the streams it has collected.
+fn responses_unacked(conn: &mut Conn) -> bool {
+    let quic = &mut conn.quic;
+    // InvalidStreamState: collected, every byte acked. StreamStopped: the
+    // client wants no more of it. Either way, nothing left to wait for.
+    conn.unacked.retain(|&id| quic.stream_capacity(id).is_ok());
+    !conn.unacked.is_empty()
 }
 
 /// How long after its last response a draining connection waits before

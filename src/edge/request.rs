@@ -13,9 +13,14 @@ use quiche::h3::{self, NameValue};
 use tokio::sync::mpsc;
 
 use super::{h3_code, Edge, EdgeEvent};
+
 use crate::router::bridge::{EdgeSender, RequestKey, StreamShared, ToUpstream, UpstreamSide};
 use crate::router::{self, MalformedReason, RequestError};
 use crate::telemetry::WorkerMetrics;
+
+/// Length at which a connection's list of finished-but-unacked responses
+/// is pruned; on a busy connection most entries are long acked by then.
+const UNACKED_PRUNE_AT: usize = 64;
 
 /// What the access log line says about a request.
 #[derive(Debug, Default)]
@@ -660,6 +665,11 @@ impl Edge {
             conn.streams.remove(&req.stream_id);
             if outcome != "ok" || !req.req_finished {
                 self.count_abandoned(req.conn);
+            } else {
+                if conn.unacked.len() >= UNACKED_PRUNE_AT {
+                    super::responses_unacked(conn);
+                }
+                conn.unacked.push(req.stream_id);
             }
         }
         if let Some(conn) = self.conns.get_mut(req.conn) {
