@@ -873,6 +873,13 @@ pub struct Limits {
     pub max_connection_buffer_bytes: usize,
     /// Growth above the initial grants, summed over one worker's streams.
     pub max_worker_buffer_bytes: usize,
+    /// Streams one connection may abandon (reset by the client, or ended
+    /// with the request unread) before it is closed with H3_EXCESSIVE_LOAD.
+    pub max_abandoned_streams_per_connection: u32,
+    /// Abandoned streams one client IP may accumulate per worker per 10 s
+    /// window over all its connections; past it, its connections are closed
+    /// and its new ones refused until the window ends.
+    pub max_abandoned_streams_per_source: u32,
 }
 
 impl Default for Limits {
@@ -884,6 +891,8 @@ impl Default for Limits {
             initial_body_buffer_bytes: 16_384,
             max_connection_buffer_bytes: 4_194_304,
             max_worker_buffer_bytes: 67_108_864,
+            max_abandoned_streams_per_connection: 10_000,
+            max_abandoned_streams_per_source: 20_000,
         }
     }
 }

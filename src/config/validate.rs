@@ -369,6 +369,16 @@ impl Validator<'_> {
             "limits.initial_body_buffer_bytes",
             "must be greater than 0 (a value above max_body_buffer_bytes is capped to it)",
         );
+        self.check(
+            limits.max_abandoned_streams_per_connection > 0,
+            "limits.max_abandoned_streams_per_connection",
+            "must be greater than 0",
+        );
+        self.check(
+            limits.max_abandoned_streams_per_source > 0,
+            "limits.max_abandoned_streams_per_source",
+            "must be greater than 0",
+        );
     }
 
     fn admin(&mut self, config: &Config) {

@@ -4,10 +4,13 @@
 //! HTTP/3 state that quiche keeps until the connection closes, and each one
 //! is a request spooky parsed for nothing: the "rapid reset" attack
 //! (CVE-2023-44487) opens and resets streams as fast as it may. One
-//! connection is closed after `MAX_ABANDONED_STREAMS`; a client that simply
-//! reconnects would start again from zero, so abandoned streams are also
-//! counted per source IP over a fixed window, and a source past its limit has
-//! each connection closed with H3_EXCESSIVE_LOAD at its next abandoned stream.
+//! connection is closed after `limits.max_abandoned_streams_per_connection`;
+//! a client that simply reconnects would start again from zero, so
+//! abandoned streams are also counted per source IP over a fixed window
+//! (`limits.max_abandoned_streams_per_source`). A source past its limit has
+//! each connection closed with H3_EXCESSIVE_LOAD at its next abandoned
+//! stream, and its new connections refused (their Initials dropped, before
+//! any handshake work) until the window ends: reconnecting buys nothing.
 //!
 //! The table is bounded: at most `capacity` sources are tracked; when it is
 //! full, expired windows are swept (at most once per window, so a flood of
@@ -20,12 +23,6 @@ use std::time::{Duration, Instant};
 
 /// Window over which a source's abandoned streams are counted.
 pub const ABANDON_WINDOW: Duration = Duration::from_secs(10);
-
-/// Abandoned streams one source IP may accumulate per [`ABANDON_WINDOW`],
-/// over all its connections: twice what one connection may abandon, so a
-/// client that reconnects once after the per-connection limit is still
-/// served, one that keeps reconnecting is not.
-pub const MAX_ABANDONED_PER_SOURCE: u32 = 20_000;
 
 /// Source addresses tracked per worker (about 40 bytes each).
 pub const ABANDON_TABLE_CAPACITY: usize = 4096;
@@ -78,6 +75,21 @@ impl AbandonLedger {
         w.count > self.limit
     }
 
+    /// Applies a reloaded `limits.max_abandoned_streams_per_source`; counts
+    /// already made stay.
+    pub fn set_limit(&mut self, limit: u32) {
+        self.limit = limit;
+    }
+
+    /// Whether `source` is past its limit in a window that is still open,
+    /// without counting anything: new connections from it are refused
+    /// until the window ends, so reconnecting buys an attacker nothing.
+    pub fn is_over(&self, source: IpAddr, now: Instant) -> bool {
+        self.by_source.get(&canonical(source)).is_some_and(|w| {
+            w.count > self.limit && now.saturating_duration_since(w.started) < self.window
+        })
+    }
+
     /// Sources currently tracked.
     #[cfg(test)]
     fn len(&self) -> usize {
@@ -127,6 +139,21 @@ mod tests {
         assert!(!l.record(ip(1), t));
         assert!(l.record(ip(1), t));
         assert!(!l.record(ip(2), t), "another source is unaffected");
+    }
+
+    #[test]
+    fn a_source_stays_over_until_its_window_ends() {
+        let mut l = AbandonLedger::new(Duration::from_secs(10), 1, 16);
+        let t = Instant::now();
+        assert!(!l.is_over(ip(1), t), "an unknown source is not over");
+        l.record(ip(1), t);
+        assert!(!l.is_over(ip(1), t), "at the limit is not past it");
+        l.record(ip(1), t);
+        assert!(l.is_over(ip(1), t + Duration::from_secs(9)));
+        assert!(!l.is_over(ip(1), t + Duration::from_secs(10)));
+        assert!(!l.is_over(ip(2), t), "another source is unaffected");
+        let mapped: IpAddr = "::ffff:192.0.2.1".parse().unwrap();
+        assert!(l.is_over(mapped, t), "v4-mapped is the same source");
     }
 
     #[test]

@@ -82,6 +82,9 @@ pub struct EdgeSettings {
     pub initial_body_buffer_bytes: usize,
     pub max_connection_buffer_bytes: usize,
     pub max_worker_buffer_bytes: usize,
+    /// Rapid-reset guard (see `abandon`).
+    pub max_abandoned_per_connection: u32,
+    pub max_abandoned_per_source: u32,
     pub access_log: bool,
     /// Hold packets until quiche's `SendInfo.at` (see `quic.pacing`).
     pub pacing: bool,
@@ -104,6 +107,8 @@ impl EdgeSettings {
                 .min(cfg.limits.max_body_buffer_bytes),
             max_connection_buffer_bytes: cfg.limits.max_connection_buffer_bytes,
             max_worker_buffer_bytes: cfg.limits.max_worker_buffer_bytes,
+            max_abandoned_per_connection: cfg.limits.max_abandoned_streams_per_connection,
+            max_abandoned_per_source: cfg.limits.max_abandoned_streams_per_source,
             access_log: cfg.telemetry.access_log,
             pacing: cfg.quic.pacing,
         }
@@ -206,9 +211,6 @@ struct Conn {
     stopped_seen: u64,
 }
 
-/// Abandoned streams one connection may accumulate (see `Conn::abandoned`).
-pub const MAX_ABANDONED_STREAMS: u32 = 10_000;
-
 /// The per-worker QUIC/HTTP/3 state machine. See the module docs for the call protocol.
 pub struct Edge {
     quic_config: quiche::Config,
@@ -229,7 +231,8 @@ pub struct Edge {
     stateless: VecDeque<(Vec<u8>, SocketAddr, SocketAddr)>,
     requests: Slab<Request>,
     next_request_serial: u64,
-    events: VecDeque<EdgeEvent>,
+    /// Request heads waiting for [`Edge::poll_event`] (see `new_request`).
+    heads: VecDeque<request::PendingHead>,
     to_edge: mpsc::UnboundedSender<(RequestKey, ToEdge)>,
     metrics: Arc<WorkerMetrics>,
     draining: bool,
@@ -326,7 +329,7 @@ impl Edge {
             stateless: VecDeque::new(),
             requests: Slab::new(),
             next_request_serial: 1,
-            events: VecDeque::new(),
+            heads: VecDeque::new(),
             to_edge,
             metrics,
             draining: false,
@@ -334,7 +337,7 @@ impl Edge {
             now: Instant::now(),
             abandoned_by_source: abandon::AbandonLedger::new(
                 abandon::ABANDON_WINDOW,
-                abandon::MAX_ABANDONED_PER_SOURCE,
+                cfg.limits.max_abandoned_streams_per_source,
                 abandon::ABANDON_TABLE_CAPACITY,
             ),
             half_open: 0,
@@ -359,6 +362,8 @@ impl Edge {
         self.settings = EdgeSettings::from_config(cfg);
         self.source_rate
             .set_limit(cfg.quic.new_connections_per_source);
+        self.abandoned_by_source
+            .set_limit(cfg.limits.max_abandoned_streams_per_source);
         Ok(())
     }
 
@@ -466,6 +471,13 @@ impl Edge {
         }
         if self.draining || self.conns.len() >= self.settings.max_connections {
             self.metrics.dropped(DropReason::OverCapacity);
+            return None;
+        }
+        // Only addresses that completed handshakes and then abandoned streams
+        // are in the ledger, so a spoofed Initial can only hurt the address
+        // it claims, which is being refused anyway.
+        if self.abandoned_by_source.is_over(from.ip(), self.now) {
+            self.metrics.dropped(DropReason::AbandonedStreams);
             return None;
         }
         let (new_scid, odcid) = self.validate_address(dcid, version, scid, token, from, to)?;
@@ -862,18 +874,25 @@ impl Edge {
 
     /// Next new request for the driver.
     ///
-    /// A request whose client already reset the stream (rapid reset: HEADERS
-    /// and RESET_STREAM in one batch) is dropped here, so no upstream task
-    /// is spawned and no backend sees it.
+    /// Heads are mapped to envelopes here, after the receive batch, so a
+    /// request whose client already reset the stream (rapid reset: HEADERS
+    /// and RESET_STREAM in one batch) is dropped without any header work,
+    /// no upstream task is spawned and no backend sees it.
     pub fn poll_event(&mut self) -> Option<EdgeEvent> {
-        loop {
-            let ev = self.events.pop_front()?;
-            let EdgeEvent::Request { side, .. } = &ev;
-            if !side.shared.cancel.is_cancelled() {
+        while let Some(head) = self.heads.pop_front() {
+            let live = self
+                .requests
+                .get(head.key.slot)
+                .is_some_and(|r| r.serial == head.key.serial && !r.shared.cancel.is_cancelled());
+            if !live {
+                WorkerMetrics::inc(&self.metrics.cancelled_before_dispatch);
+                continue;
+            }
+            if let Some(ev) = self.dispatch(head) {
                 return Some(ev);
             }
-            WorkerMetrics::inc(&self.metrics.cancelled_before_dispatch);
         }
+        None
     }
 
     /// Fills `out` with the next train of packets (one peer, one segment size).

@@ -70,6 +70,9 @@ pub(super) struct Request {
     pub stream_id: u64,
     pub shared: Arc<StreamShared>,
     pub body_tx: Option<mpsc::UnboundedSender<ToUpstream>>,
+    /// The head became an envelope ([`Edge::dispatch`]); until then the
+    /// body stays in quiche and a FIN is only noted.
+    pub dispatched: bool,
     /// quiche has body bytes we did not read for lack of budget.
     pub req_data_pending: bool,
     /// The client's side of the stream ended (FIN read).
@@ -82,6 +85,16 @@ pub(super) struct Request {
     /// Growth of this stream's grants (both directions) above the initial
     /// ones, charged to its connection and worker until it finishes.
     pub buffer_grown: usize,
+}
+
+/// A request head not yet mapped to an envelope (see `Edge::new_request`).
+pub(super) struct PendingHead {
+    pub key: RequestKey,
+    pub list: Vec<h3::Header>,
+    pub more_frames: bool,
+    /// The receiving end of the request's body channel, for the upstream.
+    pub body: mpsc::UnboundedReceiver<ToUpstream>,
+    pub started: Instant,
 }
 
 impl Request {
@@ -215,6 +228,11 @@ impl Edge {
         }
     }
 
+    /// A request head arrived: the request gets its slot, cancellation
+    /// token and body channel now (later frames of this batch need them),
+    /// while mapping the head to an envelope waits for [`Edge::poll_event`],
+    /// after the whole receive batch: a stream the client resets in the
+    /// same batch (rapid reset) then costs no header work at all.
     fn new_request(
         &mut self,
         ci: usize,
@@ -237,11 +255,8 @@ impl Edge {
             return;
         }
         conn.max_stream_id = Some(conn.max_stream_id.map_or(sid, |m| m.max(sid)));
-        let peer = conn.quic.path_stats().next().map(|p| p.peer_addr);
-        let client = peer.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
         let serial = self.next_request_serial;
         self.next_request_serial += 1;
-        let shared = StreamShared::new(self.settings.initial_body_buffer_bytes);
         let mut log = AccessInfo {
             request_id: serial,
             started: Some(now),
@@ -256,21 +271,14 @@ impl Edge {
                 _ => {}
             }
         }
-        let built = router::build_envelope(
-            &list,
-            more_frames,
-            client,
-            serial,
-            self.settings.max_request_header_bytes,
-            now,
-        );
         let (tx, rx) = mpsc::unbounded_channel();
-        let mut req = Request {
+        let req = Request {
             serial,
             conn: ci,
             stream_id: sid,
-            shared: shared.clone(),
+            shared: StreamShared::new(self.settings.initial_body_buffer_bytes),
             body_tx: Some(tx),
+            dispatched: false,
             req_data_pending: false,
             req_finished: !more_frames,
             resp: RespSide::default(),
@@ -283,63 +291,97 @@ impl Edge {
             .requests_in_flight
             .fetch_add(1, Ordering::Relaxed);
         crate::telemetry::probes::request_start(serial, conn.serial, sid);
+        let slot = self.requests.insert(req);
+        conn.streams.insert(sid, slot);
+        self.heads.push_back(PendingHead {
+            key: RequestKey { slot, serial },
+            list,
+            more_frames,
+            body: rx,
+            started: now,
+        });
+    }
+
+    /// Maps a pending head to an envelope: the request event for the
+    /// driver, or the error answer for a malformed, rejected or refused one.
+    pub(super) fn dispatch(&mut self, head: PendingHead) -> Option<EdgeEvent> {
+        let slot = head.key.slot;
+        let req = self.requests.get_mut(slot)?;
+        let conn = self.conns.get(req.conn)?;
+        let client = conn
+            .quic
+            .path_stats()
+            .next()
+            .map_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)), |p| p.peer_addr);
+        let conn_span = conn.span.clone();
+        let sid = req.stream_id;
+        let built = router::build_envelope(
+            &head.list,
+            head.more_frames,
+            client,
+            req.serial,
+            self.settings.max_request_header_bytes,
+            head.started,
+        );
+        req.dispatched = true;
         match built {
             Ok(env) => {
                 if self.settings.access_log {
                     req.log.trace_id = env.trace.trace_id_hex();
                 }
                 req.content_length = env.content_length;
-                let slot = self.requests.insert(req);
-                conn.streams.insert(sid, slot);
                 let side = UpstreamSide {
-                    shared,
-                    body: rx,
+                    shared: req.shared.clone(),
+                    body: head.body,
                     edge: EdgeSender {
-                        key: RequestKey { slot, serial },
+                        key: head.key,
                         tx: self.to_edge.clone(),
                     },
                     budget: self.settings.max_body_buffer_bytes.max(1),
                 };
-                if !more_frames {
-                    if let Some(r) = self.requests.get_mut(slot) {
-                        if let Some(tx) = r.body_tx.take() {
-                            let _ = tx.send(ToUpstream::End);
-                        }
+                let data_pending = std::mem::take(&mut req.req_data_pending);
+                if !head.more_frames {
+                    if let Some(tx) = req.body_tx.take() {
+                        let _ = tx.send(ToUpstream::End);
                     }
+                } else if req.req_finished {
+                    // An empty body's FIN came in the head's batch.
+                    self.request_finished(slot);
+                } else if data_pending {
+                    // Body frames that came in the head's batch.
+                    self.read_request_body(slot);
                 }
-                let conn_span = self
-                    .conns
-                    .get(ci)
-                    .map(|c| c.span.clone())
-                    .unwrap_or_else(tracing::Span::none);
-                self.events.push_back(EdgeEvent::Request {
+                let live = self.requests.get(slot).is_some_and(|r| {
+                    r.serial == head.key.serial && !r.shared.cancel.is_cancelled()
+                });
+                if !live {
+                    return None; // reset for its body, already answered
+                }
+                Some(EdgeEvent::Request {
                     envelope: Box::new(env),
                     side,
                     conn_span,
-                });
+                })
             }
             Err(RequestError::Malformed(m)) => {
                 tracing::info!(stream = sid, reason = m.reason.as_str(), detail = %m.detail, "malformed request: stream reset with H3_MESSAGE_ERROR");
                 self.metrics.malformed(m.reason);
                 req.log.error = Some(m.to_string());
-                let slot = self.requests.insert(req);
-                conn.streams.insert(sid, slot);
                 self.reset_stream(slot, h3_code::MESSAGE_ERROR);
+                None
             }
             Err(RequestError::Rejected(why)) => {
                 tracing::info!(stream = sid, %why, "request rejected: stream reset with H3_REQUEST_REJECTED");
                 req.log.error = Some(why.to_string());
-                let slot = self.requests.insert(req);
-                conn.streams.insert(sid, slot);
                 self.reset_stream(slot, h3_code::REQUEST_REJECTED);
+                None
             }
             Err(RequestError::Refused { status, reason }) => {
                 tracing::debug!(stream = sid, status, %reason, "request refused");
                 req.log.error = Some(reason);
                 req.synthesize(status, None);
-                let slot = self.requests.insert(req);
-                conn.streams.insert(sid, slot);
                 self.flush_response(slot);
+                None
             }
         }
     }
@@ -366,6 +408,10 @@ impl Edge {
         let Some(req) = self.requests.get_mut(slot) else {
             return;
         };
+        if !req.dispatched {
+            req.req_data_pending = true; // read once the head is mapped
+            return;
+        }
         let Some(conn) = self.conns.get_mut(req.conn) else {
             return;
         };
@@ -460,6 +506,9 @@ impl Edge {
             return;
         };
         req.req_finished = true;
+        if !req.dispatched {
+            return; // checked and forwarded by `dispatch`
+        }
         if req.content_length.is_some_and(|cl| cl != req.body_seen) {
             tracing::info!(
                 stream = req.stream_id,
@@ -497,7 +546,9 @@ impl Edge {
                 h3_code::REQUEST_CANCELLED,
             );
         }
-        req.log.error = Some(format!("client cancelled (0x{code:x})"));
+        if self.settings.access_log {
+            req.log.error = Some(format!("client cancelled (0x{code:x})"));
+        }
         self.finish_request(slot, "client_cancelled");
     }
 
@@ -637,7 +688,7 @@ impl Edge {
         conn.abandoned += 1;
         let source = conn.quic.path_stats().next().map(|p| p.peer_addr.ip());
         let source_over = source.is_some_and(|ip| self.abandoned_by_source.record(ip, now));
-        let conn_over = conn.abandoned >= super::MAX_ABANDONED_STREAMS;
+        let conn_over = conn.abandoned >= self.settings.max_abandoned_per_connection;
         if (conn_over || source_over) && conn.quic.local_error().is_none() {
             tracing::warn!(
                 conn = ci,

@@ -39,6 +39,22 @@ fn config(dir: &std::path::Path, budget: usize) -> Config {
     cfg
 }
 
+/// A quiche HTTP/3 client connection to `server`, not yet handshaken.
+fn new_client(seed: u8, from: SocketAddr, server: SocketAddr) -> quiche::Connection {
+    let mut cc = quiche::Config::new(quiche::PROTOCOL_VERSION).unwrap();
+    cc.verify_peer(false);
+    cc.set_application_protos(&[b"h3"]).unwrap();
+    cc.set_initial_max_data(16 << 20);
+    cc.set_initial_max_stream_data_bidi_local(4 << 20);
+    cc.set_initial_max_stream_data_bidi_remote(4 << 20);
+    cc.set_initial_max_stream_data_uni(1 << 20);
+    cc.set_initial_max_streams_bidi(100);
+    cc.set_initial_max_streams_uni(100);
+    cc.set_max_idle_timeout(5000);
+    let scid = quiche::ConnectionId::from_vec(vec![seed; 16]);
+    quiche::connect(Some("localhost"), &scid, from, server, &mut cc).unwrap()
+}
+
 impl Pair {
     fn new(budget: usize) -> Pair {
         Pair::with(budget, |_| {})
@@ -50,21 +66,9 @@ impl Pair {
         tweak(&mut cfg);
         let (tx, rx) = mpsc::unbounded_channel();
         let edge = Edge::new(&cfg, 0, tx, Arc::new(WorkerMetrics::default())).unwrap();
-        let mut cc = quiche::Config::new(quiche::PROTOCOL_VERSION).unwrap();
-        cc.verify_peer(false);
-        cc.set_application_protos(&[b"h3"]).unwrap();
-        cc.set_initial_max_data(16 << 20);
-        cc.set_initial_max_stream_data_bidi_local(4 << 20);
-        cc.set_initial_max_stream_data_bidi_remote(4 << 20);
-        cc.set_initial_max_stream_data_uni(1 << 20);
-        cc.set_initial_max_streams_bidi(100);
-        cc.set_initial_max_streams_uni(100);
-        cc.set_max_idle_timeout(5000);
         let client_addr: SocketAddr = "127.0.0.1:5000".parse().unwrap();
         let server_addr: SocketAddr = "127.0.0.1:4433".parse().unwrap();
-        let scid = quiche::ConnectionId::from_vec(vec![7; 16]);
-        let client =
-            quiche::connect(Some("localhost"), &scid, client_addr, server_addr, &mut cc).unwrap();
+        let client = new_client(7, client_addr, server_addr);
         let mut p = Pair {
             edge,
             rx,
@@ -74,12 +78,7 @@ impl Pair {
             server_addr,
             _dir: dir,
         };
-        for _ in 0..20 {
-            p.exchange();
-            if p.client.is_established() {
-                break;
-            }
-        }
+        p.handshake();
         assert!(
             p.client.is_established(),
             "client: local {:?} peer {:?} closed {} conns {}",
@@ -93,6 +92,26 @@ impl Pair {
         );
         p.exchange();
         p
+    }
+
+    /// Runs the client's handshake for a bounded number of rounds.
+    fn handshake(&mut self) {
+        for _ in 0..20 {
+            self.exchange();
+            if self.client.is_established() {
+                break;
+            }
+        }
+    }
+
+    /// Replaces the client by a new connection (CIDs from `seed`) from
+    /// `from`; true when its handshake completes.
+    fn reconnect(&mut self, seed: u8, from: SocketAddr) -> bool {
+        self.client = new_client(seed, from, self.server_addr);
+        self.client_addr = from;
+        self.h3 = None;
+        self.handshake();
+        self.client.is_established()
     }
 
     /// Moves packets both ways until both sides are quiet.
@@ -484,10 +503,8 @@ fn a_request_reset_before_dispatch_is_never_handed_upstream() {
 }
 
 #[test]
-fn a_source_past_its_abandoned_stream_limit_is_closed_with_excessive_load() {
-    let mut p = Pair::new(64 * 1024);
-    p.edge.abandoned_by_source =
-        abandon::AbandonLedger::new(std::time::Duration::from_secs(10), 3, 16);
+fn a_source_past_its_abandoned_stream_limit_is_closed_and_refused() {
+    let mut p = Pair::with(64 * 1024, |c| c.limits.max_abandoned_streams_per_source = 3);
     for _ in 0..3 {
         p.open_and_reset();
         p.exchange();
@@ -505,6 +522,31 @@ fn a_source_past_its_abandoned_stream_limit_is_closed_with_excessive_load() {
             .load(Ordering::Relaxed),
         1
     );
+    // Reconnecting from the same address gets nowhere: its Initials are
+    // dropped before any handshake work, until the window ends.
+    let same_ip: SocketAddr = "127.0.0.1:5001".parse().unwrap();
+    assert!(!p.reconnect(8, same_ip), "an over-limit source was let in");
+    let refused = p.edge.metrics.dropped_count(DropReason::AbandonedStreams);
+    assert!(refused >= 1, "refused Initials are counted ({refused})");
+    // Another source is served as usual.
+    let other_ip: SocketAddr = "127.0.0.2:5000".parse().unwrap();
+    assert!(p.reconnect(9, other_ip), "an innocent source was refused");
+}
+
+#[test]
+fn a_connection_past_its_abandoned_stream_limit_is_closed_with_excessive_load() {
+    let mut p = Pair::with(64 * 1024, |c| {
+        c.limits.max_abandoned_streams_per_connection = 2;
+    });
+    p.open_and_reset();
+    p.exchange();
+    assert!(p.client.peer_error().is_none(), "closed too early");
+    p.open_and_reset();
+    p.exchange();
+    let err = p.client.peer_error().expect("connection closed");
+    assert_eq!(err.error_code, h3_code::EXCESSIVE_LOAD);
+    // The per-connection limit alone does not bar the address.
+    assert!(p.reconnect(8, "127.0.0.1:5001".parse().unwrap()));
 }
 
 /// Under a lossy link (every 4th server packet dropped) the loss and

@@ -55,10 +55,14 @@ pub enum DropReason {
     ConnectionError,
     /// `quic.new_connections_per_source` reached for the client's address.
     SourceRate,
+    /// The client's address abandoned more streams than allowed in the
+    /// current window (rapid reset, see `edge::abandon`): its new
+    /// connections are refused until the window ends.
+    AbandonedStreams,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 7] = [
+    pub const ALL: [DropReason; 8] = [
         DropReason::Malformed,
         DropReason::UnknownConnection,
         DropReason::ShortInitial,
@@ -66,6 +70,7 @@ impl DropReason {
         DropReason::OverCapacity,
         DropReason::ConnectionError,
         DropReason::SourceRate,
+        DropReason::AbandonedStreams,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -77,6 +82,7 @@ impl DropReason {
             DropReason::OverCapacity => "over_capacity",
             DropReason::ConnectionError => "connection_error",
             DropReason::SourceRate => "source_rate",
+            DropReason::AbandonedStreams => "abandoned_streams",
         }
     }
 }

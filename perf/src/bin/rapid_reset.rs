@@ -88,9 +88,10 @@ fn main() {
     if let (Some(pid), Some(c0)) = (args.pid, cpu_before) {
         if let Some(c1) = cpu_seconds(pid) {
             println!(
-                "server CPU: {:.2}s, {:.0}% of a core",
+                "server CPU: {:.2}s, {:.0}% of a core, {:.1} us per reset stream",
                 c1 - c0,
-                (c1 - c0) / secs * 100.0
+                (c1 - c0) / secs * 100.0,
+                (c1 - c0) / sent.max(1) as f64 * 1e6
             );
         }
     }
@@ -173,6 +174,19 @@ fn metric(text: &str, name: &str) -> f64 {
         .sum()
 }
 
+/// The change of the series of `name` whose labels contain `label`.
+fn delta_labelled(before: &str, after: &str, name: &str, label: &str) -> f64 {
+    let pick = |text: &str| {
+        let only: String = text
+            .lines()
+            .filter(|l| l.contains(label))
+            .collect::<Vec<_>>()
+            .join("\n");
+        metric(&only, name)
+    };
+    pick(after) - pick(before)
+}
+
 fn report_metrics(before: &str, after: &str, sent: u64) {
     let delta = |n: &str| metric(after, n) - metric(before, n);
     let skipped = delta("spooky_requests_cancelled_before_dispatch_total");
@@ -185,8 +199,14 @@ fn report_metrics(before: &str, after: &str, sent: u64) {
         share(picks)
     );
     println!(
-        "connections closed for abandoned streams: {}",
-        delta("spooky_quic_abandoned_stream_closes_total")
+        "connections closed for abandoned streams: {}; Initials refused for abandoned streams: {}",
+        delta("spooky_quic_abandoned_stream_closes_total"),
+        delta_labelled(
+            before,
+            after,
+            "spooky_quic_datagrams_dropped_total",
+            "abandoned_streams"
+        )
     );
 }
 
