@@ -152,7 +152,7 @@ mod tests {
         assert!(l.is_over(ip(1), t + Duration::from_secs(9)));
         assert!(!l.is_over(ip(1), t + Duration::from_secs(10)));
         assert!(!l.is_over(ip(2), t), "another source is unaffected");
-        let mapped: IpAddr = "::ffff:192.0.2.1".parse().unwrap();
+        let mapped = IpAddr::from(std::net::Ipv4Addr::new(192, 0, 2, 1).to_ipv6_mapped());
         assert!(l.is_over(mapped, t), "v4-mapped is the same source");
     }
 
