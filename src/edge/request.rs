@@ -70,8 +70,8 @@ pub(super) struct Request {
     pub stream_id: u64,
     pub shared: Arc<StreamShared>,
     pub body_tx: Option<mpsc::UnboundedSender<ToUpstream>>,
-    /// The head became an envelope ([`Edge::dispatch`]); until then the
-    /// body stays in quiche and a FIN is only noted.
+    /// The head became an envelope ([`Edge::dispatch`]); until then there
+    /// is no body channel, the body stays in quiche and a FIN is only noted.
     pub dispatched: bool,
     /// quiche has body bytes we did not read for lack of budget.
     pub req_data_pending: bool,
@@ -92,8 +92,6 @@ pub(super) struct PendingHead {
     pub key: RequestKey,
     pub list: Vec<h3::Header>,
     pub more_frames: bool,
-    /// The receiving end of the request's body channel, for the upstream.
-    pub body: mpsc::UnboundedReceiver<ToUpstream>,
     pub started: Instant,
 }
 
@@ -228,9 +226,8 @@ impl Edge {
         }
     }
 
-    /// A request head arrived: the request gets its slot, cancellation
-    /// token and body channel now (later frames of this batch need them),
-    /// while mapping the head to an envelope waits for [`Edge::poll_event`],
+    /// A request head arrived: the request gets its slot and cancellation
+    /// token now (a reset later in this batch needs them), while mapping the head to an envelope waits for [`Edge::poll_event`],
     /// after the whole receive batch: a stream the client resets in the
     /// same batch (rapid reset) then costs no header work at all.
     fn new_request(
@@ -271,13 +268,12 @@ impl Edge {
                 _ => {}
             }
         }
-        let (tx, rx) = mpsc::unbounded_channel();
         let req = Request {
             serial,
             conn: ci,
             stream_id: sid,
             shared: StreamShared::new(self.settings.initial_body_buffer_bytes),
-            body_tx: Some(tx),
+            body_tx: None, // made by `dispatch`
             dispatched: false,
             req_data_pending: false,
             req_finished: !more_frames,
@@ -297,7 +293,6 @@ impl Edge {
             key: RequestKey { slot, serial },
             list,
             more_frames,
-            body: rx,
             started: now,
         });
     }
@@ -330,9 +325,11 @@ impl Edge {
                     req.log.trace_id = env.trace.trace_id_hex();
                 }
                 req.content_length = env.content_length;
+                let (tx, body) = mpsc::unbounded_channel();
+                req.body_tx = Some(tx);
                 let side = UpstreamSide {
                     shared: req.shared.clone(),
-                    body: head.body,
+                    body,
                     edge: EdgeSender {
                         key: head.key,
                         tx: self.to_edge.clone(),
