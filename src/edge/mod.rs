@@ -34,6 +34,7 @@ use crate::config::{Config, CongestionControl, RetryMode};
 use crate::router::bridge::UpstreamSide;
 use crate::router::bridge::{RequestKey, ToEdge};
 use crate::router::Envelope;
+use crate::telemetry::access::AccessSink;
 use crate::telemetry::{DropReason, WorkerMetrics};
 use admission::SourceRate;
 use cid::{CidGenerator, RetryTokens, CID_LEN};
@@ -160,6 +161,9 @@ pub struct TransmitInfo {
 
 struct Conn {
     serial: u64,
+    /// The first connection ID spooky issued for it (the access log's
+    /// `conn_id`): kept apart from `cids`, which loses it once retired.
+    scid: [u8; CID_LEN],
     quic: quiche::Connection,
     h3: Option<h3::Connection>,
     /// Request stream id → request slab slot.
@@ -246,6 +250,8 @@ pub struct Edge {
     /// Body buffer growth granted on this worker above the streams'
     /// initial grants (`limits.max_worker_buffer_bytes`).
     buffer_grown: usize,
+    /// Where access-log lines go (`telemetry.access_log` says whether).
+    access: Option<AccessSink>,
 }
 
 /// Builds the quiche transport config from `config.yaml`.
@@ -340,7 +346,14 @@ impl Edge {
             half_open: 0,
             source_rate: SourceRate::new(cfg.quic.new_connections_per_source),
             buffer_grown: 0,
+            access: None,
         })
+    }
+
+    /// Gives the edge its end of the access log; without one no lines are
+    /// written, whatever `telemetry.access_log` says.
+    pub fn set_access_log(&mut self, sink: AccessSink) {
+        self.access = Some(sink);
     }
 
     /// Applies a reloaded config to what comes next: the TLS certificate and
@@ -484,8 +497,12 @@ impl Edge {
         };
         let serial = self.next_conn_serial;
         self.next_conn_serial += 1;
+        let mut scid = [0u8; CID_LEN];
+        let n = new_scid.len().min(CID_LEN);
+        scid[..n].copy_from_slice(&new_scid[..n]);
         let ci = self.conns.insert(Conn {
             serial,
+            scid,
             quic,
             h3: None,
             streams: HashMap::new(),
@@ -755,7 +772,10 @@ impl Edge {
         };
         let ci = req.conn;
         match msg {
-            ToEdge::Headers(h) => req.set_head(h),
+            ToEdge::Headers { head, head_after } => {
+                req.log.upstream_time = Some(head_after);
+                req.set_head(head);
+            }
             ToEdge::Data(b) => req.resp.push_chunk(b, true),
             ToEdge::Trailers(t) => req.resp.trailers = Some(t),
             ToEdge::End => req.resp.end = true,
@@ -1098,7 +1118,13 @@ impl Edge {
                     .map(|t| self.now.saturating_duration_since(t));
                 self.metrics.request_finished(0, took);
                 req.probe_done(0, took);
-                req.log_access(self.settings.access_log, "connection_closed");
+                if self.settings.access_log {
+                    let tag = request::ConnTag {
+                        serial: conn.serial,
+                        scid: &conn.scid,
+                    };
+                    req.log_access(self.access.as_mut(), Some(tag), "connection_closed", took);
+                }
             }
         }
         if !conn.established {

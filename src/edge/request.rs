@@ -16,16 +16,20 @@ use super::{h3_code, Edge, EdgeEvent};
 
 use crate::router::bridge::{EdgeSender, RequestKey, StreamShared, ToUpstream, UpstreamSide};
 use crate::router::{self, MalformedReason, RequestError};
+use crate::telemetry::access::{AccessRecord, AccessSink};
 use crate::telemetry::WorkerMetrics;
 
 /// Length at which a connection's list of finished-but-unacked responses
 /// is pruned; on a busy connection most entries are long acked by then.
 const UNACKED_PRUNE_AT: usize = 64;
 
-/// What the access log line says about a request.
+/// What the access log line says about a request. The strings are filled
+/// only while `telemetry.access_log` is on.
 #[derive(Debug, Default)]
 pub(super) struct AccessInfo {
     pub request_id: u64,
+    /// The client's address when the request arrived.
+    pub client: Option<SocketAddr>,
     pub method: String,
     pub authority: String,
     pub path: String,
@@ -35,6 +39,16 @@ pub(super) struct AccessInfo {
     pub backend: Option<SocketAddr>,
     pub error: Option<String>,
     pub started: Option<Instant>,
+    /// Request sent to the backend → its response head (the forwarded
+    /// attempt), from the upstream task.
+    pub upstream_time: Option<std::time::Duration>,
+}
+
+/// The connection a request came on, as its access-log line names it.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct ConnTag<'a> {
+    pub serial: u64,
+    pub scid: &'a [u8],
 }
 
 /// The response half of a stream.
@@ -120,32 +134,38 @@ impl Request {
         );
     }
 
-    pub fn log_access(&self, enabled: bool, outcome: &str) {
-        if !enabled {
+    /// Writes the request's access-log line to `sink` (none: no line).
+    pub fn log_access(
+        &self,
+        sink: Option<&mut AccessSink>,
+        conn: Option<ConnTag<'_>>,
+        outcome: &str,
+        took: Option<std::time::Duration>,
+    ) {
+        let Some(sink) = sink else {
             return;
-        }
+        };
         let l = &self.log;
-        let dur_ms = l
-            .started
-            .map(|s| s.elapsed().as_secs_f64() * 1000.0)
-            .unwrap_or(0.0);
-        tracing::info!(
-            target: "access",
-            request_id = l.request_id,
-            trace_id = %l.trace_id,
-            method = %l.method,
-            authority = %l.authority,
-            path = %l.path,
-            status = l.status,
-            bytes_in = self.shared.bytes_up.load(Ordering::Relaxed),
-            bytes_out = self.shared.bytes_down.load(Ordering::Relaxed),
-            upstream = l.upstream.as_deref().unwrap_or("-"),
-            backend = %l.backend.map(|b| b.to_string()).unwrap_or_else(|| "-".into()),
-            duration_ms = dur_ms,
+        sink.write(&AccessRecord {
+            client_ip: l.client.map(|c| c.ip()),
+            client_port: l.client.map(|c| c.port()),
+            conn: conn.map_or(0, |c| c.serial),
+            conn_id: conn.map(|c| c.scid),
+            request_id: l.request_id,
+            trace_id: &l.trace_id,
+            method: &l.method,
+            authority: &l.authority,
+            path: &l.path,
+            upstream: l.upstream.as_deref(),
+            backend: l.backend,
+            status: l.status,
+            bytes_in: self.shared.bytes_up.load(Ordering::Relaxed),
+            bytes_out: self.shared.bytes_down.load(Ordering::Relaxed),
+            duration: took.unwrap_or_default(),
+            upstream_duration: l.upstream_time,
             outcome,
-            error = l.error.as_deref().unwrap_or(""),
-            "request"
-        );
+            error: l.error.as_deref(),
+        });
     }
 }
 
@@ -244,6 +264,7 @@ impl Edge {
         let shared = StreamShared::new(self.settings.initial_body_buffer_bytes);
         let mut log = AccessInfo {
             request_id: serial,
+            client: peer,
             started: Some(now),
             ..Default::default()
         };
@@ -690,7 +711,13 @@ impl Edge {
             .map(|t| self.now.saturating_duration_since(t));
         self.metrics.request_finished(status, took);
         req.probe_done(status, took);
-        req.log_access(self.settings.access_log, outcome);
+        if self.settings.access_log {
+            let conn = self.conns.get(req.conn).map(|c| ConnTag {
+                serial: c.serial,
+                scid: &c.scid,
+            });
+            req.log_access(self.access.as_mut(), conn, outcome, took);
+        }
     }
 }
 

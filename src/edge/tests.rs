@@ -200,7 +200,10 @@ fn request_becomes_envelope_and_response_flows_back() {
     assert_eq!(env.authority, "localhost");
     assert!(!env.has_body);
     let edge_tx = side.edge.clone();
-    edge_tx.send(ToEdge::Headers(vec![h3::Header::new(b":status", b"200")]));
+    edge_tx.send(ToEdge::Headers {
+        head: vec![h3::Header::new(b":status", b"200")],
+        head_after: std::time::Duration::ZERO,
+    });
     edge_tx.send(ToEdge::Data(Bytes::from_static(b"hi there")));
     edge_tx.send(ToEdge::End);
     p.deliver();
@@ -255,8 +258,10 @@ fn upstream_reset_after_head_resets_the_client_stream() {
     let mut p = Pair::new(64 * 1024);
     p.request("GET", "/big", true);
     let (_env, side) = p.take_request();
-    side.edge
-        .send(ToEdge::Headers(vec![h3::Header::new(b":status", b"200")]));
+    side.edge.send(ToEdge::Headers {
+        head: vec![h3::Header::new(b":status", b"200")],
+        head_after: std::time::Duration::ZERO,
+    });
     side.edge.send(ToEdge::Data(Bytes::from(vec![1u8; 1000])));
     p.deliver();
     let (status, body, _, _) = p.client_events();
@@ -327,8 +332,10 @@ fn pacing_holds_packets_until_their_time() {
     });
     p.request("GET", "/paced", true);
     let (_env, side) = p.take_request();
-    side.edge
-        .send(ToEdge::Headers(vec![h3::Header::new(b":status", b"200")]));
+    side.edge.send(ToEdge::Headers {
+        head: vec![h3::Header::new(b":status", b"200")],
+        head_after: std::time::Duration::ZERO,
+    });
     side.edge.send(ToEdge::Data(Bytes::from(vec![7u8; n])));
     side.edge.send(ToEdge::End);
     while let Ok((k, m)) = p.rx.try_recv() {
@@ -406,8 +413,10 @@ fn without_pacing_nothing_is_held() {
     });
     p.request("GET", "/burst", true);
     let (_env, side) = p.take_request();
-    side.edge
-        .send(ToEdge::Headers(vec![h3::Header::new(b":status", b"200")]));
+    side.edge.send(ToEdge::Headers {
+        head: vec![h3::Header::new(b":status", b"200")],
+        head_after: std::time::Duration::ZERO,
+    });
     side.edge
         .send(ToEdge::Data(Bytes::from(vec![7u8; 300_000])));
     side.edge.send(ToEdge::End);
@@ -516,8 +525,10 @@ fn loss_counters_move_under_a_lossy_link() {
     let mut p = Pair::new(64 * 1024);
     p.request("GET", "/big", true);
     let (_env, side) = p.take_request();
-    side.edge
-        .send(ToEdge::Headers(vec![h3::Header::new(b":status", b"200")]));
+    side.edge.send(ToEdge::Headers {
+        head: vec![h3::Header::new(b":status", b"200")],
+        head_after: std::time::Duration::ZERO,
+    });
     for _ in 0..64 {
         side.edge.send(ToEdge::Data(Bytes::from(vec![7u8; 4096])));
     }

@@ -18,6 +18,7 @@ use tracing::Instrument;
 use crate::config::Config;
 use crate::control::reload::ConfigStore;
 use crate::edge::{Edge, EdgeError, EdgeEvent};
+use crate::telemetry::access::AccessSink;
 use crate::telemetry::backends::BackendBoard;
 use crate::telemetry::WorkerMetrics;
 use crate::upstream::{proxy, Connector, Gateway};
@@ -50,6 +51,8 @@ pub struct WorkerContext {
     pub config: Arc<ConfigStore>,
     pub metrics: Arc<WorkerMetrics>,
     pub board: Arc<BackendBoard>,
+    /// This worker's end of the access log (none: no access lines).
+    pub access: Option<AccessSink>,
 }
 
 /// Runs one worker until `shutdown` turns true, then closes connections
@@ -102,6 +105,7 @@ pub async fn run_worker<D: DatagramIo>(
         config: store,
         metrics,
         board,
+        access,
     } = ctx;
     let Handoff {
         rx: mut handoff_rx,
@@ -131,6 +135,9 @@ pub async fn run_worker<D: DatagramIo>(
     );
     let (to_edge_tx, mut to_edge_rx) = mpsc::unbounded_channel();
     let mut edge = Edge::new(cfg, worker_id.min(255) as u8, to_edge_tx, metrics.clone())?;
+    if let Some(sink) = access {
+        edge.set_access_log(sink);
+    }
     let mut gateway = Rc::new(Gateway::new(cfg, &connector));
     gateway.warm();
     let mut checkers = gateway.start_health_checks(metrics.clone(), board.clone(), worker_id);

@@ -52,6 +52,8 @@ pub struct MetricsRegistry {
     /// The per-backend board `spooky_upstream_backend_up` reads, once the
     /// control plane has attached it.
     board: Arc<std::sync::OnceLock<Arc<super::backends::BackendBoard>>>,
+    /// The access log's drop counters, once `main` has started it.
+    access_log: Arc<std::sync::OnceLock<Arc<super::access::AccessLogStats>>>,
 }
 
 impl MetricsRegistry {
@@ -70,12 +72,21 @@ impl MetricsRegistry {
         registry.register_collector(Box::new(ReloadCollector(Arc::clone(&reload))));
         let board = Arc::new(std::sync::OnceLock::new());
         registry.register_collector(Box::new(BoardCollector(Arc::clone(&board))));
+        let access_log = Arc::new(std::sync::OnceLock::new());
+        registry.register_collector(Box::new(AccessLogCollector(Arc::clone(&access_log))));
         Arc::new(Self {
             workers,
             reload,
             registry,
             board,
+            access_log,
         })
+    }
+
+    /// Serves `spooky_access_log_dropped_total` from `stats` (the first
+    /// attached stays; there is one access log per process).
+    pub fn attach_access_log(&self, stats: Arc<super::access::AccessLogStats>) {
+        let _ = self.access_log.set(stats);
     }
 
     /// Serves `spooky_upstream_backend_up` from `board` (the first board
@@ -577,6 +588,21 @@ impl Collector for BoardCollector {
     }
 }
 
+/// `spooky_access_log_dropped_total`: 0 until an access log is attached.
+#[derive(Debug)]
+struct AccessLogCollector(Arc<std::sync::OnceLock<Arc<super::access::AccessLogStats>>>);
+
+impl Collector for AccessLogCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
+        counter(
+            &mut enc,
+            "access_log_dropped",
+            "Access-log lines dropped: the writer thread fell behind (queue full) or could not write.",
+            self.0.get().map_or(0, |s| s.dropped()),
+        )
+    }
+}
+
 /// `spooky_build_info{version="…"} 1`.
 #[derive(Debug)]
 struct BuildInfo;
@@ -780,6 +806,7 @@ mod tests {
             ("io_datagrams_per_syscall", "histogram"),
             ("config_reloads", "counter"),
             ("config_generation", "gauge"),
+            ("access_log_dropped", "counter"),
             ("build_info", "gauge"),
         ] {
             let t = format!("# TYPE spooky_{name} {ty}");
