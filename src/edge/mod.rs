@@ -210,6 +210,14 @@ struct Conn {
     stopped_seen: u64,
 }
 
+/// How often the worker calls [`Edge::sample_paths`].
+pub const PATH_SAMPLE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Connections one [`Edge::sample_paths`] call samples at most: bounds the
+/// pass on a worker with very many connections (the next call goes on
+/// where this one stopped).
+pub const PATH_SAMPLES_PER_TICK: usize = 1000;
+
 /// Abandoned streams one connection may accumulate (see `Conn::abandoned`).
 pub const MAX_ABANDONED_STREAMS: u32 = 10_000;
 
@@ -252,6 +260,8 @@ pub struct Edge {
     buffer_grown: usize,
     /// Where access-log lines go (`telemetry.access_log` says whether).
     access: Option<AccessSink>,
+    /// Connection slot the next [`Edge::sample_paths`] starts at.
+    sample_cursor: usize,
 }
 
 /// Builds the quiche transport config from `config.yaml`.
@@ -347,6 +357,7 @@ impl Edge {
             source_rate: SourceRate::new(cfg.quic.new_connections_per_source),
             buffer_grown: 0,
             access: None,
+            sample_cursor: 0,
         })
     }
 
@@ -378,6 +389,36 @@ impl Edge {
     /// Number of live connections.
     pub fn connections(&self) -> usize {
         self.conns.len()
+    }
+
+    /// Samples the congestion window and smoothed RTT of established
+    /// connections' active paths into `spooky_quic_sampled_*`: at most
+    /// [`PATH_SAMPLES_PER_TICK`], round-robin from where the last call
+    /// stopped, so every connection is sampled in turn however many there
+    /// are. The driver calls it every [`PATH_SAMPLE_INTERVAL`]. Returns how
+    /// many were sampled.
+    pub fn sample_paths(&mut self) -> usize {
+        let conns = &self.conns;
+        let obs = &self.metrics.obs;
+        let mut sampled = 0;
+        let visit = |k: usize| {
+            let Some(c) = conns.get(k).filter(|c| c.established) else {
+                return false;
+            };
+            let Some(p) = c.quic.path_stats().find(|p| p.active) else {
+                return false;
+            };
+            obs.path_sampled(p.cwnd, p.rtt);
+            sampled += 1;
+            true
+        };
+        self.sample_cursor = round_robin(
+            conns.capacity(),
+            self.sample_cursor,
+            PATH_SAMPLES_PER_TICK,
+            visit,
+        );
+        sampled
     }
 
     /// Number of connections whose handshake has not completed.
@@ -1151,6 +1192,32 @@ impl Edge {
             "connection closed"
         );
     }
+}
+
+/// Visits slots `start, start + 1, …` of a table of `capacity` slots,
+/// wrapping around, until `limit` visits returned true or every slot was
+/// visited once; returns the slot the next pass starts at.
+fn round_robin(
+    capacity: usize,
+    start: usize,
+    limit: usize,
+    mut visit: impl FnMut(usize) -> bool,
+) -> usize {
+    if capacity == 0 {
+        return 0;
+    }
+    let mut k = start % capacity;
+    let mut taken = 0;
+    for _ in 0..capacity {
+        if taken >= limit {
+            break;
+        }
+        if visit(k) {
+            taken += 1;
+        }
+        k = (k + 1) % capacity;
+    }
+    k
 }
 
 /// Whether quiche still holds a stream whose response spooky finished

@@ -673,6 +673,8 @@ mod tests {
         WorkerMetrics::inc(&a.obs.closed_by_reason[1]);
         WorkerMetrics::add(&a.obs.packets_lost, 3);
         a.obs.handshake_done(1, Duration::from_millis(2));
+        a.obs.path_sampled(20_000, Duration::from_micros(300));
+        b.obs.path_sampled(70_000, Duration::from_micros(700));
         reg
     }
 
@@ -697,6 +699,10 @@ mod tests {
             "spooky_quic_connections_closed_by_reason_total{reason=\"idle_timeout\"} 1",
             "spooky_quic_packets_lost_total 3",
             "spooky_quic_handshake_duration_seconds_count 1",
+            "spooky_quic_sampled_congestion_window_bytes_count 2",
+            "spooky_quic_sampled_congestion_window_bytes_sum 90000.0",
+            "spooky_quic_sampled_congestion_window_bytes_bucket{le=\"65536.0\"} 1",
+            "spooky_quic_sampled_rtt_seconds_count 2",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
         }
@@ -804,6 +810,8 @@ mod tests {
             ("request_duration_seconds", "histogram"),
             ("quic_rtt_seconds", "histogram"),
             ("io_datagrams_per_syscall", "histogram"),
+            ("quic_sampled_congestion_window_bytes", "histogram"),
+            ("quic_sampled_rtt_seconds", "histogram"),
             ("config_reloads", "counter"),
             ("config_generation", "gauge"),
             ("access_log_dropped", "counter"),
