@@ -11,6 +11,7 @@ use spooky::config::{IoBackend, OnWorkerFailure, UpstreamIo};
 use spooky::control::admin::{self, AdminState};
 use spooky::control::reload::{self as reload, ConfigStore};
 use spooky::runtime::WorkerContext;
+use spooky::telemetry::access::AccessLog;
 use spooky::telemetry::backends::BackendBoard;
 use spooky::telemetry::{self, MetricsRegistry};
 use spooky_uring::epoll::{EpollUdp, SocketOptions};
@@ -150,14 +151,21 @@ fn run(path: &std::path::Path) -> ExitCode {
     }
     tracing::info!(version = env!("CARGO_PKG_VERSION"), config = %path.display(), "spooky starting");
 
-    // SIGHUP means reload; until its handler is installed (on the admin
-    // thread) it must not take the default action, which is to terminate.
+    // SIGHUP means reload and SIGUSR1 reopen the access log; until their
+    // handlers are installed (on the admin thread) neither may take the
+    // default action, which is to terminate.
     // SAFETY: `signal` with SIG_IGN installs no Rust code as a handler, and
     // no other thread is installing handlers yet.
     unsafe {
         libc::signal(libc::SIGHUP, libc::SIG_IGN);
+        libc::signal(libc::SIGUSR1, libc::SIG_IGN);
     }
+    // Kept until `run` returns: dropping the guard flushes queued lines.
+    let Some((access_log, _access_guard)) = start_access_log(&cfg) else {
+        return ExitCode::FAILURE;
+    };
     let registry = MetricsRegistry::new();
+    registry.attach_access_log(access_log.stats());
     let board = Arc::new(BackendBoard::default());
     let store = ConfigStore::new(path, cfg.clone(), registry.reload_stats());
     let admin_state = AdminState::with_control(registry.clone(), board.clone(), store.clone());
@@ -177,6 +185,7 @@ fn run(path: &std::path::Path) -> ExitCode {
     };
     let _ = admin_listener.set_nonblocking(true);
     let admin_thread = {
+        let access_log = access_log.clone();
         let state = admin_state.clone();
         let store = store.clone();
         let rx = shutdown_rx.clone();
@@ -207,6 +216,7 @@ fn run(path: &std::path::Path) -> ExitCode {
                     // off the data plane.
                     tokio::spawn(reload::watch_file(store.clone(), rx.clone()));
                     tokio::spawn(reload_on_sighup(store));
+                    tokio::spawn(reopen_on_sigusr1(access_log));
                     admin::serve(listener, state, async move {
                         let _ = stop.wait_for(|v| *v).await;
                     })
@@ -276,6 +286,7 @@ fn run(path: &std::path::Path) -> ExitCode {
             config: store.clone(),
             metrics: registry.add_worker(),
             board: board.clone(),
+            access: Some(access_log.sink()),
         };
         let shutdown = shutdown_rx.clone();
         let gso = cfg.io.gso;
@@ -493,6 +504,42 @@ fn run_worker_thread(
         let io = EpollUdp::new(sock, gso, gro)?;
         spooky::runtime::run_worker(ctx, io, shutdown).await
     })
+}
+
+/// Starts the access-log writer (`telemetry.access_log_path`, else stderr);
+/// `None` after logging why the file cannot be opened.
+fn start_access_log(
+    cfg: &Config,
+) -> Option<(AccessLog, tracing_appender::non_blocking::WorkerGuard)> {
+    let path = cfg.telemetry.access_log_path.as_deref();
+    match AccessLog::start(path) {
+        Ok(x) => Some(x),
+        Err(e) => {
+            tracing::error!(
+                path = %path.map_or_else(|| "stderr".into(), |p| p.display().to_string()),
+                error = %e,
+                "cannot open the access log (telemetry.access_log_path)"
+            );
+            None
+        }
+    }
+}
+
+/// Reopens the access log file by its path on every SIGUSR1 (logrotate:
+/// move the file, then signal; new lines go to a new file at the path).
+async fn reopen_on_sigusr1(log: AccessLog) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut usr1 = match signal(SignalKind::user_defined1()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot install SIGUSR1 handler; the access log is not reopened");
+            return;
+        }
+    };
+    while usr1.recv().await.is_some() {
+        tracing::info!("SIGUSR1: reopening the access log");
+        log.reopen();
+    }
 }
 
 /// Reloads the config on every SIGHUP.

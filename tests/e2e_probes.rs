@@ -329,3 +329,39 @@ fn metrics_have_per_backend_series_and_pass_promtool() {
         println!("skipping promtool: not installed (scripts/bootstrap.sh)");
     }
 }
+
+/// While a download is in flight (the client stalls mid-body, as a slow
+/// reader does), the once-a-second samples of open connections move:
+/// `spooky_quic_sampled_congestion_window_bytes` gains observations before
+/// the connection closes, not only when it does.
+#[test]
+fn sampled_congestion_window_moves_during_a_download() {
+    use crate::common::h3client::pattern_sha256;
+    const N: u64 = 8 << 20;
+    let count = "spooky_quic_sampled_congestion_window_bytes_count";
+    let be = Backend::start("a");
+    let s = Spooky::start(&[&be]);
+    let mut c = s.client();
+    let mut during = (0.0, 0.0);
+    let r = c
+        .send_digest_with(Request::get(&format!("/bytes/{N}")), 256 * 1024, |_| {
+            let before = s.metric(count, &[]);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let mut after = before;
+            while after <= before && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(100));
+                after = s.metric(count, &[]);
+            }
+            during = (before, after);
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!((r.len, r.sha256.as_str()), (N, pattern_sha256(N).as_str()));
+    assert!(
+        during.1 > during.0,
+        "no congestion-window sample while the download was in flight: {during:?}"
+    );
+    let sum = s.metric("spooky_quic_sampled_congestion_window_bytes_sum", &[]);
+    assert!(sum > 0.0, "sampled windows sum to {sum}");
+    assert!(s.metric("spooky_quic_sampled_rtt_seconds_count", &[]) >= during.1);
+}

@@ -3,6 +3,7 @@
 
 mod common;
 
+mod e2e_access_log;
 mod e2e_admission;
 mod e2e_config;
 mod e2e_control;

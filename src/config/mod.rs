@@ -50,8 +50,8 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
 
 /// Parses and validates configuration text as if read from `file`.
 ///
-/// `file` names the source in messages and anchors relative `listen.tls`
-/// and `admin.token_file` paths: they are resolved against its directory and
+/// `file` names the source in messages and anchors relative `listen.tls`,
+/// `admin.token_file` and `telemetry.access_log_path` paths: they are resolved against its directory and
 /// the resolved paths are what the returned `Config` holds.
 ///
 /// # Errors
@@ -150,6 +150,9 @@ fn resolve_paths(config: &mut Config, file: &Path) {
     resolve(&mut config.listen.tls.key);
     if let Some(token_file) = &mut config.admin.token_file {
         resolve(token_file);
+    }
+    if let Some(access_log) = &mut config.telemetry.access_log_path {
+        resolve(access_log);
     }
 }
 

@@ -926,6 +926,10 @@ pub struct Telemetry {
     pub log_format: LogFormat,
     /// Emit one access-log line per request.
     pub access_log: bool,
+    /// Where access-log lines go: a file (appended to, reopened on
+    /// SIGUSR1 for logrotate), or stderr when absent. Relative paths are
+    /// resolved against the config file's directory.
+    pub access_log_path: Option<PathBuf>,
 }
 
 impl Default for Telemetry {
@@ -934,6 +938,7 @@ impl Default for Telemetry {
             log: "info".to_string(),
             log_format: LogFormat::default(),
             access_log: true,
+            access_log_path: None,
         }
     }
 }

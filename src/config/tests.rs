@@ -216,6 +216,7 @@ fn full_example_parses_with_every_value() {
             log: "info".to_string(),
             log_format: LogFormat::Json,
             access_log: true,
+            access_log_path: None,
         },
     };
     assert_eq!(config, expected);
@@ -650,6 +651,28 @@ fn admin_off_loopback_accepts_token_file() {
         "{MINIMAL}\nadmin: {{address: \"0.0.0.0:9901\", token_file: missing}}\n"
     ));
     assert_at(&e, 2, 34, "admin.token_file");
+}
+
+#[test]
+fn access_log_path_is_resolved_and_its_directory_must_exist() {
+    let fx = Fixture::new();
+    let config = fx.ok(&format!(
+        "{MINIMAL}\ntelemetry: {{access_log_path: access.log}}\n"
+    ));
+    assert_eq!(
+        config.telemetry.access_log_path,
+        Some(fx.path("access.log"))
+    );
+    let e = fx.error(&format!(
+        "{MINIMAL}\ntelemetry: {{access_log_path: no/such/dir/access.log}}\n"
+    ));
+    assert_at(&e, 2, 13, "telemetry.access_log_path");
+    assert!(e.problem.contains("does not exist"), "{e}");
+    fs::create_dir(fx.path("logs")).unwrap();
+    let e = fx.error(&format!(
+        "{MINIMAL}\ntelemetry: {{access_log_path: logs}}\n"
+    ));
+    assert!(e.problem.contains("is a directory"), "{e}");
 }
 
 #[test]

@@ -404,6 +404,30 @@ impl Validator<'_> {
                 ),
             );
         }
+        if let Some(path) = &config.telemetry.access_log_path {
+            if let Err(problem) = check_log_path(path) {
+                self.report("telemetry.access_log_path", problem);
+            }
+        }
+    }
+}
+
+/// An access-log path must name a file (existing or not) in a directory
+/// that exists: spooky creates the file, never directories, so a typo in
+/// the directory is caught by `spooky check` rather than at the first
+/// request. Whether the file can be opened for writing is checked at start.
+fn check_log_path(path: &Path) -> Result<(), String> {
+    if path.is_dir() {
+        return Err(format!("{} is a directory, not a file", path.display()));
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => Err(format!("{} is not a directory", dir.display())),
+        Err(e) => Err(format!("directory {} does not exist: {e}", dir.display())),
     }
 }
 

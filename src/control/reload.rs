@@ -164,8 +164,9 @@ fn check_tls(cfg: &Config, file: &Path) -> Result<(), config::ConfigErrors> {
 /// Keys whose new value only takes effect after a restart, given the old
 /// and new config. `listen.address` (the bound socket), `io.*` (workers,
 /// driver, socket options, batch buffers), `admin.address` (the bound admin
-/// socket) and `telemetry.log` / `telemetry.log_format` (the global
-/// subscriber).
+/// socket), `telemetry.log` / `telemetry.log_format` (the global
+/// subscriber) and `telemetry.access_log_path` (the access-log writer is
+/// built once, at start; SIGUSR1 reopens the same path).
 pub fn restart_required(old: &Config, new: &Config) -> Vec<String> {
     let mut keys = Vec::new();
     if old.listen.address != new.listen.address {
@@ -204,6 +205,9 @@ pub fn restart_required(old: &Config, new: &Config) -> Vec<String> {
     if old.telemetry.log_format != new.telemetry.log_format {
         keys.push("telemetry.log_format".to_string());
     }
+    if old.telemetry.access_log_path != new.telemetry.access_log_path {
+        keys.push("telemetry.access_log_path".to_string());
+    }
     keys
 }
 
@@ -216,6 +220,7 @@ pub fn merge(old: &Config, mut new: Config) -> (Config, Vec<String>) {
     new.admin.address = old.admin.address;
     new.telemetry.log = old.telemetry.log.clone();
     new.telemetry.log_format = old.telemetry.log_format;
+    new.telemetry.access_log_path = old.telemetry.access_log_path.clone();
     (new, keys)
 }
 
@@ -303,6 +308,16 @@ mod tests {
         new.upstreams[0].backends[0].weight = 5;
         new.telemetry.access_log = false;
         assert!(restart_required(&old, &new).is_empty());
+    }
+
+    #[test]
+    fn a_new_access_log_path_waits_for_a_restart() {
+        let old = base();
+        let mut new = base();
+        new.telemetry.access_log_path = Some("/tmp/elsewhere.log".into());
+        let (eff, keys) = merge(&old, new);
+        assert_eq!(keys, vec!["telemetry.access_log_path"]);
+        assert_eq!(eff.telemetry.access_log_path, old.telemetry.access_log_path);
     }
 
     #[test]

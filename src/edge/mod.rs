@@ -34,6 +34,7 @@ use crate::config::{Config, CongestionControl, RetryMode};
 use crate::router::bridge::UpstreamSide;
 use crate::router::bridge::{RequestKey, ToEdge};
 use crate::router::Envelope;
+use crate::telemetry::access::AccessSink;
 use crate::telemetry::{DropReason, WorkerMetrics};
 use admission::SourceRate;
 use cid::{CidGenerator, RetryTokens, CID_LEN};
@@ -165,6 +166,9 @@ pub struct TransmitInfo {
 
 struct Conn {
     serial: u64,
+    /// The first connection ID spooky issued for it (the access log's
+    /// `conn_id`): kept apart from `cids`, which loses it once retired.
+    scid: [u8; CID_LEN],
     quic: quiche::Connection,
     h3: Option<h3::Connection>,
     /// Request stream id → request slab slot.
@@ -211,6 +215,14 @@ struct Conn {
     stopped_seen: u64,
 }
 
+/// How often the worker calls [`Edge::sample_paths`].
+pub const PATH_SAMPLE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Connections one [`Edge::sample_paths`] call samples at most: bounds the
+/// pass on a worker with very many connections (the next call goes on
+/// where this one stopped).
+pub const PATH_SAMPLES_PER_TICK: usize = 1000;
+
 /// The per-worker QUIC/HTTP/3 state machine. See the module docs for the call protocol.
 pub struct Edge {
     quic_config: quiche::Config,
@@ -249,6 +261,10 @@ pub struct Edge {
     /// Body buffer growth granted on this worker above the streams'
     /// initial grants (`limits.max_worker_buffer_bytes`).
     buffer_grown: usize,
+    /// Where access-log lines go (`telemetry.access_log` says whether).
+    access: Option<AccessSink>,
+    /// Connection slot the next [`Edge::sample_paths`] starts at.
+    sample_cursor: usize,
 }
 
 /// Builds the quiche transport config from `config.yaml`.
@@ -343,7 +359,15 @@ impl Edge {
             half_open: 0,
             source_rate: SourceRate::new(cfg.quic.new_connections_per_source),
             buffer_grown: 0,
+            access: None,
+            sample_cursor: 0,
         })
+    }
+
+    /// Gives the edge its end of the access log; without one no lines are
+    /// written, whatever `telemetry.access_log` says.
+    pub fn set_access_log(&mut self, sink: AccessSink) {
+        self.access = Some(sink);
     }
 
     /// Applies a reloaded config to what comes next: the TLS certificate and
@@ -370,6 +394,36 @@ impl Edge {
     /// Number of live connections.
     pub fn connections(&self) -> usize {
         self.conns.len()
+    }
+
+    /// Samples the congestion window and smoothed RTT of established
+    /// connections' active paths into `spooky_quic_sampled_*`: at most
+    /// [`PATH_SAMPLES_PER_TICK`], round-robin from where the last call
+    /// stopped, so every connection is sampled in turn however many there
+    /// are. The driver calls it every [`PATH_SAMPLE_INTERVAL`]. Returns how
+    /// many were sampled.
+    pub fn sample_paths(&mut self) -> usize {
+        let conns = &self.conns;
+        let obs = &self.metrics.obs;
+        let mut sampled = 0;
+        let visit = |k: usize| {
+            let Some(c) = conns.get(k).filter(|c| c.established) else {
+                return false;
+            };
+            let Some(p) = c.quic.path_stats().find(|p| p.active) else {
+                return false;
+            };
+            obs.path_sampled(p.cwnd, p.rtt);
+            sampled += 1;
+            true
+        };
+        self.sample_cursor = round_robin(
+            conns.capacity(),
+            self.sample_cursor,
+            PATH_SAMPLES_PER_TICK,
+            visit,
+        );
+        sampled
     }
 
     /// Number of connections whose handshake has not completed.
@@ -496,8 +550,12 @@ impl Edge {
         };
         let serial = self.next_conn_serial;
         self.next_conn_serial += 1;
+        let mut scid = [0u8; CID_LEN];
+        let n = new_scid.len().min(CID_LEN);
+        scid[..n].copy_from_slice(&new_scid[..n]);
         let ci = self.conns.insert(Conn {
             serial,
+            scid,
             quic,
             h3: None,
             streams: HashMap::new(),
@@ -767,7 +825,10 @@ impl Edge {
         };
         let ci = req.conn;
         match msg {
-            ToEdge::Headers(h) => req.set_head(h),
+            ToEdge::Headers { head, head_after } => {
+                req.log.upstream_time = Some(head_after);
+                req.set_head(head);
+            }
             ToEdge::Data(b) => req.resp.push_chunk(b, true),
             ToEdge::Trailers(t) => req.resp.trailers = Some(t),
             ToEdge::End => req.resp.end = true,
@@ -1117,7 +1178,13 @@ impl Edge {
                     .map(|t| self.now.saturating_duration_since(t));
                 self.metrics.request_finished(0, took);
                 req.probe_done(0, took);
-                req.log_access(self.settings.access_log, "connection_closed");
+                if self.settings.access_log {
+                    let tag = request::ConnTag {
+                        serial: conn.serial,
+                        scid: &conn.scid,
+                    };
+                    req.log_access(self.access.as_mut(), Some(tag), "connection_closed", took);
+                }
             }
         }
         if !conn.established {
@@ -1144,6 +1211,32 @@ impl Edge {
             "connection closed"
         );
     }
+}
+
+/// Visits slots `start, start + 1, …` of a table of `capacity` slots,
+/// wrapping around, until `limit` visits returned true or every slot was
+/// visited once; returns the slot the next pass starts at.
+fn round_robin(
+    capacity: usize,
+    start: usize,
+    limit: usize,
+    mut visit: impl FnMut(usize) -> bool,
+) -> usize {
+    if capacity == 0 {
+        return 0;
+    }
+    let mut k = start % capacity;
+    let mut taken = 0;
+    for _ in 0..capacity {
+        if taken >= limit {
+            break;
+        }
+        if visit(k) {
+            taken += 1;
+        }
+        k = (k + 1) % capacity;
+    }
+    k
 }
 
 /// Whether quiche still holds a stream whose response spooky finished

@@ -16,16 +16,20 @@ use super::{h3_code, Edge, EdgeEvent};
 
 use crate::router::bridge::{EdgeSender, RequestKey, StreamShared, ToUpstream, UpstreamSide};
 use crate::router::{self, MalformedReason, RequestError};
+use crate::telemetry::access::{AccessRecord, AccessSink};
 use crate::telemetry::WorkerMetrics;
 
 /// Length at which a connection's list of finished-but-unacked responses
 /// is pruned; on a busy connection most entries are long acked by then.
 const UNACKED_PRUNE_AT: usize = 64;
 
-/// What the access log line says about a request.
+/// What the access log line says about a request. The strings are filled
+/// only while `telemetry.access_log` is on.
 #[derive(Debug, Default)]
 pub(super) struct AccessInfo {
     pub request_id: u64,
+    /// The client's address when the request arrived.
+    pub client: Option<SocketAddr>,
     pub method: String,
     pub authority: String,
     pub path: String,
@@ -35,6 +39,16 @@ pub(super) struct AccessInfo {
     pub backend: Option<SocketAddr>,
     pub error: Option<String>,
     pub started: Option<Instant>,
+    /// Request sent to the backend → its response head (the forwarded
+    /// attempt), from the upstream task.
+    pub upstream_time: Option<std::time::Duration>,
+}
+
+/// The connection a request came on, as its access-log line names it.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct ConnTag<'a> {
+    pub serial: u64,
+    pub scid: &'a [u8],
 }
 
 /// The response half of a stream.
@@ -131,32 +145,38 @@ impl Request {
         );
     }
 
-    pub fn log_access(&self, enabled: bool, outcome: &str) {
-        if !enabled {
+    /// Writes the request's access-log line to `sink` (none: no line).
+    pub fn log_access(
+        &self,
+        sink: Option<&mut AccessSink>,
+        conn: Option<ConnTag<'_>>,
+        outcome: &str,
+        took: Option<std::time::Duration>,
+    ) {
+        let Some(sink) = sink else {
             return;
-        }
+        };
         let l = &self.log;
-        let dur_ms = l
-            .started
-            .map(|s| s.elapsed().as_secs_f64() * 1000.0)
-            .unwrap_or(0.0);
-        tracing::info!(
-            target: "access",
-            request_id = l.request_id,
-            trace_id = %l.trace_id,
-            method = %l.method,
-            authority = %l.authority,
-            path = %l.path,
-            status = l.status,
-            bytes_in = self.shared.bytes_up.load(Ordering::Relaxed),
-            bytes_out = self.shared.bytes_down.load(Ordering::Relaxed),
-            upstream = l.upstream.as_deref().unwrap_or("-"),
-            backend = %l.backend.map(|b| b.to_string()).unwrap_or_else(|| "-".into()),
-            duration_ms = dur_ms,
+        sink.write(&AccessRecord {
+            client_ip: l.client.map(|c| c.ip()),
+            client_port: l.client.map(|c| c.port()),
+            conn: conn.map_or(0, |c| c.serial),
+            conn_id: conn.map(|c| c.scid),
+            request_id: l.request_id,
+            trace_id: &l.trace_id,
+            method: &l.method,
+            authority: &l.authority,
+            path: &l.path,
+            upstream: l.upstream.as_deref(),
+            backend: l.backend,
+            status: l.status,
+            bytes_in: self.shared.bytes_up.load(Ordering::Relaxed),
+            bytes_out: self.shared.bytes_down.load(Ordering::Relaxed),
+            duration: took.unwrap_or_default(),
+            upstream_duration: l.upstream_time,
             outcome,
-            error = l.error.as_deref().unwrap_or(""),
-            "request"
-        );
+            error: l.error.as_deref(),
+        });
     }
 }
 
@@ -227,9 +247,10 @@ impl Edge {
     }
 
     /// A request head arrived: the request gets its slot and cancellation
-    /// token now (a reset later in this batch needs them), while mapping the head to an envelope waits for [`Edge::poll_event`],
-    /// after the whole receive batch: a stream the client resets in the
-    /// same batch (rapid reset) then costs no header work at all.
+    /// token now (a reset later in this batch needs them), while mapping
+    /// the head to an envelope waits for [`Edge::poll_event`], after the
+    /// whole receive batch: a stream the client resets in the same batch
+    /// (rapid reset) then costs no header work at all.
     fn new_request(
         &mut self,
         ci: usize,
@@ -254,8 +275,13 @@ impl Edge {
         conn.max_stream_id = Some(conn.max_stream_id.map_or(sid, |m| m.max(sid)));
         let serial = self.next_request_serial;
         self.next_request_serial += 1;
+        let access_log = self.settings.access_log;
+        let peer = access_log
+            .then(|| conn.quic.path_stats().next().map(|p| p.peer_addr))
+            .flatten();
         let mut log = AccessInfo {
             request_id: serial,
+            client: peer,
             started: Some(now),
             ..Default::default()
         };
@@ -309,7 +335,7 @@ impl Edge {
             .next()
             .map_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)), |p| p.peer_addr);
         let conn_span = conn.span.clone();
-        let sid = req.stream_id;
+        let (sid, ci) = (req.stream_id, req.conn);
         let built = router::build_envelope(
             &head.list,
             head.more_frames,
@@ -319,7 +345,7 @@ impl Edge {
             head.started,
         );
         req.dispatched = true;
-        match built {
+        let event = match built {
             Ok(env) => {
                 if self.settings.access_log {
                     req.log.trace_id = env.trace.trace_id_hex();
@@ -345,16 +371,18 @@ impl Edge {
                     // An empty body's FIN came in the head's batch.
                     self.request_finished(slot);
                 } else if data_pending {
-                    // Body frames that came in the head's batch.
+                    // Body frames that came in the head's batch. Draining
+                    // the last of them queues quiche's Finished event:
+                    // deliver it now, not at a next packet that may never
+                    // come while the client waits.
                     self.read_request_body(slot);
+                    self.poll_h3(ci, self.now);
                 }
                 let live = self.requests.get(slot).is_some_and(|r| {
                     r.serial == head.key.serial && !r.shared.cancel.is_cancelled()
                 });
-                if !live {
-                    return None; // reset for its body, already answered
-                }
-                Some(EdgeEvent::Request {
+                // Not live: reset for its body, already answered.
+                live.then(|| EdgeEvent::Request {
                     envelope: Box::new(env),
                     side,
                     conn_span,
@@ -380,7 +408,11 @@ impl Edge {
                 self.flush_response(slot);
                 None
             }
-        }
+        };
+        // Whatever happened wants packets out (answers, resets, credit).
+        self.mark_dirty(ci);
+        self.update_timer(ci);
+        event
     }
 
     fn request_trailers(&mut self, slot: usize, list: &[h3::Header]) {
@@ -738,7 +770,13 @@ impl Edge {
             .map(|t| self.now.saturating_duration_since(t));
         self.metrics.request_finished(status, took);
         req.probe_done(status, took);
-        req.log_access(self.settings.access_log, outcome);
+        if self.settings.access_log {
+            let conn = self.conns.get(req.conn).map(|c| ConnTag {
+                serial: c.serial,
+                scid: &c.scid,
+            });
+            req.log_access(self.access.as_mut(), conn, outcome, took);
+        }
     }
 }
 

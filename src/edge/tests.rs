@@ -219,7 +219,10 @@ fn request_becomes_envelope_and_response_flows_back() {
     assert_eq!(env.authority, "localhost");
     assert!(!env.has_body);
     let edge_tx = side.edge.clone();
-    edge_tx.send(ToEdge::Headers(vec![h3::Header::new(b":status", b"200")]));
+    edge_tx.send(ToEdge::Headers {
+        head: vec![h3::Header::new(b":status", b"200")],
+        head_after: std::time::Duration::ZERO,
+    });
     edge_tx.send(ToEdge::Data(Bytes::from_static(b"hi there")));
     edge_tx.send(ToEdge::End);
     p.deliver();
@@ -274,8 +277,10 @@ fn upstream_reset_after_head_resets_the_client_stream() {
     let mut p = Pair::new(64 * 1024);
     p.request("GET", "/big", true);
     let (_env, side) = p.take_request();
-    side.edge
-        .send(ToEdge::Headers(vec![h3::Header::new(b":status", b"200")]));
+    side.edge.send(ToEdge::Headers {
+        head: vec![h3::Header::new(b":status", b"200")],
+        head_after: std::time::Duration::ZERO,
+    });
     side.edge.send(ToEdge::Data(Bytes::from(vec![1u8; 1000])));
     p.deliver();
     let (status, body, _, _) = p.client_events();
@@ -346,8 +351,10 @@ fn pacing_holds_packets_until_their_time() {
     });
     p.request("GET", "/paced", true);
     let (_env, side) = p.take_request();
-    side.edge
-        .send(ToEdge::Headers(vec![h3::Header::new(b":status", b"200")]));
+    side.edge.send(ToEdge::Headers {
+        head: vec![h3::Header::new(b":status", b"200")],
+        head_after: std::time::Duration::ZERO,
+    });
     side.edge.send(ToEdge::Data(Bytes::from(vec![7u8; n])));
     side.edge.send(ToEdge::End);
     while let Ok((k, m)) = p.rx.try_recv() {
@@ -425,8 +432,10 @@ fn without_pacing_nothing_is_held() {
     });
     p.request("GET", "/burst", true);
     let (_env, side) = p.take_request();
-    side.edge
-        .send(ToEdge::Headers(vec![h3::Header::new(b":status", b"200")]));
+    side.edge.send(ToEdge::Headers {
+        head: vec![h3::Header::new(b":status", b"200")],
+        head_after: std::time::Duration::ZERO,
+    });
     side.edge
         .send(ToEdge::Data(Bytes::from(vec![7u8; 300_000])));
     side.edge.send(ToEdge::End);
@@ -558,8 +567,10 @@ fn loss_counters_move_under_a_lossy_link() {
     let mut p = Pair::new(64 * 1024);
     p.request("GET", "/big", true);
     let (_env, side) = p.take_request();
-    side.edge
-        .send(ToEdge::Headers(vec![h3::Header::new(b":status", b"200")]));
+    side.edge.send(ToEdge::Headers {
+        head: vec![h3::Header::new(b":status", b"200")],
+        head_after: std::time::Duration::ZERO,
+    });
     for _ in 0..64 {
         side.edge.send(ToEdge::Data(Bytes::from(vec![7u8; 4096])));
     }
@@ -618,4 +629,128 @@ fn loss_counters_move_under_a_lossy_link() {
         .unwrap();
     assert_eq!(obs.closed_by_reason[peer_closed].load(Relaxed), 1);
     assert_eq!(obs.handshake_duration.count(), 1);
+}
+
+#[test]
+fn round_robin_takes_at_most_the_limit_and_resumes_where_it_stopped() {
+    let occupied = |k: usize| k % 2 == 1; // slots 1, 3, 5, 7, 9 of 10
+    let mut seen = Vec::new();
+    let mut visit = |k: usize| {
+        let hit = occupied(k);
+        if hit {
+            seen.push(k);
+        }
+        hit
+    };
+    let next = round_robin(10, 0, 2, &mut visit);
+    assert_eq!(next, 4);
+    let next = round_robin(10, next, 2, &mut visit);
+    assert_eq!(next, 8);
+    // Wraps around to the start.
+    let next = round_robin(10, next, 2, &mut visit);
+    assert_eq!(next, 2);
+    assert_eq!(seen, vec![1, 3, 5, 7, 9, 1]);
+    // Nothing to take: one full pass, back where it began.
+    assert_eq!(round_robin(10, 3, 5, |_| false), 3);
+    assert_eq!(round_robin(0, 3, 5, |_| true), 0);
+}
+
+/// While a response is still on its way, `sample_paths` records the open
+/// connection's congestion window and RTT.
+#[test]
+fn open_connections_are_sampled_mid_download() {
+    let mut p = Pair::new(64 * 1024);
+    p.request("GET", "/big", true);
+    let (_env, side) = p.take_request();
+    side.edge.send(ToEdge::Headers {
+        head: vec![h3::Header::new(b":status", b"200")],
+        head_after: std::time::Duration::ZERO,
+    });
+    side.edge
+        .send(ToEdge::Data(Bytes::from(vec![7u8; 32 * 1024])));
+    p.deliver();
+    assert_eq!(p.edge.requests_in_flight(), 1, "response already complete");
+    let obs = &p.edge.metrics.obs;
+    assert_eq!(obs.cwnd_sampled.count(), 0);
+    assert_eq!(p.edge.sample_paths(), 1);
+    assert_eq!(p.edge.sample_paths(), 1);
+    let obs = &p.edge.metrics.obs;
+    assert_eq!(obs.cwnd_sampled.count(), 2);
+    assert_eq!(obs.rtt_sampled.count(), 2);
+    let mut sum =
+        crate::telemetry::AtomicHistogram::<crate::telemetry::signals::CwndBuckets>::empty_sum();
+    obs.cwnd_sampled.add_to(&mut sum);
+    assert!(sum.sum() > 0.0, "cwnd sampled as 0");
+    side.edge.send(ToEdge::End);
+    p.deliver();
+}
+
+/// The access log line names the connection by the CID the client sends
+/// to, the client's port, and the upstream time the head event carried.
+#[test]
+fn access_line_names_the_connection_and_the_upstream_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("access.log");
+    let (log, guard) = crate::telemetry::access::AccessLog::start(Some(&path)).unwrap();
+    let mut p = Pair::new(64 * 1024);
+    p.edge.set_access_log(log.sink());
+    p.request("GET", "/logged", true);
+    let (_env, side) = p.take_request();
+    side.edge.send(ToEdge::Backend {
+        upstream: "app".into(),
+        backend: "127.0.0.1:9001".parse().unwrap(),
+    });
+    side.edge.send(ToEdge::Headers {
+        head: vec![h3::Header::new(b":status", b"200")],
+        head_after: std::time::Duration::from_micros(1500),
+    });
+    side.edge.send(ToEdge::Data(Bytes::from_static(b"hello")));
+    side.edge.send(ToEdge::End);
+    p.deliver();
+    assert_eq!(p.edge.requests_in_flight(), 0);
+    drop(guard); // flushes
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert_eq!(text.lines().count(), 1, "{text}");
+    let v: serde_json::Value = serde_json::from_str(text.trim_end()).unwrap();
+    let cid = hex::encode(p.client.destination_id().as_ref());
+    assert_eq!(v["conn_id"], cid.as_str(), "{v}");
+    assert_eq!(v["client_port"], p.client_addr.port(), "{v}");
+    assert_eq!(v["path"], "/logged");
+    assert_eq!(v["backend"], "127.0.0.1:9001");
+    assert_eq!(v["status"], 200);
+    assert_eq!(v["bytes_out"], 5);
+    assert_eq!(v["upstream_ms"], 1.5);
+    assert_eq!(v["outcome"], "ok");
+}
+
+/// A head, its whole body and FIN in one receive batch: the body waits in
+/// quiche until the head is mapped (`poll_event`), then all of it and the
+/// end reach the upstream side with no further packet from the client.
+#[test]
+fn a_body_that_came_with_its_head_is_forwarded_to_the_end() {
+    let mut p = Pair::new(64 * 1024);
+    let hdrs = vec![
+        h3::Header::new(b":method", b"POST"),
+        h3::Header::new(b":scheme", b"https"),
+        h3::Header::new(b":authority", b"localhost"),
+        h3::Header::new(b":path", b"/upload"),
+    ];
+    let h3c = p.h3.as_mut().unwrap();
+    let sid = h3c.send_request(&mut p.client, &hdrs, false).unwrap();
+    let sent = h3c
+        .send_body(&mut p.client, sid, &[7u8; 500], true)
+        .unwrap();
+    assert_eq!(sent, 500);
+    p.client_to_edge();
+    let (env, mut side) = p.take_request();
+    assert_eq!(env.path, "/upload");
+    let (mut got, mut ended) = (0, false);
+    while let Ok(m) = side.body.try_recv() {
+        match m {
+            ToUpstream::Data(b) => got += b.len(),
+            ToUpstream::End => ended = true,
+            ToUpstream::Trailers(_) => {}
+        }
+    }
+    assert_eq!((got, ended), (500, true), "body bytes and end forwarded");
 }

@@ -46,7 +46,12 @@ pub enum ToUpstream {
 #[derive(Debug)]
 pub enum ToEdge {
     /// Response head, already mapped to HTTP/3.
-    Headers(Vec<Header>),
+    Headers {
+        head: Vec<Header>,
+        /// From sending the request to the backend until this head
+        /// arrived: the access log's `upstream_ms`.
+        head_after: std::time::Duration,
+    },
     /// Body bytes; the edge returns exactly `len()` permits to `resp_budget`
     /// once quiche has taken them.
     Data(Bytes),

@@ -17,7 +17,8 @@ use tracing::Instrument;
 
 use crate::config::Config;
 use crate::control::reload::ConfigStore;
-use crate::edge::{Edge, EdgeError, EdgeEvent};
+use crate::edge::{Edge, EdgeError, EdgeEvent, PATH_SAMPLE_INTERVAL};
+use crate::telemetry::access::AccessSink;
 use crate::telemetry::backends::BackendBoard;
 use crate::telemetry::WorkerMetrics;
 use crate::upstream::{proxy, Connector, Gateway};
@@ -50,6 +51,8 @@ pub struct WorkerContext {
     pub config: Arc<ConfigStore>,
     pub metrics: Arc<WorkerMetrics>,
     pub board: Arc<BackendBoard>,
+    /// This worker's end of the access log (none: no access lines).
+    pub access: Option<AccessSink>,
 }
 
 /// Runs one worker until `shutdown` turns true, then closes connections
@@ -102,6 +105,7 @@ pub async fn run_worker<D: DatagramIo>(
         config: store,
         metrics,
         board,
+        access,
     } = ctx;
     let Handoff {
         rx: mut handoff_rx,
@@ -131,6 +135,9 @@ pub async fn run_worker<D: DatagramIo>(
     );
     let (to_edge_tx, mut to_edge_rx) = mpsc::unbounded_channel();
     let mut edge = Edge::new(cfg, worker_id.min(255) as u8, to_edge_tx, metrics.clone())?;
+    if let Some(sink) = access {
+        edge.set_access_log(sink);
+    }
     let mut gateway = Rc::new(Gateway::new(cfg, &connector));
     gateway.warm();
     let mut checkers = gateway.start_health_checks(metrics.clone(), board.clone(), worker_id);
@@ -145,8 +152,10 @@ pub async fn run_worker<D: DatagramIo>(
     // Debug builds only: a planned failure of this worker (`fault`).
     let fault = fault::for_worker(worker_id);
     let fault_at = fault.map(|f| Instant::now() + f.after);
+    let mut next_path_sample = Instant::now() + PATH_SAMPLE_INTERVAL;
 
     loop {
+        next_path_sample = sample_if_due(&mut edge, next_path_sample);
         // A new config generation applies from here on, to new requests.
         // (`has_changed` is one atomic load; `config_pending` covers a change
         // the `select!` below already consumed.)
@@ -225,7 +234,11 @@ pub async fn run_worker<D: DatagramIo>(
         let timer = edge.poll_timeout();
         let sleep_until = timer.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
         let closing_tick = closing_since.map(|_| Instant::now() + Duration::from_millis(50));
-        let wake = closing_tick.map_or(sleep_until, |c| c.min(sleep_until));
+        let mut wake = closing_tick.map_or(sleep_until, |c| c.min(sleep_until));
+        if edge.connections() > 0 {
+            // Open connections are sampled on time even when idle.
+            wake = wake.min(next_path_sample);
+        }
         tokio::select! {
             Some(mut f) = handoff_rx.recv() => {
                 let now = Instant::now();
@@ -338,6 +351,17 @@ pub async fn run_worker<D: DatagramIo>(
             }
         }
     }
+}
+
+/// Samples open connections' paths when `due` has passed (see
+/// [`Edge::sample_paths`]); returns when the next sample is due.
+fn sample_if_due(edge: &mut Edge, due: Instant) -> Instant {
+    let now = Instant::now();
+    if now < due {
+        return due;
+    }
+    edge.sample_paths();
+    now + PATH_SAMPLE_INTERVAL
 }
 
 /// Sleeps until `at`; never wakes when there is none.

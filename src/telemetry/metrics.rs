@@ -52,6 +52,8 @@ pub struct MetricsRegistry {
     /// The per-backend board `spooky_upstream_backend_up` reads, once the
     /// control plane has attached it.
     board: Arc<std::sync::OnceLock<Arc<super::backends::BackendBoard>>>,
+    /// The access log's drop counters, once `main` has started it.
+    access_log: Arc<std::sync::OnceLock<Arc<super::access::AccessLogStats>>>,
 }
 
 impl MetricsRegistry {
@@ -70,12 +72,21 @@ impl MetricsRegistry {
         registry.register_collector(Box::new(ReloadCollector(Arc::clone(&reload))));
         let board = Arc::new(std::sync::OnceLock::new());
         registry.register_collector(Box::new(BoardCollector(Arc::clone(&board))));
+        let access_log = Arc::new(std::sync::OnceLock::new());
+        registry.register_collector(Box::new(AccessLogCollector(Arc::clone(&access_log))));
         Arc::new(Self {
             workers,
             reload,
             registry,
             board,
+            access_log,
         })
+    }
+
+    /// Serves `spooky_access_log_dropped_total` from `stats` (the first
+    /// attached stays; there is one access log per process).
+    pub fn attach_access_log(&self, stats: Arc<super::access::AccessLogStats>) {
+        let _ = self.access_log.set(stats);
     }
 
     /// Serves `spooky_upstream_backend_up` from `board` (the first board
@@ -577,6 +588,21 @@ impl Collector for BoardCollector {
     }
 }
 
+/// `spooky_access_log_dropped_total`: 0 until an access log is attached.
+#[derive(Debug)]
+struct AccessLogCollector(Arc<std::sync::OnceLock<Arc<super::access::AccessLogStats>>>);
+
+impl Collector for AccessLogCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
+        counter(
+            &mut enc,
+            "access_log_dropped",
+            "Access-log lines dropped: the writer thread fell behind (queue full) or could not write.",
+            self.0.get().map_or(0, |s| s.dropped()),
+        )
+    }
+}
+
 /// `spooky_build_info{version="…"} 1`.
 #[derive(Debug)]
 struct BuildInfo;
@@ -647,6 +673,8 @@ mod tests {
         WorkerMetrics::inc(&a.obs.closed_by_reason[1]);
         WorkerMetrics::add(&a.obs.packets_lost, 3);
         a.obs.handshake_done(1, Duration::from_millis(2));
+        a.obs.path_sampled(20_000, Duration::from_micros(300));
+        b.obs.path_sampled(70_000, Duration::from_micros(700));
         reg
     }
 
@@ -671,6 +699,10 @@ mod tests {
             "spooky_quic_connections_closed_by_reason_total{reason=\"idle_timeout\"} 1",
             "spooky_quic_packets_lost_total 3",
             "spooky_quic_handshake_duration_seconds_count 1",
+            "spooky_quic_sampled_congestion_window_bytes_count 2",
+            "spooky_quic_sampled_congestion_window_bytes_sum 90000.0",
+            "spooky_quic_sampled_congestion_window_bytes_bucket{le=\"65536.0\"} 1",
+            "spooky_quic_sampled_rtt_seconds_count 2",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
         }
@@ -778,8 +810,11 @@ mod tests {
             ("request_duration_seconds", "histogram"),
             ("quic_rtt_seconds", "histogram"),
             ("io_datagrams_per_syscall", "histogram"),
+            ("quic_sampled_congestion_window_bytes", "histogram"),
+            ("quic_sampled_rtt_seconds", "histogram"),
             ("config_reloads", "counter"),
             ("config_generation", "gauge"),
+            ("access_log_dropped", "counter"),
             ("build_info", "gauge"),
         ] {
             let t = format!("# TYPE spooky_{name} {ty}");

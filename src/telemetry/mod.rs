@@ -3,6 +3,7 @@
 //! Counters live per worker as relaxed atomics (no lock, no shared cache line
 //! with other workers' hot counters) and are summed when scraped.
 
+pub mod access;
 pub mod backends;
 pub mod exposition;
 pub mod metrics;

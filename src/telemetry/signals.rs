@@ -4,7 +4,12 @@
 //!
 //! Recorded once per connection (handshake, close), never per packet:
 //! quiche keeps the per-packet counts itself and [`ObsMetrics::conn_closed`]
-//! adds its totals when the connection ends.
+//! adds its totals when the connection ends. While connections are open,
+//! each worker samples their congestion window and RTT once a second
+//! ([`ObsMetrics::path_sampled`], from `Edge::sample_paths`), so a
+//! long-lived connection shows up before it closes. quiche 0.30's
+//! `PathStats` has no bytes-in-flight figure (only `Stats::
+//! bytes_in_flight_duration`), so none is sampled.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -57,6 +62,10 @@ pub struct ObsMetrics {
     pub handshake_duration: AtomicHistogram<HandshakeBuckets>,
     /// Congestion window of each connection's active path when it closes.
     pub cwnd: AtomicHistogram<CwndBuckets>,
+    /// Congestion window of open connections' active paths, sampled.
+    pub cwnd_sampled: AtomicHistogram<CwndBuckets>,
+    /// Smoothed RTT of open connections' active paths, sampled.
+    pub rtt_sampled: AtomicHistogram<super::RttBuckets>,
     /// Per-backend picks, outcomes, latency, retries, ejections.
     pub backends: BackendTable,
 }
@@ -66,6 +75,12 @@ impl ObsMetrics {
     pub fn handshake_done(&self, conn: u64, took: Duration) {
         self.handshake_duration.observe(took.as_secs_f64());
         probes::handshake_done(conn, took);
+    }
+
+    /// One periodic sample of an open connection's active path.
+    pub fn path_sampled(&self, cwnd: usize, rtt: Duration) {
+        self.cwnd_sampled.observe(cwnd as f64);
+        self.rtt_sampled.observe(rtt.as_secs_f64());
     }
 
     /// The balancer picked `backend` for a request: `request_routed` and
@@ -184,6 +199,18 @@ impl Collector for SignalsCollector {
             "quic_congestion_window_bytes",
             "Congestion window of each connection's active path, sampled when it closes.",
             &sum_histogram(ws, |w| &w.obs.cwnd),
+        )?;
+        histogram(
+            e,
+            "quic_sampled_congestion_window_bytes",
+            "Congestion window of open connections' active paths, sampled once a second per worker (at most 1000 connections a tick, round-robin).",
+            &sum_histogram(ws, |w| &w.obs.cwnd_sampled),
+        )?;
+        histogram(
+            e,
+            "quic_sampled_rtt_seconds",
+            "Smoothed RTT of open connections' active paths, sampled once a second per worker (at most 1000 connections a tick, round-robin).",
+            &sum_histogram(ws, |w| &w.obs.rtt_sampled),
         )?;
         Ok(())
     }

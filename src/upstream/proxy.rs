@@ -454,10 +454,11 @@ async fn attempt(
 
     let (parts, body) = resp.into_parts();
     let status = parts.status.as_u16();
+    let head_after = sent_at.elapsed();
     crate::telemetry::probes::upstream_response(
         env.request_id,
         status,
-        sent_at.elapsed(),
+        head_after,
         &backend.address,
     );
     let retry_status = RetryOn::Status(status);
@@ -471,10 +472,10 @@ async fn attempt(
             backend_failure: status >= 500,
         });
     }
-    edge.send(ToEdge::Headers(router::response_headers(
-        parts.status,
-        &parts.headers,
-    )));
+    edge.send(ToEdge::Headers {
+        head: router::response_headers(parts.status, &parts.headers),
+        head_after,
+    });
     *head_sent = true;
 
     // Stream the response down while any remaining request body goes up.

@@ -209,6 +209,8 @@ pub struct Options {
     pub env: Vec<(String, String)>,
     /// More `limits:` keys, e.g. `max_connection_buffer_bytes: 1048576`.
     pub limits_extra: String,
+    /// More `telemetry:` keys, e.g. `access_log_path: access.log`.
+    pub telemetry_extra: String,
 }
 
 /// The I/O driver the suite runs on (`SPOOKY_TEST_IO_BACKEND`).
@@ -256,6 +258,7 @@ impl Options {
             quic_extra: String::new(),
             env: Vec::new(),
             limits_extra: String::new(),
+            telemetry_extra: String::new(),
         }
     }
 }
@@ -290,13 +293,18 @@ impl Spooky {
         } else {
             format!(", {}", o.limits_extra)
         };
+        let telemetry_extra = if o.telemetry_extra.is_empty() {
+            String::new()
+        } else {
+            format!(", {}", o.telemetry_extra)
+        };
         let quic = if o.quic_extra.contains("retry:") {
             o.quic_extra.clone()
         } else {
             format!("  retry: {}\n{}", o.retry, o.quic_extra)
         };
         format!(
-            "listen:\n  address: \"127.0.0.1:{port}\"\n  tls: {{ cert: cert.pem, key: key.pem }}\nquic:\n{quic}  idle_timeout_ms: 10000\n{io}{upstreams}limits: {{ max_body_buffer_bytes: {}, max_request_header_bytes: {}{limits_extra} }}\nadmin: {{ address: \"127.0.0.1:{admin}\" }}\ntelemetry: {{ log: \"info\", log_format: text, access_log: true }}\n{}",
+            "listen:\n  address: \"127.0.0.1:{port}\"\n  tls: {{ cert: cert.pem, key: key.pem }}\nquic:\n{quic}  idle_timeout_ms: 10000\n{io}{upstreams}limits: {{ max_body_buffer_bytes: {}, max_request_header_bytes: {}{limits_extra} }}\nadmin: {{ address: \"127.0.0.1:{admin}\" }}\ntelemetry: {{ log: \"info\", log_format: text, access_log: true{telemetry_extra} }}\n{}",
             o.max_body_buffer_bytes, o.max_request_header_bytes, o.extra
         )
     }
