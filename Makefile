@@ -2,7 +2,7 @@
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: run test build bootstrap certs check lint perf-io clean fuzz-smoke
+.PHONY: run test build bootstrap certs check lint perf-io perf-idle clean fuzz-smoke
 
 bootstrap:
 	@scripts/bootstrap.sh
@@ -34,6 +34,11 @@ lint:
 ## (docs/perf.md). PERF_IO_ARGS="--quick" for a short run.
 perf-io: build certs
 	python3 perf/io_compare.py $(PERF_IO_ARGS)
+
+## Only the idle-connection step of perf-io: RSS per idle HTTP/3 connection at
+## 1,000 connections, spooky uring and epoll (and HAProxy with HAPROXY=/path).
+perf-idle: build certs
+	python3 perf/io_compare.py --idle-only $(PERF_IO_ARGS)
 
 check: build certs
 	target/release/spooky check --config config.yaml

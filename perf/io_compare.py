@@ -36,6 +36,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -328,7 +329,7 @@ listen:
   tls: {{ cert: "{certs}/cert.pem", key: "{certs}/key.pem" }}
   alpn: ["h3"]
 quic:
-  idle_timeout_ms: 30000
+  idle_timeout_ms: {idle_timeout_ms}
   max_streams_bidi: 256
   initial_max_data: 16777216
   initial_max_stream_data: 1048576
@@ -348,7 +349,7 @@ upstreams:
     policy: round_robin
     backends:
 {backends}
-    pool: {{ connections_per_backend: {pool_conns}, max_concurrent_streams: 100 }}
+    pool: {{ connections_per_backend: {pool_conns}, max_connections_per_backend: {pool_max}, max_concurrent_streams: 100 }}
     timeouts: {{ connect_ms: 1000, request_ms: 30000, idle_ms: 60000 }}
 routes:
   - {{ path_prefix: "/", upstream: app }}
@@ -369,6 +370,7 @@ def run_driver(a, driver: str, bins: dict, work: str, backend_ports: list[int]) 
         f.write(
             CONFIG.format(
                 driver=driver,
+                idle_timeout_ms=30000,
                 backend=backend,
                 upstream_io=upstream_io,
                 zerocopy="true" if zerocopy(driver) else "false",
@@ -377,6 +379,7 @@ def run_driver(a, driver: str, bins: dict, work: str, backend_ports: list[int]) 
                 workers=a.workers,
                 batch=a.batch,
                 pool_conns=a.pool_connections,
+                pool_max=max(a.pool_connections, 16),
                 backends="\n".join(
                     f'      - {{ address: "127.0.0.1:{p}", weight: 1 }}' for p in backend_ports
                 ),
@@ -537,11 +540,12 @@ HAPROXY_CONFIG = """\
 global
     nbthread 1
     maxconn 4096
+    tune.quic.fe.max-idle-timeout {client_timeout}
 {limited_quic}
 defaults
     mode http
     timeout connect 1s
-    timeout client 30s
+    timeout client {client_timeout}
     timeout server 30s
     http-reuse always
 frontend h3
@@ -592,6 +596,34 @@ def find_haproxy(a) -> tuple[str | None, bool]:
     return path, "+QUIC_OPENSSL_COMPAT" in vv
 
 
+def vm_rss_kib(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def median_row(rows: list[dict]) -> dict:
+    """One sweep cell from its repeats: the median ok/CPU-s (the mean of the
+    middle two for an even count) and its inverse, the other fields from the
+    lower middle run, every repeat's non-2xx summed, the highest peak RSS,
+    and the repeats' ok/CPU-s listed."""
+    by = sorted(rows, key=lambda r: r.get("ok_per_cpu_s") or 0.0)
+    mid = dict(by[(len(by) - 1) // 2])
+    if len(rows) > 1:
+        med = statistics.median(r.get("ok_per_cpu_s") or 0.0 for r in rows)
+        mid["ok_per_cpu_s"] = med or None
+        mid["cpu_us_per_req"] = 1e6 / med if med else None
+        mid["non_2xx"] = sum(r.get("non_2xx") or 0 for r in rows)
+        mid["vm_hwm_kib"] = max((r.get("vm_hwm_kib") or 0) for r in rows) or None
+        mid["repeats_ok_per_cpu_s"] = [r.get("ok_per_cpu_s") for r in rows]
+    return mid
+
+
 def reset_hwm(pid: int) -> None:
     """Resets VmHWM to the current RSS (clear_refs 5), so each point's peak is its own."""
     try:
@@ -620,7 +652,8 @@ def preload_path(name: str) -> str:
     raise RuntimeError(f"{lib} not found: install it (Debian: libmimalloc2.0 / libjemalloc2)")
 
 
-def start_spooky_target(a, driver: str, bins: dict, work: str, backend_ports: list[int]) -> dict:
+def start_spooky_target(a, driver: str, bins: dict, work: str, backend_ports: list[int],
+                        idle_timeout_ms: int = 30000, tag: str = "sweep") -> dict:
     """`driver` is a variant (see `variant`), optionally `@mimalloc`, `@jemalloc` or
     `@/path/lib.so`: that allocator LD_PRELOADed over glibc's malloc, to compare
     allocators on the very same binary; and optionally `%/path/to/spooky`: another
@@ -636,11 +669,12 @@ def start_spooky_target(a, driver: str, bins: dict, work: str, backend_ports: li
     if alloc:
         env["LD_PRELOAD"] = preload_path(alloc)
     backend, upstream_io = variant(base)
-    cfg_path = os.path.join(work, f"sweep-spooky-{driver.replace('/', '_')}.yaml")
+    cfg_path = os.path.join(work, f"{tag}-spooky-{driver.replace('/', '_')}.yaml")
     with open(cfg_path, "w") as f:
         f.write(
             CONFIG.format(
-                driver=f"sweep {driver}",
+                driver=f"{tag} {driver}",
+                idle_timeout_ms=idle_timeout_ms,
                 backend=backend,
                 upstream_io=upstream_io,
                 zerocopy="true" if zerocopy(driver) else "false",
@@ -649,6 +683,7 @@ def start_spooky_target(a, driver: str, bins: dict, work: str, backend_ports: li
                 workers=a.sweep_workers,
                 batch=a.batch,
                 pool_conns=a.pool_connections,
+                pool_max=max(a.pool_connections, 16),
                 backends="\n".join(
                     f'      - {{ address: "127.0.0.1:{p}", weight: 1 }}' for p in backend_ports
                 ),
@@ -658,7 +693,7 @@ def start_spooky_target(a, driver: str, bins: dict, work: str, backend_ports: li
     chk = subprocess.run([spooky_bin, "check", "--config", cfg_path], capture_output=True, text=True)
     if chk.returncode != 0:
         raise RuntimeError(f"spooky check rejected {cfg_path}:\n{chk.stdout}{chk.stderr}")
-    log_path = os.path.join(work, f"sweep-spooky-{driver.replace('/', '_')}.log")
+    log_path = os.path.join(work, f"{tag}-spooky-{driver.replace('/', '_')}.log")
     logf = open(log_path, "w")
     proc = spawn([spooky_bin, "--config", cfg_path], cpus=a.spooky_cpus,
                  stdout=logf, stderr=subprocess.STDOUT, env=env)
@@ -668,7 +703,8 @@ def start_spooky_target(a, driver: str, bins: dict, work: str, backend_ports: li
             "log": log_path, "logf": logf, "backend": backend}
 
 
-def start_haproxy(a, path: str, compat: bool, work: str, backend_ports: list[int]) -> dict:
+def start_haproxy(a, path: str, compat: bool, work: str, backend_ports: list[int],
+                  client_timeout: str = "30s") -> dict:
     certs = os.path.join(work, "certs")
     pem = os.path.join(work, "haproxy.pem")
     with open(pem, "w") as out:
@@ -680,6 +716,7 @@ def start_haproxy(a, path: str, compat: bool, work: str, backend_ports: list[int
     with open(cfg_path, "w") as f:
         f.write(HAPROXY_CONFIG.format(
             limited_quic="    limited-quic" if compat else "",
+            client_timeout=client_timeout,
             port=port, pem=pem, ready=ready,
             servers="\n".join(f"    server s{i} 127.0.0.1:{p} proto h2"
                               for i, p in enumerate(backend_ports, 1)),
@@ -716,18 +753,20 @@ def run_sweep(a, bins: dict, work: str, backend_ports: list[int]) -> dict:
                 pass
         out["targets"] = [t["key"] for t in targets]
         for t in targets:
+            t["rss_start_kib"] = vm_rss_kib(t["proc"].pid)
             if a.warmup > 0:
                 log(f"sweep: {t['name']}: warm-up {a.warmup}s")
                 h3load(bins["h3load"], t["port"], ["-c", "4", "-m", "16", "-d", str(a.warmup), "/"],
                        a.warmup + 60)
             if t["backend"] == "uring":
                 t["io_uring_fds"] = io_uring_fds(t["proc"].pid)
-        n = len(a.sweep_points) * len(targets)
+        n = len(a.sweep_points) * len(targets) * a.sweep_repeat
         i = 0
         for c, m in a.sweep_points:
             point = f"{c}x{m}"
             out["runs"][point] = {}
-            for t in targets:
+            reps: dict[str, list[dict]] = {t["key"]: [] for t in targets}
+            for t in (t_ for _ in range(a.sweep_repeat) for t_ in targets):
                 i += 1
                 pid = t["proc"].pid
                 reset_hwm(pid)
@@ -749,7 +788,8 @@ def run_sweep(a, bins: dict, work: str, backend_ports: list[int]) -> dict:
                     "cpu_us_per_req": div(cpu * 1e6, ok),
                     "vm_hwm_kib": vm_hwm_kib(pid),
                 }
-                out["runs"][point][t["key"]] = row
+                reps[t["key"]].append(row)
+                out["runs"][point][t["key"]] = median_row(reps[t["key"]])
                 log(f"sweep [{i}/{n}] {point:>6} {t['name']:<18} {ok:>8} ok, "
                     f"{fmt(row['ok_per_cpu_s'])} ok per CPU-s, {fmt(row['cpu_us_per_req'])} µs CPU/req, "
                     f"peak RSS {fmt((row['vm_hwm_kib'] or 0) / 1024)} MiB"
@@ -767,6 +807,18 @@ def run_sweep(a, bins: dict, work: str, backend_ports: list[int]) -> dict:
                         f"{fmt(ac['frees_per_req'])} frees per request")
                 else:
                     log(f"sweep: {t['name']}: allocation count skipped (needs root, bpftrace, libc malloc)")
+        if a.settle_rss > 0:
+            log(f"sweep: every target idle; RSS again in {a.settle_rss}s "
+                "(does it return to its baseline after the load?)")
+            time.sleep(a.settle_rss)
+        for t in targets:
+            out.setdefault("rss", {})[t["key"]] = {
+                "start_kib": t.get("rss_start_kib"),
+                "peak_kib": max((out["runs"][p].get(t["key"], {}).get("vm_hwm_kib") or 0)
+                                for p in out["runs"]) or None,
+                "settled_kib": vm_rss_kib(t["proc"].pid) if a.settle_rss > 0 else None,
+                "settle_s": a.settle_rss,
+            }
         for t in targets:
             if t["backend"] == "uring" and not t.get("io_uring_fds"):
                 out.setdefault("warnings", []).append(f"{t['name']}: no io_uring instance open (fell back to epoll?)")
@@ -775,6 +827,109 @@ def run_sweep(a, bins: dict, work: str, backend_ports: list[int]) -> dict:
             stop(t["proc"])
             t["logf"].close()
     return out
+
+
+# ------------------------------------------------------------ idle connections
+#
+# RSS per idle connection (issue 9: <= 30 KiB at 1,000 connections): each
+# target alone, with an idle timeout longer than the run, then
+# `idle_conns` opens N connections (one GET each), holds them, and reads
+# VmRSS/RssAnon before, with N idle, and after closing them.
+
+IDLE_RE = re.compile(r"^(\w+): ([\d.]+)$", re.M)
+
+
+def run_idle(a, bins: dict, work: str, backend_ports: list[int]) -> dict:
+    hap, compat = find_haproxy(a)
+    keys = list(a.idle_drivers) + (["haproxy"] if hap else [])
+    out: dict = {"connections": a.idle_conns, "targets": keys, "runs": {k: [] for k in keys},
+                 "failures": []}
+    total = len(keys) * a.idle_repeat
+    i = 0
+    for _ in range(a.idle_repeat):
+        for k in keys:
+            i += 1
+            if k == "haproxy":
+                t = start_haproxy(a, hap, compat, work, backend_ports, client_timeout="600s")
+            else:
+                t = start_spooky_target(a, k, bins, work, backend_ports,
+                                        idle_timeout_ms=600_000, tag="idle")
+            try:
+                log(f"idle [{i}/{total}] {t['name']}: idle_conns -n {a.idle_conns} "
+                    f"(each: handshake, one GET /, then held idle)")
+                cmd = [bins["idle_conns"], "--pid", str(t["proc"].pid), "-n", str(a.idle_conns),
+                       "--addr", f"127.0.0.1:{t['port']}", "--settle", str(a.idle_settle)]
+                p = spawn(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                try:
+                    so, se = p.communicate(timeout=600)
+                except subprocess.TimeoutExpired:
+                    stop(p, signal.SIGKILL)
+                    so, se = "", "timed out after 600 s"
+                finally:
+                    if p in CHILDREN:
+                        CHILDREN.remove(p)
+                for line in se.splitlines():
+                    log(f"idle [{i}/{total}]   {line}")
+                if p.returncode != 0:
+                    why = (se.strip().splitlines() or ["?"])[-1]
+                    out["failures"].append(f"idle {t['name']}: {why}")
+                    log(f"idle [{i}/{total}] {t['name']}: FAILED: {why}")
+                    continue
+                r = {m.group(1): float(m.group(2)) for m in IDLE_RE.finditer(so)}
+                if t["proc"].poll() is not None:
+                    raise RuntimeError(f"{t['name']} exited with {t['proc'].returncode}; see {t['log']}")
+                out["runs"][k].append(r)
+                log(f"idle [{i}/{total}] {t['name']}: {fmt(r.get('rss_per_connection_kib'))} KiB "
+                    f"per idle connection (RssAnon {fmt(r.get('rss_anon_per_connection_kib'))}); "
+                    f"VmRSS {fmt(r.get('rss_before_kib', 0) / 1024)} -> "
+                    f"{fmt(r.get('rss_idle_kib', 0) / 1024)} MiB, "
+                    f"{fmt(r.get('rss_after_close_kib', 0) / 1024)} MiB after closing them")
+            finally:
+                stop(t["proc"])
+                t["logf"].close()
+    return out
+
+
+def idle_markdown(a, idle: dict) -> str:
+    def med(k: str, field: str):
+        v = [r[field] for r in idle["runs"].get(k, []) if field in r]
+        return statistics.median(v) if v else None
+
+    def show(k: str) -> str:
+        return "HAProxy" if k == "haproxy" else f"spooky {k}"
+
+    n = idle["connections"]
+    reps = a.idle_repeat
+    lines = [
+        f"## Idle connections: RSS per idle HTTP/3 connection at {n:,} connections"
+        + (f" (median of {reps} runs)" if reps > 1 else ""),
+        "",
+        "| target | KiB per idle connection (VmRSS) | (RssAnon) | baseline MiB | with "
+        f"{n:,} idle MiB | after closing them MiB | ≤ {a.idle_goal_kib:g} KiB |",
+        "|---|---:|---:|---:|---:|---:|:---:|",
+    ]
+    for k in idle["targets"]:
+        per = med(k, "rss_per_connection_kib")
+        lines.append(
+            f"| {show(k)} | {fmt(per)} | {fmt(med(k, 'rss_anon_per_connection_kib'))} | "
+            f"{fmt((med(k, 'rss_before_kib') or 0) / 1024 or None)} | "
+            f"{fmt((med(k, 'rss_idle_kib') or 0) / 1024 or None)} | "
+            f"{fmt((med(k, 'rss_after_close_kib') or 0) / 1024 or None)} | "
+            + ("–" if per is None or k == "haproxy" else ("yes" if per <= a.idle_goal_kib else "**no**"))
+            + " |")
+    lines += [
+        "",
+        f"`perf/src/bin/idle_conns.rs`: after {20} warm-up connections (opened, used, closed), "
+        f"the baseline; then {n:,} connections, each a handshake and one `GET /`, held idle "
+        "and polled (ACKs, timers) from one thread; (VmRSS with them − baseline) ÷ "
+        f"{n:,}. Each target runs alone, spooky with `io.workers: {a.sweep_workers}` and "
+        "`quic.idle_timeout_ms: 600000`, HAProxy with `nbthread 1` and "
+        "`tune.quic.fe.max-idle-timeout 600s` (HAProxy opens one UDP socket per "
+        "connection, whose kernel buffers are not in its RSS).",
+    ]
+    for f_ in idle.get("failures", []):
+        lines.append(f"- **FAILED**: {f_}")
+    return "\n".join(lines) + "\n"
 
 
 ALLOC_BT = """
@@ -863,7 +1018,9 @@ def sweep_markdown(a, sw: dict) -> str:
     head += ["peak RSS MiB (" + ", ".join(names[k] for k in keys) + ")"]
     lines = [
         f"## Sweep: small GETs, answers per proxy CPU-second "
-        f"({a.sweep_duration} s per point; spooky io.workers={a.sweep_workers}, "
+        f"({a.sweep_duration} s per point"
+        + (f", median of {a.sweep_repeat} runs" if a.sweep_repeat > 1 else "")
+        + f"; spooky io.workers={a.sweep_workers}, "
         f"connections_per_backend={a.pool_connections}"
         + (f"; {sw.get('haproxy_version', 'HAProxy')} nbthread 1" if have_hap else "; no HAProxy given")
         + ")",
@@ -916,6 +1073,20 @@ def sweep_markdown(a, sw: dict) -> str:
             lines.append(f"- {names.get(k, k)}: **{fmt(ac['allocs_per_req'])} libc allocations** "
                          f"(malloc+calloc+realloc) and {fmt(ac['frees_per_req'])} frees per request "
                          f"(bpftrace uprobes, h3load -c 4 -m 16, {ac['ok']} answers)")
+    rss = sw.get("rss") or {}
+    if rss:
+        settle = next((v.get("settle_s") for v in rss.values()), 0)
+        lines += ["", "| RSS MiB | " + " | ".join(names[k] for k in keys) + " |",
+                  "|---|" + "---:|" * len(keys)]
+        lines.append("| at start (before any load) | "
+                     + " | ".join(fmt((rss.get(k, {}).get("start_kib") or 0) / 1024 or None) for k in keys) + " |")
+        lines.append("| peak (highest VmHWM of the points) | "
+                     + " | ".join(fmt((rss.get(k, {}).get("peak_kib") or 0) / 1024 or None) for k in keys) + " |")
+        if settle:
+            lines.append(f"| {settle} s after the last load | "
+                         + " | ".join(fmt((rss.get(k, {}).get("settled_kib") or 0) / 1024 or None)
+                                      for k in keys) + " |")
+        lines.append("")
     for w in sw.get("warnings", []):
         lines.append(f"- **{w}**")
     if failed:
@@ -1180,6 +1351,26 @@ def parse_args():
     p.add_argument("--alloc-requests", type=int, default=env_default("PERF_IO_ALLOC_REQUESTS", 2000),
                    help="requests of the sweep's allocation count (bpftrace uprobes on libc malloc, "
                    "root only); 0 skips (default 2000)")
+    p.add_argument("--sweep-repeat", type=int, default=env_default("PERF_IO_SWEEP_REPEAT", 1),
+                   help="runs of every sweep point per target, interleaved; the table shows the "
+                   "median (default 1)")
+    p.add_argument("--settle-rss", type=int, default=env_default("PERF_IO_SETTLE_RSS", 30),
+                   help="after the sweep, seconds every target stays idle before its RSS is read "
+                   "again (does RSS return to its baseline?); 0 skips (default 30)")
+    p.add_argument("--idle-conns", type=int, default=env_default("PERF_IO_IDLE_CONNS", 1000),
+                   help="RSS per idle connection at this many connections (perf/src/bin/"
+                   "idle_conns.rs), each target alone; 0 skips (default 1000)")
+    p.add_argument("--idle-drivers", default=env_default("PERF_IO_IDLE_DRIVERS", "uring,epoll"),
+                   help="spooky variants of the idle-connection step (default uring,epoll; "
+                   "HAProxy joins when found, as in the sweep)")
+    p.add_argument("--idle-repeat", type=int, default=env_default("PERF_IO_IDLE_REPEAT", 1),
+                   help="runs of the idle-connection step per target; the table shows the median")
+    p.add_argument("--idle-settle", type=int, default=env_default("PERF_IO_IDLE_SETTLE", 3),
+                   help="seconds idle_conns holds the connections before reading RSS (default 3)")
+    p.add_argument("--idle-goal-kib", type=float, default=env_default("PERF_IO_IDLE_GOAL_KIB", 30.0),
+                   help="KiB per idle connection the table checks spooky against (default 30)")
+    p.add_argument("--idle-only", action="store_true", default=bool(os.environ.get("PERF_IO_IDLE_ONLY")),
+                   help="run only the idle-connection step (make perf-idle)")
     p.add_argument("--no-sweep", action="store_true", default=bool(os.environ.get("PERF_IO_NO_SWEEP")),
                    help="skip the sweep")
     p.add_argument("--sweep-only", action="store_true", default=bool(os.environ.get("PERF_IO_SWEEP_ONLY")),
@@ -1192,6 +1383,12 @@ def parse_args():
         a.sweep_duration = 3
     a.sweep_points = parse_points(a.sweep_points)
     a.sweep_drivers = [d.strip() for d in a.sweep_drivers.split(",") if d.strip()]
+    a.idle_drivers = [d.strip() for d in a.idle_drivers.split(",") if d.strip()]
+    a.sweep_repeat = max(1, a.sweep_repeat)
+    a.idle_repeat = max(1, a.idle_repeat)
+    if a.idle_only:
+        a.sweep_only, a.no_sweep = False, True
+        a.idle_conns = a.idle_conns or 1000
     if a.no_sweep and a.sweep_only:
         p.error("--no-sweep and --sweep-only exclude each other")
     a.drivers = [d.strip() for d in a.drivers.split(",") if d.strip()]
@@ -1215,7 +1412,7 @@ def main() -> int:
     # Even when started with SIGINT ignored (a background job), Ctrl-C/SIGINT stops the run.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     target = os.path.abspath(os.environ.get("CARGO_TARGET_DIR") or os.path.join(ROOT, "target"))
-    bins = {n: os.path.join(target, a.cargo_profile, n) for n in ("spooky", "h3load")}
+    bins = {n: os.path.join(target, a.cargo_profile, n) for n in ("spooky", "h3load", "idle_conns")}
     work = None
     try:
         if not a.no_build:
@@ -1247,15 +1444,19 @@ def main() -> int:
                 "other work on this host makes the figures noisy")
         meta["profile"] = a.profile
         res: dict = {}
-        if not a.sweep_only:
+        if not a.sweep_only and not a.idle_only:
             for drv in a.drivers:
                 backend, upstream_io = variant(drv)
                 log(f"{drv}: starting spooky (io.backend: {backend}, io.upstream_io: {upstream_io}, "
                     f"io.workers: {a.workers})")
                 res[drv] = run_driver(a, drv, bins, work, backend_ports)
         sw = None if a.no_sweep else run_sweep(a, bins, work, backend_ports)
+        idle = run_idle(a, bins, work, backend_ports) if a.idle_conns > 0 else None
 
-        md = "" if a.sweep_only else markdown(a, res, meta)
+        md = "" if a.sweep_only or a.idle_only else markdown(a, res, meta)
+        if a.idle_only:
+            md += (f"host: {meta['cpus']} CPUs ({meta['cpu_model']}), kernel {meta['kernel']}, "
+                   f"spooky {meta['git']} ({meta.get('profile', 'release')})\n\n")
         if sw:
             if a.sweep_only:
                 md += (f"host: {meta['cpus']} CPUs ({meta['cpu_model']}), kernel {meta['kernel']}, "
@@ -1263,6 +1464,8 @@ def main() -> int:
             else:
                 md += "\n"
             md += sweep_markdown(a, sw)
+        if idle:
+            md += "\n" + idle_markdown(a, idle)
         os.makedirs(a.out_dir, exist_ok=True)
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         base = os.path.join(a.out_dir, f"io-{stamp}")
@@ -1285,13 +1488,14 @@ def main() -> int:
             },
             "runs": res,
             "sweep": sw,
+            "idle": idle,
         }
         with open(base + ".json", "w") as f:
             json.dump(finite(raw), f, indent=2, default=str)
         png = maybe_png(a, res, base + ".png")
         print(md)
         log(f"wrote {base}.md, {base}.json" + (f", {base}.png" if png else ""))
-        failures = sweep_failures(sw) + [
+        failures = sweep_failures(sw) + (idle or {}).get("failures", []) + [
             f"{d} {ph}: {r[ph]['errors']} non-2xx"
             for d, r in res.items() for ph in ("small",) if r.get(ph, {}).get("errors")
         ] + [f"{d} bulk: incomplete" for d, r in res.items()

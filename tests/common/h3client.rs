@@ -784,6 +784,22 @@ impl H3Client {
         }
     }
 
+    /// One non-blocking turn: feeds every datagram already queued, fires
+    /// quiche's timer if due, handles HTTP/3 control events and sends what
+    /// is ready (ACKs included). For holding many idle connections from one
+    /// thread (`perf/src/bin/idle_conns.rs`). `Err` once closed.
+    pub fn poll(&mut self) -> Result<()> {
+        self.drain_socket()?;
+        if let Some(at) = self.conn.timeout_instant() {
+            if at <= Instant::now() {
+                self.conn.on_timeout();
+            }
+        }
+        self.process_h3(&mut [])?;
+        self.flush()?;
+        self.check_open()
+    }
+
     // ---- internals -------------------------------------------------------
 
     fn issue_spare_scids(&mut self) {
