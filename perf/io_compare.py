@@ -798,7 +798,7 @@ def run_sweep(a, bins: dict, work: str, backend_ports: list[int]) -> dict:
             for t in targets:
                 if t["key"] == "haproxy" or "@" in t["key"].partition("%")[0]:
                     continue  # HAProxy's pools and a preloaded allocator bypass libc malloc
-                log(f"sweep: {t['name']}: counting libc allocations (bpftrace) over h3load -c 4 -m 16 "
+                log(f"sweep: {t['name']}: counting allocations (bpftrace) over h3load -c 4 -m 16 "
                     f"-n {a.alloc_requests}")
                 ac = count_allocs(a, bins, t, 4, 16)
                 out.setdefault("allocs", {})[t["key"]] = ac
@@ -938,6 +938,12 @@ uprobe:{libc}:calloc /pid == {pid}/ {{ @calls["calloc"] = count(); }}
 uprobe:{libc}:realloc /pid == {pid}/ {{ @calls["realloc"] = count(); }}
 uprobe:{libc}:free /pid == {pid}/ {{ @calls["free"] = count(); }}
 """
+# jemalloc's own entry points, which its Rust binding calls besides malloc.
+JEMALLOC_BT = """
+uprobe:{libc}:mallocx /pid == {pid}/ {{ @calls["malloc"] = count(); }}
+uprobe:{libc}:rallocx /pid == {pid}/ {{ @calls["realloc"] = count(); }}
+uprobe:{libc}:sdallocx /pid == {pid}/ {{ @calls["free"] = count(); }}
+"""
 BT_ROW = re.compile(r'^@calls\[(\w+)\]: (\d+)')
 
 
@@ -953,18 +959,35 @@ def libc_of(pid: int) -> str | None:
     return None
 
 
+def malloc_home(pid: int) -> str | None:
+    """The object whose malloc the process calls: its own executable when
+    that exports one (spooky's default build links jemalloc as the process
+    malloc), else the libc it mapped."""
+    exe = os.path.realpath(f"/proc/{pid}/exe")
+    try:
+        syms = subprocess.run(["nm", "-D", "--defined-only", exe], capture_output=True,
+                              text=True, timeout=30).stdout
+        if re.search(r" T malloc$", syms, re.M):
+            return exe
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return libc_of(pid)
+
+
 def count_allocs(a, bins: dict, t: dict, c: int, m: int) -> dict | None:
-    """libc malloc/calloc/realloc/free calls of the proxy process per 2xx
+    """malloc/calloc/realloc/free calls of the proxy process per 2xx
     answer, counted exactly by bpftrace uprobes over a short run of its own
     (uprobes slow the process down, so no other figure comes from it). None
-    when bpftrace, root or a libc allocator is missing (mimalloc/jemalloc
-    builds never call libc malloc)."""
+    when bpftrace or root is missing. The probes go on whichever object
+    provides the process's malloc (`malloc_home`)."""
     bt = shutil.which("bpftrace")
     pid = t["proc"].pid
-    libc = libc_of(pid)
+    libc = malloc_home(pid)
     if not bt or os.geteuid() != 0 or not libc:
         return None
     script = ALLOC_BT.format(libc=libc, pid=pid)
+    if libc == os.path.realpath(f"/proc/{pid}/exe"):
+        script += JEMALLOC_BT.format(libc=libc, pid=pid)
     p = spawn([bt, "-e", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 30
     line = ""
@@ -1070,7 +1093,7 @@ def sweep_markdown(a, sw: dict) -> str:
                      + ("**met**" if not slower else "**not met** (uring/epoll): " + "; ".join(slower)))
     for k, ac in (sw.get("allocs") or {}).items():
         if ac:
-            lines.append(f"- {names.get(k, k)}: **{fmt(ac['allocs_per_req'])} libc allocations** "
+            lines.append(f"- {names.get(k, k)}: **{fmt(ac['allocs_per_req'])} allocations** "
                          f"(malloc+calloc+realloc) and {fmt(ac['frees_per_req'])} frees per request "
                          f"(bpftrace uprobes, h3load -c 4 -m 16, {ac['ok']} answers)")
     rss = sw.get("rss") or {}
