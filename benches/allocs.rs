@@ -246,6 +246,8 @@ fn start_worker(config: &std::path::Path, driver: &str) -> Worker {
         config: store,
         metrics: registry.add_worker(),
         board: Arc::new(BackendBoard::default()),
+        // `telemetry.access_log: false` above: no access lines to write.
+        access: None,
     };
     let (shutdown, rx) = tokio::sync::watch::channel(false);
     let (gso, gro) = (cfg.io.gso, cfg.io.gro);
