@@ -459,7 +459,10 @@ impl Harness {
                     status.clamp(&100, &999).to_string().as_bytes(),
                 )];
                 list.extend(fields(f));
-                ToEdge::Headers(list)
+                ToEdge::Headers {
+                    head: list,
+                    head_after: std::time::Duration::ZERO,
+                }
             }
             Upstream::Data { len } => {
                 ToEdge::Data(Bytes::from(vec![0x61; usize::from(*len).min(MAX_CHUNK)]))
