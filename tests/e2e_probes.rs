@@ -364,4 +364,6 @@ fn sampled_congestion_window_moves_during_a_download() {
     let sum = s.metric("spooky_quic_sampled_congestion_window_bytes_sum", &[]);
     assert!(sum > 0.0, "sampled windows sum to {sum}");
     assert!(s.metric("spooky_quic_sampled_rtt_seconds_count", &[]) >= during.1);
+    // Bytes in flight are sampled with the window, path by path.
+    assert!(s.metric("spooky_quic_sampled_in_flight_bytes_count", &[]) >= during.1);
 }

@@ -413,7 +413,7 @@ impl Edge {
             let Some(p) = c.quic.path_stats().find(|p| p.active) else {
                 return false;
             };
-            obs.path_sampled(p.cwnd, p.rtt);
+            obs.path_sampled(p.cwnd, p.bytes_in_flight, p.rtt);
             sampled += 1;
             true
         };

@@ -673,8 +673,10 @@ mod tests {
         WorkerMetrics::inc(&a.obs.closed_by_reason[1]);
         WorkerMetrics::add(&a.obs.packets_lost, 3);
         a.obs.handshake_done(1, Duration::from_millis(2));
-        a.obs.path_sampled(20_000, Duration::from_micros(300));
-        b.obs.path_sampled(70_000, Duration::from_micros(700));
+        a.obs
+            .path_sampled(20_000, 5_000, Duration::from_micros(300));
+        b.obs
+            .path_sampled(70_000, 60_000, Duration::from_micros(700));
         reg
     }
 
@@ -702,6 +704,9 @@ mod tests {
             "spooky_quic_sampled_congestion_window_bytes_count 2",
             "spooky_quic_sampled_congestion_window_bytes_sum 90000.0",
             "spooky_quic_sampled_congestion_window_bytes_bucket{le=\"65536.0\"} 1",
+            "spooky_quic_sampled_in_flight_bytes_count 2",
+            "spooky_quic_sampled_in_flight_bytes_sum 65000.0",
+            "spooky_quic_sampled_in_flight_bytes_bucket{le=\"16384.0\"} 1",
             "spooky_quic_sampled_rtt_seconds_count 2",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
@@ -811,6 +816,7 @@ mod tests {
             ("quic_rtt_seconds", "histogram"),
             ("io_datagrams_per_syscall", "histogram"),
             ("quic_sampled_congestion_window_bytes", "histogram"),
+            ("quic_sampled_in_flight_bytes", "histogram"),
             ("quic_sampled_rtt_seconds", "histogram"),
             ("config_reloads", "counter"),
             ("config_generation", "gauge"),

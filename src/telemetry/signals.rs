@@ -64,6 +64,9 @@ pub struct ObsMetrics {
     pub cwnd: AtomicHistogram<CwndBuckets>,
     /// Congestion window of open connections' active paths, sampled.
     pub cwnd_sampled: AtomicHistogram<CwndBuckets>,
+    /// Bytes in flight on open connections' active paths, sampled (same
+    /// buckets as the window, so the two read side by side).
+    pub in_flight_sampled: AtomicHistogram<CwndBuckets>,
     /// Smoothed RTT of open connections' active paths, sampled.
     pub rtt_sampled: AtomicHistogram<super::RttBuckets>,
     /// Per-backend picks, outcomes, latency, retries, ejections.
@@ -78,8 +81,9 @@ impl ObsMetrics {
     }
 
     /// One periodic sample of an open connection's active path.
-    pub fn path_sampled(&self, cwnd: usize, rtt: Duration) {
+    pub fn path_sampled(&self, cwnd: usize, in_flight: usize, rtt: Duration) {
         self.cwnd_sampled.observe(cwnd as f64);
+        self.in_flight_sampled.observe(in_flight as f64);
         self.rtt_sampled.observe(rtt.as_secs_f64());
     }
 
@@ -205,6 +209,12 @@ impl Collector for SignalsCollector {
             "quic_sampled_congestion_window_bytes",
             "Congestion window of open connections' active paths, sampled once a second per worker (at most 1000 connections a tick, round-robin).",
             &sum_histogram(ws, |w| &w.obs.cwnd_sampled),
+        )?;
+        histogram(
+            e,
+            "quic_sampled_in_flight_bytes",
+            "Bytes in flight (sent, not yet acknowledged or lost) on open connections' active paths, sampled once a second per worker (at most 1000 connections a tick, round-robin).",
+            &sum_histogram(ws, |w| &w.obs.in_flight_sampled),
         )?;
         histogram(
             e,

@@ -596,6 +596,7 @@ impl Path {
             max_rtt: self.recovery.max_rtt(),
             rttvar: self.recovery.rttvar(),
             cwnd: self.recovery.cwnd(),
+            bytes_in_flight: self.recovery.bytes_in_flight(), // spooky patch
             sent_bytes: self.sent_bytes,
             recv_bytes: self.recv_bytes,
             lost_bytes: self.recovery.bytes_lost(),
@@ -1044,6 +1045,10 @@ pub struct PathStats {
 
     /// The size of the connection's congestion window in bytes.
     pub cwnd: usize,
+
+    /// Bytes sent on this path and not yet acknowledged or declared lost
+    /// (spooky patch: sampled into a histogram while connections are open).
+    pub bytes_in_flight: usize,
 
     /// The number of sent bytes.
     pub sent_bytes: u64,
