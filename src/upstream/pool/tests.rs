@@ -19,9 +19,11 @@ fn ready(in_flight: u32, cap: u32) -> SlotState {
 }
 
 #[test]
-fn uses_the_least_loaded_connection_with_room() {
-    let slots = [ready(5, 10), ready(2, 10), ready(1, 1), Empty];
+fn packs_streams_onto_the_first_connection_with_room() {
+    let slots = [ready(10, 10), ready(5, 10), ready(2, 10), Empty];
     assert_eq!(decide(slots, &view()), Step::Use(1));
+    let slots = [ready(1, 1), Connecting, ready(0, 10), ready(9, 10)];
+    assert_eq!(decide(slots, &view()), Step::Use(2));
 }
 
 #[test]

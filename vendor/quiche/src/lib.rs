@@ -5338,8 +5338,10 @@ impl<F: BufFactory> Connection<F> {
                 // Update tx_buffered when data is emitted.
                 self.streams.sub_tx_buffered(len);
 
-                #[cfg(feature = "fuzzing")]
-                // Coalesce STREAM frames when fuzzing.
+                // spooky patch (see vendor/README.md): coalesce STREAM
+                // frames of several streams into one packet while room is
+                // left (upstream does so only when fuzzing). One frame per
+                // packet sent every small response in its own datagram.
                 if left > frame::MAX_STREAM_OVERHEAD {
                     continue;
                 }
