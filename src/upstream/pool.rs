@@ -160,7 +160,8 @@ pub enum Step {
 /// exceed what the connections already being opened will take, so a burst
 /// opens connections in proportion to its size, not one per request.
 pub fn decide(slots: impl IntoIterator<Item = SlotState>, v: &PoolView) -> Step {
-    let mut first_free: Option<usize> = None;
+    let queue_full = !v.is_waiter && v.waiting >= v.max_waiting;
+    let may_take = v.is_waiter || v.waiting == 0 || queue_full;
     let mut ready = 0u32;
     let mut connecting = 0u32;
     let mut empty = None;
@@ -168,20 +169,16 @@ pub fn decide(slots: impl IntoIterator<Item = SlotState>, v: &PoolView) -> Step 
         match s {
             SlotState::Ready { in_flight, cap } => {
                 ready += 1;
-                if in_flight < cap && first_free.is_none() {
-                    first_free = Some(i);
+                if in_flight < cap && may_take {
+                    // First fit: the slots after it need not be looked at
+                    // (each look locks that h2 connection's state).
+                    return Step::Use(i);
                 }
             }
             SlotState::Connecting => connecting += 1,
             SlotState::Empty => {
                 empty = empty.or(Some(i));
             }
-        }
-    }
-    let queue_full = !v.is_waiter && v.waiting >= v.max_waiting;
-    if let Some(i) = first_free {
-        if v.is_waiter || v.waiting == 0 || queue_full {
-            return Step::Use(i);
         }
     }
     if ready == 0 && connecting == 0 && !v.connectable {
@@ -512,21 +509,20 @@ impl BackendPool {
         Ok((sr, conn))
     }
 
-    /// Snapshot of the slots for [`decide`].
-    fn slot_states(&self) -> Vec<SlotState> {
+    /// The slots as [`decide`] sees them, looked at lazily: `decide` stops
+    /// at the first connection with room.
+    fn decide(&self, is_waiter: bool) -> Step {
         let cap = self.settings.max_streams;
-        self.slots
-            .borrow()
-            .iter()
-            .map(|s| match s {
-                Slot::Empty => SlotState::Empty,
-                Slot::Connecting => SlotState::Connecting,
-                Slot::Ready(c) => SlotState::Ready {
-                    in_flight: c.in_flight.get(),
-                    cap: c.cap(cap),
-                },
-            })
-            .collect()
+        let slots = self.slots.borrow();
+        let states = slots.iter().map(|s| match s {
+            Slot::Empty => SlotState::Empty,
+            Slot::Connecting => SlotState::Connecting,
+            Slot::Ready(c) => SlotState::Ready {
+                in_flight: c.in_flight.get(),
+                cap: c.cap(cap),
+            },
+        });
+        decide(states, &self.view(is_waiter))
     }
 
     fn view(&self, is_waiter: bool) -> PoolView {
@@ -572,7 +568,7 @@ impl BackendPool {
             tokio::pin!(notified);
             notified.as_mut().enable();
             self.keep_warm();
-            match decide(self.slot_states(), &self.view(queued.is_some())) {
+            match self.decide(queued.is_some()) {
                 Step::Use(i) => {
                     let Some(conn) = self.conn_at(i) else {
                         continue;
