@@ -133,6 +133,14 @@ const TIMER_STALE_RATIO: usize = 4;
 /// milliseconds, so finer pacing would only add wake-ups.
 pub const PACING_HORIZON: std::time::Duration = std::time::Duration::from_millis(1);
 
+/// How long the ACK of a packet that carried a new request may wait for
+/// the response to ride with (quiche `hold_ack`, a vendored patch). A
+/// backend that answers within it saves the client one datagram and
+/// spooky one packet per request (a lone ACK); one that is slower gets the
+/// ACK this much later, well inside the 25 ms `max_ack_delay` spooky
+/// announces. Only the ACK of a single packet waits (RFC 9000 §13.2.2).
+pub const ACK_HOLD: std::time::Duration = std::time::Duration::from_millis(5);
+
 /// A packet quiche built but pacing says to send later.
 #[derive(Debug, Clone, Copy)]
 struct Held {
@@ -202,6 +210,9 @@ struct Conn {
     /// else is built for this connection until it has gone out.
     held: Option<Held>,
     held_buf: Vec<u8>,
+    /// Until when quiche holds an ACK-only packet ([`ACK_HOLD`]); the
+    /// connection's timer sends it then.
+    ack_hold: Option<Instant>,
     /// Until the handshake completes: when the connection is discarded
     /// unless it has (`quic.handshake_timeout_ms`).
     handshake_deadline: Option<Instant>,
@@ -572,6 +583,7 @@ impl Edge {
             abandoned: 0,
             span: tracing::info_span!("conn", conn = serial, peer = %from),
             held: None,
+            ack_hold: None,
             held_buf: Vec::new(),
             handshake_deadline: Some(self.now + self.settings.handshake_timeout),
             accepted_at: self.now,
@@ -707,6 +719,7 @@ impl Edge {
                 conn.quic.timeout_instant(),
                 conn.close_at,
                 conn.held.map(|h| h.at).filter(|&at| at > now),
+                conn.ack_hold.filter(|&at| at > now),
                 conn.handshake_deadline,
             ]
             .into_iter()
@@ -913,6 +926,9 @@ impl Edge {
                         .quic
                         .close(true, h3_code::NO_ERROR, b"server shutting down");
                 }
+            }
+            if conn.ack_hold.is_some_and(|t| t <= now) {
+                conn.release_ack();
             }
             conn.quic.on_timeout();
             self.after_activity(ci, now);
@@ -1237,6 +1253,23 @@ fn round_robin(
         k = (k + 1) % capacity;
     }
     k
+}
+
+impl Conn {
+    /// Lets the ACK of the packet just received wait for the response of
+    /// the request it carried ([`ACK_HOLD`]).
+    fn hold_ack(&mut self, now: Instant) {
+        let until = now + ACK_HOLD;
+        self.ack_hold = Some(until);
+        self.quic.hold_ack(Some(until));
+    }
+
+    /// Ends the hold: an ACK quiche still owes goes out with the next send.
+    fn release_ack(&mut self) {
+        if self.ack_hold.take().is_some() {
+            self.quic.hold_ack(None);
+        }
+    }
 }
 
 /// Whether quiche still holds a stream whose response spooky finished

@@ -273,6 +273,7 @@ impl Edge {
             return;
         }
         conn.max_stream_id = Some(conn.max_stream_id.map_or(sid, |m| m.max(sid)));
+        conn.hold_ack(now);
         let serial = self.next_request_serial;
         self.next_request_serial += 1;
         let access_log = self.settings.access_log;
@@ -620,6 +621,12 @@ impl Edge {
                 let fin = resp.end && resp.chunks.is_empty() && resp.trailers.is_none();
                 match h3c.send_response(&mut conn.quic, sid, &head, fin) {
                     Ok(()) => {
+                        // The ACK owed rides with this head
+                        // (`Conn::release_ack`, field by field: `h3c`
+                        // borrows `conn.h3`).
+                        if conn.ack_hold.take().is_some() {
+                            conn.quic.hold_ack(None);
+                        }
                         resp.head_sent = true;
                         resp.fin_sent = fin;
                         self.body_writes += 1;

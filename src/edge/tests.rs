@@ -754,3 +754,101 @@ fn a_body_that_came_with_its_head_is_forwarded_to_the_end() {
     }
     assert_eq!((got, ended), (500, true), "body bytes and end forwarded");
 }
+
+impl Pair {
+    /// Sends a GET from the client, one datagram, without draining the edge.
+    fn send_get(&mut self) -> u64 {
+        let hdrs = vec![
+            h3::Header::new(b":method", b"GET"),
+            h3::Header::new(b":scheme", b"https"),
+            h3::Header::new(b":authority", b"localhost"),
+            h3::Header::new(b":path", b"/"),
+        ];
+        let h3c = self.h3.as_mut().unwrap();
+        let sid = h3c.send_request(&mut self.client, &hdrs, true).unwrap();
+        self.client_to_edge();
+        sid
+    }
+
+    /// Delivers every datagram the edge has to the client; how many.
+    fn edge_to_client(&mut self) -> usize {
+        let mut buf = vec![0u8; 65536];
+        let mut n = 0;
+        while let Some(t) = self.edge.poll_transmit(&mut buf, 1) {
+            let info = quiche::RecvInfo {
+                from: t.from,
+                to: t.to,
+            };
+            let _ = self.client.recv(&mut buf[..t.len], info);
+            n += 1;
+        }
+        n
+    }
+
+    fn client_in_flight(&self) -> usize {
+        self.client.path_stats().next().unwrap().bytes_in_flight
+    }
+}
+
+#[test]
+fn the_ack_of_a_request_rides_with_its_response() {
+    let mut p = Pair::new(64 * 1024);
+    p.exchange();
+    p.send_get();
+    assert_eq!(
+        p.edge_to_client(),
+        0,
+        "no lone ACK while the response is due"
+    );
+    assert!(p.client_in_flight() > 0);
+    let (_env, side) = p.take_request();
+    side.edge.send(ToEdge::Headers {
+        head: vec![h3::Header::new(b":status", b"200")],
+        head_after: std::time::Duration::ZERO,
+    });
+    side.edge.send(ToEdge::Data(Bytes::from_static(b"ok")));
+    side.edge.send(ToEdge::End);
+    while let Ok((k, m)) = p.rx.try_recv() {
+        p.edge.handle_upstream(Instant::now(), k, m);
+    }
+    assert_eq!(p.edge_to_client(), 1, "response and ACK in one datagram");
+    assert_eq!(
+        p.client_in_flight(),
+        0,
+        "the request packet is acknowledged"
+    );
+    let (status, body, fin, _) = p.client_events();
+    assert_eq!(
+        (status.as_deref(), &body[..], fin),
+        (Some("200"), &b"ok"[..], true)
+    );
+}
+
+#[test]
+fn a_held_ack_goes_out_alone_when_no_response_comes_in_time() {
+    let mut p = Pair::new(64 * 1024);
+    p.exchange();
+    p.send_get();
+    assert_eq!(p.edge_to_client(), 0);
+    let _request = p.take_request();
+    let at = p.edge.poll_timeout().expect("the hold's timer");
+    assert!(at <= Instant::now() + ACK_HOLD);
+    std::thread::sleep(ACK_HOLD + std::time::Duration::from_millis(1));
+    p.edge.handle_timeout(Instant::now());
+    assert_eq!(p.edge_to_client(), 1, "the ACK, alone");
+    assert_eq!(p.client_in_flight(), 0);
+}
+
+#[test]
+fn a_second_packet_owed_is_acknowledged_at_once() {
+    let mut p = Pair::new(64 * 1024);
+    p.exchange();
+    p.send_get();
+    p.send_get();
+    assert_eq!(
+        p.edge_to_client(),
+        1,
+        "RFC 9000 §13.2.2: every second packet"
+    );
+    assert_eq!(p.client_in_flight(), 0);
+}

@@ -1552,6 +1552,14 @@ where
     /// Whether to emit DATAGRAM frames in the next packet.
     emit_dgram: bool,
 
+    /// spooky patch (see vendor/README.md): until when an ACK-only 1-RTT
+    /// packet may wait for data to ride with ([`Connection::hold_ack`]).
+    ack_hold_until: Option<Instant>,
+
+    /// spooky patch: ack-eliciting 1-RTT packets received since the last
+    /// 1-RTT ACK was sent.
+    app_ack_eliciting_owed: u32,
+
     /// Whether the connection should prevent from reusing destination
     /// Connection IDs when the peer migrates.
     disable_dcid_reuse: bool,
@@ -2204,6 +2212,10 @@ impl<F: BufFactory> Connection<F> {
             ),
 
             emit_dgram: true,
+
+            ack_hold_until: None,
+
+            app_ack_eliciting_owed: 0,
 
             disable_dcid_reuse: config.disable_dcid_reuse,
 
@@ -3777,6 +3789,12 @@ impl<F: BufFactory> Connection<F> {
 
         self.pkt_num_spaces[epoch].ack_elicited =
             cmp::max(self.pkt_num_spaces[epoch].ack_elicited, ack_elicited);
+
+        // spooky patch (see vendor/README.md): count what a held ACK owes.
+        if ack_elicited && epoch == packet::Epoch::Application {
+            self.app_ack_eliciting_owed =
+                self.app_ack_eliciting_owed.saturating_add(1);
+        }
 
         self.pkt_num_spaces[epoch].largest_rx_pkt_num =
             cmp::max(self.pkt_num_spaces[epoch].largest_rx_pkt_num, pn);
@@ -5390,6 +5408,30 @@ impl<F: BufFactory> Connection<F> {
             // app_limited to false.
             path.recovery.update_app_limited(false);
             return Err(Error::Done);
+        }
+
+        // spooky patch (see vendor/README.md): a 1-RTT packet that would
+        // carry nothing but the ACK of a single ack-eliciting packet waits
+        // while the application holds ACKs (it expects to send data soon,
+        // which the ACK then rides with). RFC 9000 §13.2.1 allows the delay
+        // up to max_ack_delay, and §13.2.2 asks for an ACK at least every
+        // second ack-eliciting packet, which a second one owed forces here.
+        let has_ack = frames
+            .iter()
+            .any(|f| matches!(f, frame::Frame::ACK { .. }));
+        if pkt_type == Type::Short && has_ack {
+            let only_ack = !ack_eliciting &&
+                frames
+                    .iter()
+                    .all(|f| matches!(f, frame::Frame::ACK { .. }));
+            if only_ack &&
+                self.app_ack_eliciting_owed <= 1 &&
+                self.ack_hold_until.is_some_and(|t| now < t)
+            {
+                self.pkt_num_spaces[epoch].ack_elicited = true;
+                return Err(Error::Done);
+            }
+            self.app_ack_eliciting_owed = 0;
         }
 
         // When coalescing a 1-RTT packet, we can't add padding in the UDP
@@ -7664,6 +7706,18 @@ impl<F: BufFactory> Connection<F> {
     #[inline]
     pub fn application_proto(&self) -> &[u8] {
         self.alpn.as_ref()
+    }
+
+    /// spooky patch (see vendor/README.md): lets a 1-RTT packet that would
+    /// carry only an ACK wait until `until` (`None`: no more waiting), so
+    /// that the ACK rides with the data the application expects to write
+    /// before then (a response to the request just received). Only the ACK
+    /// of a single ack-eliciting packet waits: a second one owed is
+    /// acknowledged at once. `until` should be within the local
+    /// `max_ack_delay`; the application must call `send()` again at
+    /// `until`: the hold is not part of `timeout()`.
+    pub fn hold_ack(&mut self, until: Option<Instant>) {
+        self.ack_hold_until = until;
     }
 
     /// Returns the server name requested by the client.
