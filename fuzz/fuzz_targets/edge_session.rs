@@ -454,13 +454,20 @@ impl Harness {
         let idx = usize::from(i) % n;
         let msg = match action {
             Upstream::Head { status, fields: f } => {
-                let mut list = vec![h3::Header::new(
-                    b":status",
-                    status.clamp(&100, &999).to_string().as_bytes(),
-                )];
-                list.extend(fields(f));
+                // What h2 can hand over: a valid status and valid fields.
+                let status = http::StatusCode::from_u16(*status.clamp(&100, &999))
+                    .unwrap_or(http::StatusCode::OK);
+                let mut headers = http::HeaderMap::new();
+                for (n, v) in f.iter().take(MAX_FIELDS) {
+                    if let (Ok(n), Ok(v)) = (
+                        http::HeaderName::from_bytes(n),
+                        http::HeaderValue::from_bytes(v),
+                    ) {
+                        headers.append(n, v);
+                    }
+                }
                 ToEdge::Headers {
-                    head: list,
+                    head: spooky::router::ResponseHead::from_h2(status, headers),
                     head_after: std::time::Duration::ZERO,
                 }
             }

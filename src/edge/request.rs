@@ -55,7 +55,7 @@ pub(super) struct ConnTag<'a> {
 #[derive(Debug, Default)]
 pub(super) struct RespSide {
     /// Head waiting for stream capacity.
-    head: Option<Vec<h3::Header>>,
+    head: Option<router::ResponseHead>,
     head_sent: bool,
     /// Bytes not yet taken by quiche; `bool` = counted against the budget.
     chunks: VecDeque<(Bytes, bool)>,
@@ -110,22 +110,18 @@ pub(super) struct PendingHead {
 }
 
 impl Request {
-    pub fn set_head(&mut self, h: Vec<h3::Header>) {
-        if let Some(s) = h.iter().find(|x| x.name() == b":status") {
-            self.log.status = std::str::from_utf8(s.value())
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0);
-        }
+    pub fn set_head(&mut self, h: router::ResponseHead) {
+        self.log.status = h.status.as_u16();
         self.resp.head = Some(h);
     }
 
     /// Replaces the response with a short error from spooky itself.
     pub fn synthesize(&mut self, status: u16, retry_after: Option<u32>) {
         let body = Bytes::from(format!("{}\n", status_text(status)));
-        let mut head = router::headers::synthetic_response(status, body.len());
+        let mut head = router::ResponseHead::synthetic(status, body.len());
         if let Some(secs) = retry_after {
-            head.push(h3::Header::new(b"retry-after", secs.to_string().as_bytes()));
+            head.headers
+                .insert(http::header::RETRY_AFTER, http::HeaderValue::from(secs));
         }
         self.set_head(head);
         self.resp.chunks.clear();
@@ -619,7 +615,7 @@ impl Edge {
         'write: {
             if let Some(head) = resp.head.take() {
                 let fin = resp.end && resp.chunks.is_empty() && resp.trailers.is_none();
-                match h3c.send_response(&mut conn.quic, sid, &head, fin) {
+                match h3c.send_response(&mut conn.quic, sid, &head.h3_fields(), fin) {
                     Ok(()) => {
                         // The ACK owed rides with this head
                         // (`Conn::release_ack`, field by field: `h3c`

@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 use super::*;
 use crate::config::{Backend, Upstream};
 use crate::router::bridge::{ToEdge, ToUpstream, UpstreamSide};
+use crate::router::ResponseHead;
 
 struct Pair {
     edge: Edge,
@@ -220,7 +221,7 @@ fn request_becomes_envelope_and_response_flows_back() {
     assert!(!env.has_body);
     let edge_tx = side.edge.clone();
     edge_tx.send(ToEdge::Headers {
-        head: vec![h3::Header::new(b":status", b"200")],
+        head: ResponseHead::new(http::StatusCode::OK),
         head_after: std::time::Duration::ZERO,
     });
     edge_tx.send(ToEdge::Data(Bytes::from_static(b"hi there")));
@@ -278,7 +279,7 @@ fn upstream_reset_after_head_resets_the_client_stream() {
     p.request("GET", "/big", true);
     let (_env, side) = p.take_request();
     side.edge.send(ToEdge::Headers {
-        head: vec![h3::Header::new(b":status", b"200")],
+        head: ResponseHead::new(http::StatusCode::OK),
         head_after: std::time::Duration::ZERO,
     });
     side.edge.send(ToEdge::Data(Bytes::from(vec![1u8; 1000])));
@@ -352,7 +353,7 @@ fn pacing_holds_packets_until_their_time() {
     p.request("GET", "/paced", true);
     let (_env, side) = p.take_request();
     side.edge.send(ToEdge::Headers {
-        head: vec![h3::Header::new(b":status", b"200")],
+        head: ResponseHead::new(http::StatusCode::OK),
         head_after: std::time::Duration::ZERO,
     });
     side.edge.send(ToEdge::Data(Bytes::from(vec![7u8; n])));
@@ -433,7 +434,7 @@ fn without_pacing_nothing_is_held() {
     p.request("GET", "/burst", true);
     let (_env, side) = p.take_request();
     side.edge.send(ToEdge::Headers {
-        head: vec![h3::Header::new(b":status", b"200")],
+        head: ResponseHead::new(http::StatusCode::OK),
         head_after: std::time::Duration::ZERO,
     });
     side.edge
@@ -568,7 +569,7 @@ fn loss_counters_move_under_a_lossy_link() {
     p.request("GET", "/big", true);
     let (_env, side) = p.take_request();
     side.edge.send(ToEdge::Headers {
-        head: vec![h3::Header::new(b":status", b"200")],
+        head: ResponseHead::new(http::StatusCode::OK),
         head_after: std::time::Duration::ZERO,
     });
     for _ in 0..64 {
@@ -663,7 +664,7 @@ fn open_connections_are_sampled_mid_download() {
     p.request("GET", "/big", true);
     let (_env, side) = p.take_request();
     side.edge.send(ToEdge::Headers {
-        head: vec![h3::Header::new(b":status", b"200")],
+        head: ResponseHead::new(http::StatusCode::OK),
         head_after: std::time::Duration::ZERO,
     });
     side.edge
@@ -701,7 +702,7 @@ fn access_line_names_the_connection_and_the_upstream_time() {
         backend: "127.0.0.1:9001".parse().unwrap(),
     });
     side.edge.send(ToEdge::Headers {
-        head: vec![h3::Header::new(b":status", b"200")],
+        head: ResponseHead::new(http::StatusCode::OK),
         head_after: std::time::Duration::from_micros(1500),
     });
     side.edge.send(ToEdge::Data(Bytes::from_static(b"hello")));
@@ -803,7 +804,7 @@ fn the_ack_of_a_request_rides_with_its_response() {
     assert!(p.client_in_flight() > 0);
     let (_env, side) = p.take_request();
     side.edge.send(ToEdge::Headers {
-        head: vec![h3::Header::new(b":status", b"200")],
+        head: ResponseHead::new(http::StatusCode::OK),
         head_after: std::time::Duration::ZERO,
     });
     side.edge.send(ToEdge::Data(Bytes::from_static(b"ok")));

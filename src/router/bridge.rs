@@ -47,7 +47,7 @@ pub enum ToUpstream {
 pub enum ToEdge {
     /// Response head, already mapped to HTTP/3.
     Headers {
-        head: Vec<Header>,
+        head: super::ResponseHead,
         /// From sending the request to the backend until this head
         /// arrived: the access log's `upstream_ms`.
         head_after: std::time::Duration,

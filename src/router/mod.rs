@@ -12,7 +12,7 @@ pub mod routes;
 use std::net::SocketAddr;
 use std::time::Instant;
 
-pub use headers::{build_envelope, response_headers, trailers_from_h2, trailers_to_h3};
+pub use headers::{build_envelope, trailers_from_h2, trailers_to_h3, ResponseHead};
 pub use routes::RouteTable;
 
 /// Why a request could not become an envelope.

@@ -452,7 +452,7 @@ async fn attempt(
         }
     };
 
-    let (parts, body) = resp.into_parts();
+    let (mut parts, body) = resp.into_parts();
     let status = parts.status.as_u16();
     let head_after = sent_at.elapsed();
     crate::telemetry::probes::upstream_response(
@@ -473,7 +473,7 @@ async fn attempt(
         });
     }
     edge.send(ToEdge::Headers {
-        head: router::response_headers(parts.status, &parts.headers),
+        head: router::ResponseHead::from_h2(parts.status, std::mem::take(&mut parts.headers)),
         head_after,
     });
     *head_sent = true;
