@@ -3,7 +3,8 @@
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use http::header::{HeaderMap, HeaderName, HeaderValue};
+use bytes::BytesMut;
+use http::header::{HeaderMap, HeaderName, HeaderValue, InvalidHeaderValue};
 use quiche::h3::{Header, HeaderRef, NameValue};
 
 use super::{
@@ -23,6 +24,30 @@ const CONNECTION_SPECIFIC: &[&str] = &[
 /// The `via` token spooky adds (RFC 9110 §7.6.3).
 const VIA_REQUEST: &str = "3 spooky";
 const VIA_RESPONSE: &str = "2 spooky";
+
+/// The header values of one request, copied into one shared buffer.
+///
+/// h2 takes a request's `HeaderMap` by value, so every attempt clones the
+/// envelope's map; a value made by `HeaderValue::from_bytes` owns a `Vec`
+/// whose first clone allocates. Values cut from one shared buffer clone by
+/// bumping its reference count: one buffer per request instead of one
+/// allocation per value at build and another at the first attempt.
+struct ValueArena(BytesMut);
+
+impl ValueArena {
+    /// Room for values of `len` bytes in all (forwarding headers included).
+    fn with_capacity(len: usize) -> Self {
+        Self(BytesMut::with_capacity(len))
+    }
+
+    fn value(&mut self, v: &[u8]) -> Result<HeaderValue, InvalidHeaderValue> {
+        self.0.extend_from_slice(v);
+        HeaderValue::from_maybe_shared(self.0.split().freeze())
+    }
+}
+
+/// Room for the values spooky adds (forwarding, `via`, `traceparent`).
+const ADDED_VALUE_BYTES: usize = 192;
 
 /// RFC 9113 §6.5.2 field-size accounting: name + value + 32 per field.
 pub fn header_section_size(list: &[Header]) -> usize {
@@ -78,7 +103,9 @@ pub fn build_envelope(
         });
     }
     let (pseudo, rest) = split_pseudo(list)?;
-    let mut fields = regular_fields(rest)?;
+    let values: usize = rest.iter().map(|h| h.value().len()).sum();
+    let mut arena = ValueArena::with_capacity(values + ADDED_VALUE_BYTES);
+    let mut fields = regular_fields(rest, &mut arena)?;
 
     let method = pseudo_method(&pseudo)?;
     let scheme = pseudo
@@ -105,9 +132,9 @@ pub fn build_envelope(
     if fields.te_trailers {
         headers.insert(http::header::TE, HeaderValue::from_static("trailers"));
     }
-    add_forwarding(headers, client, &authority);
+    add_forwarding(headers, client, &authority, &mut arena);
     let trace = fields.trace.unwrap_or_else(TraceContext::generate);
-    if let Ok(v) = HeaderValue::from_str(&trace.child().to_header()) {
+    if let Ok(v) = arena.value(trace.child().to_header().as_bytes()) {
         headers.insert("traceparent", v);
     }
 
@@ -195,7 +222,7 @@ fn pseudo_method(p: &Pseudo) -> Result<http::Method, RequestError> {
 }
 
 /// Validates the regular fields and collects the ones to forward.
-fn regular_fields(list: &[Header]) -> Result<Fields, RequestError> {
+fn regular_fields(list: &[Header], arena: &mut ValueArena) -> Result<Fields, RequestError> {
     let mut f = Fields {
         headers: HeaderMap::with_capacity(list.len() + 4),
         host: None,
@@ -216,7 +243,8 @@ fn regular_fields(list: &[Header]) -> Result<Fields, RequestError> {
         // RFC 9110 §5.5: leading and trailing whitespace is not part of the
         // value, and RFC 9113 §8.2.1 forbids forwarding it.
         let value = h.value().trim_ascii();
-        let hvalue = HeaderValue::from_bytes(value)
+        let hvalue = arena
+            .value(value)
             .map_err(|_| malformed(MalformedReason::HeaderValue, "invalid header value"))?;
         let n = hname.as_str();
         if CONNECTION_SPECIFIC.contains(&n) {
@@ -359,9 +387,14 @@ fn pick_authority(authority: Option<String>, host: Option<String>) -> Result<Str
 }
 
 /// Forwarding headers (RFC 7239, de-facto x-forwarded-*, RFC 9110 via).
-fn add_forwarding(headers: &mut HeaderMap, client: SocketAddr, authority: &str) {
+fn add_forwarding(
+    headers: &mut HeaderMap,
+    client: SocketAddr,
+    authority: &str,
+    arena: &mut ValueArena,
+) {
     let ip = client.ip().to_canonical();
-    append(headers, "x-forwarded-for", &ip.to_string());
+    append(headers, "x-forwarded-for", &ip.to_string(), arena);
     headers.insert("x-forwarded-proto", HeaderValue::from_static("https"));
     let for_value = if ip.is_ipv6() {
         format!("for=\"[{ip}]\"")
@@ -372,22 +405,22 @@ fn add_forwarding(headers: &mut HeaderMap, client: SocketAddr, authority: &str) 
         headers,
         "forwarded",
         &format!("{for_value};proto=https;host=\"{authority}\""),
+        arena,
     );
-    append(headers, "via", VIA_REQUEST);
+    append(headers, "via", VIA_REQUEST, arena);
 }
 
 /// Appends to a comma-separated list header, joining with any existing value.
-fn append(headers: &mut HeaderMap, name: &'static str, value: &str) {
-    let joined = match headers.get(name).and_then(|v| v.to_str().ok()) {
-        Some(existing) => format!("{existing}, {value}"),
-        None => value.to_string(),
+fn append(headers: &mut HeaderMap, name: &'static str, value: &str, arena: &mut ValueArena) {
+    let v = match headers.get(name).and_then(|v| v.to_str().ok()) {
+        Some(existing) => arena.value(format!("{existing}, {value}").as_bytes()),
+        None => arena.value(value.as_bytes()),
     };
-    if let Ok(v) = HeaderValue::from_str(&joined) {
+    if let Ok(v) = v {
         headers.insert(name, v);
     }
 }
 
-/// Maps an HTTP/2 response head to an HTTP/3 header list.
 /// A response head on its way to the client: status and fields as h2
 /// decoded them, moved (not copied) from the backend's response into the
 /// edge, which hands quiche borrowed fields ([`ResponseHead::h3_fields`]).
