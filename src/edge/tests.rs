@@ -461,15 +461,7 @@ impl Pair {
     /// both to the edge before anything is drained from it: as a rapid-reset
     /// client's HEADERS and RESET_STREAM arrive in one receive batch.
     fn open_and_reset(&mut self) {
-        let hdrs = vec![
-            h3::Header::new(b":method", b"GET"),
-            h3::Header::new(b":scheme", b"https"),
-            h3::Header::new(b":authority", b"localhost"),
-            h3::Header::new(b":path", b"/"),
-        ];
-        let h3c = self.h3.as_mut().unwrap();
-        let sid = h3c.send_request(&mut self.client, &hdrs, true).unwrap();
-        self.client_to_edge();
+        let sid = self.send_get();
         let _ =
             self.client
                 .stream_shutdown(sid, quiche::Shutdown::Read, h3_code::REQUEST_CANCELLED);
