@@ -3,7 +3,8 @@
 //!
 //! * h3 → h2: `build_envelope` on an arbitrary HTTP/3 field list, then
 //!   `trailers_from_h3`;
-//! * h2 → h3: `response_headers` on an arbitrary (valid) `http::HeaderMap`,
+//! * h2 → h3: `ResponseHead::from_h2` on an arbitrary (valid) `http::HeaderMap`
+//!   and its `h3_fields`,
 //!   then `trailers_to_h3`.
 //!
 //! Beyond "no panic", a request the mapping accepts must be one the h2
@@ -133,7 +134,8 @@ fn response_side(input: &Input) {
             map.append(n, v);
         }
     }
-    let out = headers::response_headers(status, &map);
+    let head = headers::ResponseHead::from_h2(status, map.clone());
+    let out = head.h3_fields();
     assert_eq!(out.first().map(|h| h.name()), Some(&b":status"[..]));
     assert_eq!(out[0].value(), status.as_str().as_bytes());
     assert_eq!(
