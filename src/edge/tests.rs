@@ -56,6 +56,16 @@ fn new_client(seed: u8, from: SocketAddr, server: SocketAddr) -> quiche::Connect
     quiche::connect(Some("localhost"), &scid, from, server, &mut cc).unwrap()
 }
 
+/// The pseudo-headers of a request to `https://localhost{path}`.
+fn request_fields(method: &str, path: &str) -> Vec<h3::Header> {
+    vec![
+        h3::Header::new(b":method", method.as_bytes()),
+        h3::Header::new(b":scheme", b"https"),
+        h3::Header::new(b":authority", b"localhost"),
+        h3::Header::new(b":path", path.as_bytes()),
+    ]
+}
+
 impl Pair {
     fn new(budget: usize) -> Pair {
         Pair::with(budget, |_| {})
@@ -152,12 +162,7 @@ impl Pair {
     }
 
     fn request(&mut self, method: &str, path: &str, fin: bool) -> u64 {
-        let hdrs = vec![
-            h3::Header::new(b":method", method.as_bytes()),
-            h3::Header::new(b":scheme", b"https"),
-            h3::Header::new(b":authority", b"localhost"),
-            h3::Header::new(b":path", path.as_bytes()),
-        ];
+        let hdrs = request_fields(method, path);
         let h3c = self.h3.as_mut().unwrap();
         let sid = h3c.send_request(&mut self.client, &hdrs, fin).unwrap();
         self.exchange();
@@ -722,12 +727,7 @@ fn access_line_names_the_connection_and_the_upstream_time() {
 #[test]
 fn a_body_that_came_with_its_head_is_forwarded_to_the_end() {
     let mut p = Pair::new(64 * 1024);
-    let hdrs = vec![
-        h3::Header::new(b":method", b"POST"),
-        h3::Header::new(b":scheme", b"https"),
-        h3::Header::new(b":authority", b"localhost"),
-        h3::Header::new(b":path", b"/upload"),
-    ];
+    let hdrs = request_fields("POST", "/upload");
     let h3c = p.h3.as_mut().unwrap();
     let sid = h3c.send_request(&mut p.client, &hdrs, false).unwrap();
     let sent = h3c
@@ -751,12 +751,7 @@ fn a_body_that_came_with_its_head_is_forwarded_to_the_end() {
 impl Pair {
     /// Sends a GET from the client, one datagram, without draining the edge.
     fn send_get(&mut self) -> u64 {
-        let hdrs = vec![
-            h3::Header::new(b":method", b"GET"),
-            h3::Header::new(b":scheme", b"https"),
-            h3::Header::new(b":authority", b"localhost"),
-            h3::Header::new(b":path", b"/"),
-        ];
+        let hdrs = request_fields("GET", "/");
         let h3c = self.h3.as_mut().unwrap();
         let sid = h3c.send_request(&mut self.client, &hdrs, true).unwrap();
         self.client_to_edge();
