@@ -185,6 +185,69 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// Idle connections the memory test holds open.
+const IDLE_CONNS: usize = 300;
+
+/// Resident memory an idle connection may cost spooky. Here (300
+/// connections, debug build) each costs 29–30 KiB; with the buffers kept
+/// from the handshake and the request (no `IDLE_SHRINK`) 42.8 KiB, which
+/// this bound rejects. `make perf-idle` measures the figure to report
+/// (release build, 1,000 connections: ~25 KiB).
+const IDLE_CONN_BOUND_KIB: f64 = 36.0;
+
+/// Polls every client once.
+fn poll_all(conns: &mut [crate::common::H3Client]) {
+    for (i, c) in conns.iter_mut().enumerate() {
+        c.poll()
+            .unwrap_or_else(|e| panic!("connection {i} lost while idle: {e}"));
+    }
+}
+
+#[test]
+fn idle_connections_give_back_what_their_busiest_moment_needed() {
+    let a = Backend::start("alpha");
+    let mut o = crate::common::Options::new(&[&a]);
+    o.quic_extra = "  idle_timeout_ms: 120000\n".into();
+    let spooky = Spooky::start_with(o);
+    // Warm up: one-time allocations (pools, allocator arenas) go into the
+    // baseline.
+    for _ in 0..20 {
+        let mut c = spooky.client();
+        assert_eq!(c.get("/").unwrap().status, 200);
+        c.close().unwrap();
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let base = spooky.rss_kib();
+    let mut conns = Vec::with_capacity(IDLE_CONNS);
+    for i in 0..IDLE_CONNS {
+        let mut c = spooky.client();
+        assert_eq!(c.get("/").unwrap().status, 200, "connection {i}");
+        conns.push(c);
+        if (i + 1) % 50 == 0 {
+            poll_all(&mut conns);
+        }
+    }
+    // Every connection goes quiet for longer than IDLE_SHRINK.
+    let until = std::time::Instant::now() + spooky::edge::IDLE_SHRINK * 2;
+    while std::time::Instant::now() < until {
+        poll_all(&mut conns);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let idle = spooky.rss_kib();
+    let per_conn = idle.saturating_sub(base) as f64 / IDLE_CONNS as f64;
+    eprintln!(
+        "{IDLE_CONNS} idle connections: spooky RSS {base} -> {idle} KiB, {per_conn:.1} KiB each"
+    );
+    assert_eq!(
+        spooky.metric("spooky_quic_connections_active", &[]),
+        IDLE_CONNS as f64
+    );
+    assert!(
+        per_conn <= IDLE_CONN_BOUND_KIB,
+        "{per_conn:.1} KiB per idle connection (bound {IDLE_CONN_BOUND_KIB} KiB)"
+    );
+}
+
 #[test]
 fn one_gib_download_keeps_spooky_rss_flat() {
     let a = Backend::start("alpha");

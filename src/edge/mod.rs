@@ -141,6 +141,14 @@ pub const PACING_HORIZON: std::time::Duration = std::time::Duration::from_millis
 /// announces. Only the ACK of a single packet waits (RFC 9000 §13.2.2).
 pub const ACK_HOLD: std::time::Duration = std::time::Duration::from_millis(5);
 
+/// How long a connection must stay without requests before it gives
+/// back the buffer capacity kept from its busiest moment (quiche
+/// `shrink_buffers`, a vendored patch; [`Conn::shrink_buffers`]). Long
+/// enough that a client between two requests does not pay the
+/// reallocations, short enough that an idle connection costs only what
+/// it still uses (issue 9: ~39 → ~30 KiB each).
+pub const IDLE_SHRINK: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// A packet quiche built but pacing says to send later.
 #[derive(Debug, Clone, Copy)]
 struct Held {
@@ -213,6 +221,9 @@ struct Conn {
     /// Until when quiche holds an ACK-only packet ([`ACK_HOLD`]); the
     /// connection's timer sends it then.
     ack_hold: Option<Instant>,
+    /// When the connection, without requests since its last one ended,
+    /// gives back buffer capacity ([`IDLE_SHRINK`]).
+    shrink_at: Option<Instant>,
     /// Until the handshake completes: when the connection is discarded
     /// unless it has (`quic.handshake_timeout_ms`).
     handshake_deadline: Option<Instant>,
@@ -584,6 +595,7 @@ impl Edge {
             span: tracing::info_span!("conn", conn = serial, peer = %from),
             held: None,
             ack_hold: None,
+            shrink_at: None,
             held_buf: Vec::new(),
             handshake_deadline: Some(self.now + self.settings.handshake_timeout),
             accepted_at: self.now,
@@ -720,6 +732,7 @@ impl Edge {
                 conn.close_at,
                 conn.held.map(|h| h.at).filter(|&at| at > now),
                 conn.ack_hold.filter(|&at| at > now),
+                conn.shrink_at,
                 conn.handshake_deadline,
             ]
             .into_iter()
@@ -929,6 +942,9 @@ impl Edge {
             }
             if conn.ack_hold.is_some_and(|t| t <= now) {
                 conn.release_ack();
+            }
+            if conn.shrink_at.is_some_and(|t| t <= now) {
+                conn.shrink_buffers();
             }
             conn.quic.on_timeout();
             self.after_activity(ci, now);
@@ -1268,6 +1284,24 @@ impl Conn {
     fn release_ack(&mut self) {
         if self.ack_hold.take().is_some() {
             self.quic.hold_ack(None);
+        }
+    }
+
+    /// Gives back the capacity the connection's tables and buffers kept
+    /// from its busiest moment, in quiche (stream maps, sent-packet
+    /// queues, loss-detection scratch), its HTTP/3 layer and here: an
+    /// idle connection then holds only what it still uses.
+    fn shrink_buffers(&mut self) {
+        self.shrink_at = None;
+        self.quic.shrink_buffers();
+        if let Some(h3) = self.h3.as_mut() {
+            h3.shrink_buffers();
+        }
+        self.streams.shrink_to_fit();
+        responses_unacked(self);
+        self.unacked.shrink_to_fit();
+        if self.held.is_none() {
+            self.held_buf = Vec::new();
         }
     }
 }

@@ -312,6 +312,7 @@ impl Edge {
         crate::telemetry::probes::request_start(serial, conn.serial, sid);
         let slot = self.requests.insert(req);
         conn.streams.insert(sid, slot);
+        conn.shrink_at = None;
         self.heads.push_back(PendingHead {
             key: RequestKey { slot, serial },
             list,
@@ -758,6 +759,10 @@ impl Edge {
         if let Some(conn) = self.conns.get_mut(req.conn) {
             if conn.closing && conn.streams.is_empty() && conn.close_at.is_none() {
                 conn.close_at = Some(self.now + super::close_delay(&conn.quic));
+            }
+            if conn.streams.is_empty() {
+                conn.shrink_at = Some(self.now + super::IDLE_SHRINK);
+                self.update_timer(req.conn);
             }
         }
         // Returning the remaining permits is unnecessary: the upstream task

@@ -840,3 +840,51 @@ fn a_second_packet_owed_is_acknowledged_at_once() {
     );
     assert_eq!(p.client_in_flight(), 0);
 }
+
+/// Answers the request taken from `side` with a 200 and `ok`, and
+/// delivers the answer to the client.
+fn answer_ok(p: &mut Pair, side: &UpstreamSide) {
+    side.edge.send(ToEdge::Headers {
+        head: ResponseHead::new(http::StatusCode::OK),
+        head_after: std::time::Duration::ZERO,
+    });
+    side.edge.send(ToEdge::Data(Bytes::from_static(b"ok")));
+    side.edge.send(ToEdge::End);
+    while let Ok((k, m)) = p.rx.try_recv() {
+        p.edge.handle_upstream(Instant::now(), k, m);
+    }
+    p.edge_to_client();
+}
+
+#[test]
+fn a_connection_gives_back_its_buffers_once_quiet_for_idle_shrink() {
+    let mut p = Pair::new(64 * 1024);
+    p.exchange();
+    p.send_get();
+    let (_env, side) = p.take_request();
+    let asked = Instant::now();
+    answer_ok(&mut p, &side);
+    let ci = p.edge.conns.iter().next().map(|(ci, _)| ci).unwrap();
+    let at = p.edge.conns[ci]
+        .shrink_at
+        .expect("due once the last request ended");
+    assert!(at >= asked + IDLE_SHRINK && at <= Instant::now() + IDLE_SHRINK);
+    assert!(p.edge.poll_timeout().is_some_and(|t| t <= at));
+    // A new request puts it off: the connection is busy again.
+    p.send_get();
+    let (_env, side) = p.take_request();
+    assert_eq!(p.edge.conns[ci].shrink_at, None);
+    answer_ok(&mut p, &side);
+    let at = p.edge.conns[ci].shrink_at.expect("due again");
+    p.edge.handle_timeout(at);
+    assert_eq!(p.edge.conns[ci].shrink_at, None, "done, and not again");
+    // The connection works as before.
+    p.send_get();
+    let (_env, side) = p.take_request();
+    answer_ok(&mut p, &side);
+    let (status, body, fin, _) = p.client_events();
+    assert_eq!(
+        (status.as_deref(), &body[..], fin),
+        (Some("200"), &b"okokok"[..], true)
+    );
+}

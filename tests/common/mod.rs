@@ -203,7 +203,8 @@ pub struct Options {
     /// empty = not written (the default, `auto`).
     pub upstream_io: String,
     /// More `quic:` keys, each line indented by two spaces; when one of
-    /// them is `retry:` the `retry` flag above is not written.
+    /// them is `retry:` the `retry` flag above is not written, and when one
+    /// is `idle_timeout_ms:` it replaces the tests' 10 s.
     pub quic_extra: String,
     /// Extra environment for the spooky process (e.g. `SPOOKY_FAULT_INJECT`).
     pub env: Vec<(String, String)>,
@@ -298,13 +299,16 @@ impl Spooky {
         } else {
             format!(", {}", o.telemetry_extra)
         };
-        let quic = if o.quic_extra.contains("retry:") {
+        let mut quic = if o.quic_extra.contains("retry:") {
             o.quic_extra.clone()
         } else {
             format!("  retry: {}\n{}", o.retry, o.quic_extra)
         };
+        if !quic.contains("idle_timeout_ms:") {
+            quic.push_str("  idle_timeout_ms: 10000\n");
+        }
         format!(
-            "listen:\n  address: \"127.0.0.1:{port}\"\n  tls: {{ cert: cert.pem, key: key.pem }}\nquic:\n{quic}  idle_timeout_ms: 10000\n{io}{upstreams}limits: {{ max_body_buffer_bytes: {}, max_request_header_bytes: {}{limits_extra} }}\nadmin: {{ address: \"127.0.0.1:{admin}\" }}\ntelemetry: {{ log: \"info\", log_format: text, access_log: true{telemetry_extra} }}\n{}",
+            "listen:\n  address: \"127.0.0.1:{port}\"\n  tls: {{ cert: cert.pem, key: key.pem }}\nquic:\n{quic}{io}{upstreams}limits: {{ max_body_buffer_bytes: {}, max_request_header_bytes: {}{limits_extra} }}\nadmin: {{ address: \"127.0.0.1:{admin}\" }}\ntelemetry: {{ log: \"info\", log_format: text, access_log: true{telemetry_extra} }}\n{}",
             o.max_body_buffer_bytes, o.max_request_header_bytes, o.extra
         )
     }

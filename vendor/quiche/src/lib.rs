@@ -7720,6 +7720,23 @@ impl<F: BufFactory> Connection<F> {
         self.ack_hold_until = until;
     }
 
+    /// spooky patch (see vendor/README.md): gives back memory the
+    /// connection kept at the size of its busiest moment (stream tables,
+    /// the streams' buffers, each path's sent-packet queues and loss
+    /// detection scratch vectors) so that an idle connection holds only
+    /// what it still uses. Costs a few reallocations the next time the
+    /// connection is busy, so call it once a connection has gone quiet.
+    pub fn shrink_buffers(&mut self) {
+        self.streams.shrink_buffers();
+        for (_, path) in self.paths.iter_mut() {
+            path.recovery.shrink_buffers();
+        }
+        for ctx in self.crypto_ctx.iter_mut() {
+            ctx.crypto_stream.recv.shrink_buffers();
+            ctx.crypto_stream.send.shrink_buffers();
+        }
+    }
+
     /// Returns the server name requested by the client.
     #[inline]
     pub fn server_name(&self) -> Option<&str> {

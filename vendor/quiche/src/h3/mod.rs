@@ -2193,6 +2193,13 @@ impl Connection {
         Err(Error::Done)
     }
 
+    /// spooky patch (see vendor/README.md): gives back the capacity the
+    /// HTTP/3 stream table kept from the most streams ever open at once.
+    pub fn shrink_buffers(&mut self) {
+        self.streams.shrink_to_fit();
+        self.finished_streams.shrink_to_fit();
+    }
+
     /// Sends a GOAWAY frame to initiate graceful connection closure.
     ///
     /// When quiche is used in the server role, the `id` parameter is the stream

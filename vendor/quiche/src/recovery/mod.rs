@@ -232,6 +232,10 @@ pub trait RecoveryOps {
     fn on_path_change(
         &mut self, epoch: packet::Epoch, now: Instant, _trace_id: &str,
     ) -> (usize, usize);
+    /// spooky patch (see vendor/README.md): gives back the capacity the
+    /// sent-packet queues and scratch vectors kept from their busiest
+    /// moment, so an idle connection holds only what it still uses.
+    fn shrink_buffers(&mut self);
     fn loss_detection_timer(&self) -> Option<Instant>;
     fn cwnd(&self) -> usize;
     fn cwnd_available(&self) -> usize;

@@ -611,6 +611,22 @@ impl<F: BufFactory> StreamMap<F> {
     ///
     /// This should only be called when Stream::is_complete() returns true for
     /// the given stream.
+    /// spooky patch (see vendor/README.md): gives back the capacity the
+    /// stream table, its side tables and the streams' buffers kept from
+    /// their busiest moment (the table is sized for the most streams ever
+    /// open at once, and keeps that size after they are collected).
+    pub fn shrink_buffers(&mut self) {
+        self.streams.shrink_to_fit();
+        for stream in self.streams.values_mut() {
+            stream.recv.shrink_buffers();
+            stream.send.shrink_buffers();
+        }
+        self.almost_full.shrink_to_fit();
+        self.blocked.shrink_to_fit();
+        self.reset.shrink_to_fit();
+        self.stopped.shrink_to_fit();
+    }
+
     pub fn collect(&mut self, stream_id: u64, local: bool) {
         if !local {
             // If the stream was created by the peer, give back a max streams

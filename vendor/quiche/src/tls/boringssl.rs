@@ -136,6 +136,14 @@ impl Handshake {
         }
     }
 
+    /// spooky patch (see vendor/README.md): lets BoringSSL free the
+    /// handshake configuration (the copied credentials and settings) once
+    /// the handshake completes, instead of holding it for the life of
+    /// the connection.
+    pub fn set_shed_handshake_config(&mut self) {
+        unsafe { SSL_set_shed_handshake_config(self.as_mut_ptr(), 1) };
+    }
+
     pub fn reset_early_data_reject(&mut self) {
         unsafe { SSL_reset_early_data_reject(self.as_mut_ptr()) };
     }
@@ -324,6 +332,9 @@ extern "C" {
         argl: c_long, argp: *const c_void, unused: *const c_void,
         dup_unused: *const c_void, free_func: *const c_void,
     ) -> c_int;
+
+    // spooky patch: see `Handshake::set_shed_handshake_config`.
+    fn SSL_set_shed_handshake_config(ssl: *mut SSL, enable: c_int);
 
     fn SSL_get_curve_id(ssl: *const SSL) -> u16;
     fn SSL_get_curve_name(curve: u16) -> *const c_char;

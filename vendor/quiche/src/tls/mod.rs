@@ -407,6 +407,9 @@ impl Handshake {
 
         self.set_quiet_shutdown(true);
 
+        // spooky patch: free the handshake configuration once it is done.
+        self.set_shed_handshake_config();
+
         Ok(())
     }
 

@@ -347,8 +347,18 @@ impl RecoveryEpoch {
 
     /// Clears all lost frames (both ACK and PTO).
     fn clear_lost_frames(&mut self) {
-        self.lost_frames_ack.clear();
-        self.lost_frames_pto.clear();
+        // spooky patch: `take`, not `clear` (its only caller discards the
+        // epoch).
+        self.lost_frames_ack = Vec::new();
+        self.lost_frames_pto = Vec::new();
+    }
+
+    /// spooky patch: see `RecoveryOps::shrink_buffers`.
+    fn shrink_buffers(&mut self) {
+        self.sent_packets.shrink_to_fit();
+        self.acked_frames.shrink_to_fit();
+        self.lost_frames_ack.shrink_to_fit();
+        self.lost_frames_pto.shrink_to_fit();
     }
 }
 
@@ -855,9 +865,11 @@ impl RecoveryOps for LegacyRecovery {
 
         self.bytes_in_flight.saturating_subtract(unacked_bytes, now);
 
-        epoch.sent_packets.clear();
+        // spooky patch: `take`, not `clear`, so a discarded epoch gives
+        // its capacity back (see vendor/README.md).
+        epoch.sent_packets = VecDeque::new();
         epoch.clear_lost_frames();
-        epoch.acked_frames.clear();
+        epoch.acked_frames = Vec::new();
 
         epoch.time_of_last_ack_eliciting_packet = None;
         epoch.loss_time = None;
@@ -865,6 +877,14 @@ impl RecoveryOps for LegacyRecovery {
         epoch.in_flight_count = 0;
 
         self.set_loss_detection_timer(handshake_status, now);
+    }
+
+    fn shrink_buffers(&mut self) {
+        // spooky patch: see `RecoveryOps::shrink_buffers`.
+        for epoch in self.epochs.iter_mut() {
+            epoch.shrink_buffers();
+        }
+        self.newly_acked.shrink_to_fit();
     }
 
     fn on_path_change(

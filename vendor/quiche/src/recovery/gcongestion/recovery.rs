@@ -387,6 +387,14 @@ impl RecoveryEpoch {
         self.lost_frames_ack.clear();
         self.lost_frames_pto.clear();
     }
+
+    /// spooky patch: see `RecoveryOps::shrink_buffers`.
+    fn shrink_buffers(&mut self) {
+        self.sent_packets.shrink_to_fit();
+        self.acked_frames.shrink_to_fit();
+        self.lost_frames_ack.shrink_to_fit();
+        self.lost_frames_pto.shrink_to_fit();
+    }
 }
 
 struct LossThreshold {
@@ -1013,6 +1021,15 @@ impl RecoveryOps for GRecovery {
         self.bytes_in_flight
             .saturating_subtract(epoch.discard(&mut self.pacer), now);
         self.set_loss_detection_timer(handshake_status, now);
+    }
+
+    fn shrink_buffers(&mut self) {
+        // spooky patch: see `RecoveryOps::shrink_buffers`.
+        for epoch in self.epochs.iter_mut() {
+            epoch.shrink_buffers();
+        }
+        self.newly_acked.shrink_to_fit();
+        self.lost_reuse.shrink_to_fit();
     }
 
     fn on_path_change(
