@@ -162,3 +162,72 @@ fn silent_clients_pin_bounded_memory_and_others_are_served() {
         vm_kib(pid, "VmRSS:")
     );
 }
+
+/// A client that disappears without a word (its socket closed, as when
+/// its process is killed) while 20 large downloads are in flight: the
+/// ICMP port unreachable its address draws ends the connection within
+/// `UNREACHABLE_GRACE` (1 s), long before the 60 s idle timeout, and
+/// every one of its backend streams is reset. The backends are not
+/// blamed, and the next client is served.
+#[test]
+fn a_client_whose_port_is_gone_is_dropped_and_its_backend_streams_reset() {
+    client_port_gone(1);
+}
+
+/// The same with two workers: the kernel queues the ICMP report on the
+/// worker socket the 4-tuple hashes to, which need not own the
+/// connection; the owner gets it handed over.
+#[test]
+fn a_client_whose_port_is_gone_is_dropped_whichever_worker_hears_of_it() {
+    client_port_gone(2);
+}
+
+fn client_port_gone(workers: usize) {
+    const STREAMS: usize = 20;
+    let b = Backend::start("b");
+    let mut o = Options::new(&[&b]);
+    o.quic_extra = "  idle_timeout_ms: 60000\n".into();
+    o.io_extra = format!("workers: {workers}");
+    let spooky = Spooky::start_with(o);
+    let mut gone = H3Client::connect_with(
+        spooky.addr,
+        "localhost",
+        ClientOptions {
+            idle_timeout_ms: 60_000,
+            ..ClientOptions::default()
+        },
+    )
+    .unwrap();
+    gone.open_and_go_silent(LARGE, STREAMS).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            spooky.metric("spooky_requests_in_flight", &[]) >= STREAMS as f64
+        }),
+        "the downloads never started"
+    );
+    // The socket closes: whatever spooky sends there now draws an ICMP
+    // port unreachable.
+    let closed_at = Instant::now();
+    drop(gone);
+    assert!(
+        wait_until(Duration::from_secs(8), || {
+            spooky.metric("spooky_quic_unreachable_closes_total", &[]) >= 1.0
+        }),
+        "the connection to a closed port was not dropped (ICMP reports: {}); log:\n{}",
+        spooky.metric("spooky_quic_icmp_unreachable_total", &[]),
+        spooky.log()
+    );
+    let took = closed_at.elapsed();
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            spooky.metric("spooky_requests_in_flight", &[]) == 0.0
+        }),
+        "requests of the vanished client still in flight"
+    );
+    eprintln!("client port closed: connection dropped after {took:?}");
+    assert!(took < Duration::from_secs(8), "{took:?}");
+    assert_eq!(spooky.metric("spooky_quic_connections_active", &[]), 0.0);
+    assert_eq!(spooky.metric("spooky_upstream_ejections_total", &[]), 0.0);
+    let mut next = spooky.client();
+    assert_eq!(next.get("/").unwrap().status, 200);
+}

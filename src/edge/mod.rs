@@ -18,6 +18,7 @@ mod abandon;
 pub mod admission;
 pub mod cid;
 mod request;
+pub mod unreachable;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
@@ -224,6 +225,10 @@ struct Conn {
     /// When the connection, without requests since its last one ended,
     /// gives back buffer capacity ([`IDLE_SHRINK`]).
     shrink_at: Option<Instant>,
+    /// ICMP said the client's address cannot be reached: when the
+    /// connection is discarded unless a packet from the client comes
+    /// first ([`unreachable::UNREACHABLE_GRACE`]).
+    unreachable_at: Option<Instant>,
     /// Until the handshake completes: when the connection is discarded
     /// unless it has (`quic.handshake_timeout_ms`).
     handshake_deadline: Option<Instant>,
@@ -504,7 +509,12 @@ impl Edge {
         };
         let conn = self.conns.get_mut(ci)?;
         match conn.quic.recv(buf, quiche::RecvInfo { from, to }) {
-            Ok(_) | Err(quiche::Error::Done) => {}
+            Ok(_) => {
+                // The client is there after all (ICMP can be stale, or
+                // about a path it has left).
+                conn.unreachable_at = None;
+            }
+            Err(quiche::Error::Done) => {}
             Err(e) => {
                 tracing::debug!(conn = conn.quic.trace_id(), error = %e, "packet rejected");
                 self.metrics.dropped(DropReason::ConnectionError);
@@ -596,6 +606,7 @@ impl Edge {
             held: None,
             ack_hold: None,
             shrink_at: None,
+            unreachable_at: None,
             held_buf: Vec::new(),
             handshake_deadline: Some(self.now + self.settings.handshake_timeout),
             accepted_at: self.now,
@@ -733,6 +744,7 @@ impl Edge {
                 conn.held.map(|h| h.at).filter(|&at| at > now),
                 conn.ack_hold.filter(|&at| at > now),
                 conn.shrink_at,
+                conn.unreachable_at,
                 conn.handshake_deadline,
             ]
             .into_iter()
@@ -926,6 +938,10 @@ impl Edge {
             conn.timer = None;
             if conn.handshake_deadline.is_some_and(|d| d <= now) {
                 self.handshake_timed_out(ci);
+                continue;
+            }
+            if conn.unreachable_at.is_some_and(|d| d <= now) {
+                self.peer_unreachable(ci);
                 continue;
             }
             if conn.close_at.is_some_and(|c| c <= now) {

@@ -11,6 +11,7 @@ use bytes::Bytes;
 use quiche::h3::{self, NameValue};
 use tokio::sync::mpsc;
 
+use super::unreachable::UNREACHABLE_GRACE;
 use super::*;
 use crate::config::{Backend, Upstream};
 use crate::router::bridge::{ToEdge, ToUpstream, UpstreamSide};
@@ -887,4 +888,59 @@ fn a_connection_gives_back_its_buffers_once_quiet_for_idle_shrink() {
         (status.as_deref(), &body[..], fin),
         (Some("200"), &b"okokok"[..], true)
     );
+}
+
+/// The start of a 1-RTT packet from the edge to the client, as an ICMP
+/// message would quote it: flags, then the client's connection id.
+fn quoted_short_packet(p: &Pair) -> Vec<u8> {
+    let mut q = vec![0x41];
+    q.extend_from_slice(p.client.source_id().as_ref());
+    q.extend_from_slice(&[0x17; 8]);
+    q
+}
+
+#[test]
+fn icmp_unreachable_counts_only_when_it_quotes_the_connection() {
+    use spooky_uring::errqueue::Unreachable;
+    let mut p = Pair::new(64 * 1024);
+    let now = Instant::now();
+    let q = quoted_short_packet(&p);
+    let mut forged = q.clone();
+    forged[3] ^= 0xff;
+    let other_port = SocketAddr::new(p.client_addr.ip(), p.client_addr.port() + 1);
+    let reports = [
+        Unreachable::new(p.client_addr, libc::ECONNREFUSED, &forged),
+        Unreachable::new(other_port, libc::ECONNREFUSED, &q),
+        Unreachable::new(p.client_addr, libc::ECONNREFUSED, &q[..3]),
+    ];
+    let unmatched = p.edge.handle_unreachable(now, &reports);
+    assert_eq!(
+        unmatched,
+        reports.to_vec(),
+        "a wrong CID, port or a short quote"
+    );
+    let ci = p.edge.conns.iter().next().map(|(ci, _)| ci).unwrap();
+    assert_eq!(p.edge.conns[ci].unreachable_at, None);
+
+    let report = Unreachable::new(p.client_addr, libc::ECONNREFUSED, &q);
+    assert!(p.edge.handle_unreachable(now, &[report]).is_empty());
+    assert_eq!(
+        p.edge.conns[ci].unreachable_at,
+        Some(now + UNREACHABLE_GRACE)
+    );
+    // A packet from the client: it is there after all.
+    p.send_get();
+    assert_eq!(p.edge.conns[ci].unreachable_at, None);
+    let (_env, side) = p.take_request();
+
+    // Silent through the grace: the connection goes, its request with it.
+    assert!(p.edge.handle_unreachable(now, &[report]).is_empty());
+    p.edge.handle_timeout(now + UNREACHABLE_GRACE);
+    assert_eq!(p.edge.connections(), 0);
+    assert_eq!(p.edge.requests_in_flight(), 0);
+    assert!(
+        side.shared.cancel.is_cancelled(),
+        "the backend stream is reset"
+    );
+    assert_eq!(p.edge.metrics.unreachable_closes.load(Ordering::Relaxed), 1);
 }

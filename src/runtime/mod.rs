@@ -11,6 +11,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use spooky_uring::errqueue::Unreachable;
 use spooky_uring::{DatagramIo, SendMeta};
 use tokio::sync::{mpsc, watch};
 use tracing::Instrument;
@@ -64,12 +65,19 @@ pub struct WorkerContext {
 /// `Rc<Gateway>` they captured and finish on it; an old gateway's pools and
 /// h2 connections go away with its last request. The edge takes the new
 /// TLS pair and transport parameters for new handshakes and the new limits.
-/// A datagram received by one worker for a connection another worker owns.
+/// What one worker hands another.
 #[derive(Debug)]
-pub struct Forwarded {
-    pub data: Vec<u8>,
-    pub from: SocketAddr,
-    pub to: SocketAddr,
+pub enum Forwarded {
+    /// A datagram received for a connection the other worker owns.
+    Datagram {
+        data: Vec<u8>,
+        from: SocketAddr,
+        to: SocketAddr,
+    },
+    /// ICMP unreachable reports that no connection of the worker whose
+    /// socket got them matched (the kernel picks that socket by hashing
+    /// the 4-tuple, not by connection id): sent to every other worker.
+    Unreachable(Vec<Unreachable>),
 }
 
 /// The hand-over channels between workers.
@@ -153,6 +161,7 @@ pub async fn run_worker<D: DatagramIo>(
     let fault = fault::for_worker(worker_id);
     let fault_at = fault.map(|f| Instant::now() + f.after);
     let mut next_path_sample = Instant::now() + PATH_SAMPLE_INTERVAL;
+    let mut unreachable = Vec::new();
 
     loop {
         next_path_sample = sample_if_due(&mut edge, next_path_sample);
@@ -207,6 +216,7 @@ pub async fn run_worker<D: DatagramIo>(
             }
         }
         flush(&mut edge, &mut io, local, &metrics).await;
+        take_unreachable(&mut edge, &mut io, &peers, worker_id, &mut unreachable);
         publish_io_counters(&io, &metrics, &mut last_counters);
         if let Some(ring) = connector.ring() {
             let ops = ring.stats().completions;
@@ -240,13 +250,11 @@ pub async fn run_worker<D: DatagramIo>(
             wake = wake.min(next_path_sample);
         }
         tokio::select! {
-            Some(mut f) = handoff_rx.recv() => {
+            Some(f) = handoff_rx.recv() => {
                 let now = Instant::now();
-                // The owner never forwards again: a CID naming this worker
-                // that it does not know is simply dropped.
-                let _ = edge.handle_datagram(now, &mut f.data, f.from, f.to);
-                while let Ok(mut f) = handoff_rx.try_recv() {
-                    let _ = edge.handle_datagram(now, &mut f.data, f.from, f.to);
+                take_handed_over(&mut edge, now, f);
+                while let Ok(f) = handoff_rx.try_recv() {
+                    take_handed_over(&mut edge, now, f);
                 }
             }
             r = io.readable() => {
@@ -272,7 +280,7 @@ pub async fn run_worker<D: DatagramIo>(
                                 // Another worker's connection: hand it over.
                                 if let Some(tx) = peers.get(usize::from(owner)) {
                                     WorkerMetrics::inc(&metrics.handoffs);
-                                    let _ = tx.send(Forwarded {
+                                    let _ = tx.send(Forwarded::Datagram {
                                         data: buf[off..end].to_vec(),
                                         from: meta.peer,
                                         to,
@@ -349,6 +357,46 @@ pub async fn run_worker<D: DatagramIo>(
                     closing_since = Some(Instant::now());
                 }
             }
+        }
+    }
+}
+
+/// Something another worker handed over. The receiver never hands it on
+/// again: a CID naming this worker that it does not know is dropped, and
+/// so is a report that matches none of its connections.
+fn take_handed_over(edge: &mut Edge, now: Instant, f: Forwarded) {
+    match f {
+        Forwarded::Datagram { mut data, from, to } => {
+            let _ = edge.handle_datagram(now, &mut data, from, to);
+        }
+        Forwarded::Unreachable(reports) => {
+            let _ = edge.handle_unreachable(now, &reports);
+        }
+    }
+}
+
+/// Hands the ICMP unreachable reports the driver read (after a send or
+/// receive met the socket's pending ICMP error) to the edge, and those no
+/// connection here matched to the other workers.
+fn take_unreachable<D: DatagramIo>(
+    edge: &mut Edge,
+    io: &mut D,
+    peers: &[mpsc::UnboundedSender<Forwarded>],
+    worker_id: usize,
+    reports: &mut Vec<Unreachable>,
+) {
+    io.take_unreachable(reports);
+    if reports.is_empty() {
+        return;
+    }
+    let unmatched = edge.handle_unreachable(Instant::now(), reports);
+    reports.clear();
+    if unmatched.is_empty() {
+        return;
+    }
+    for (id, tx) in peers.iter().enumerate() {
+        if id != worker_id {
+            let _ = tx.send(Forwarded::Unreachable(unmatched.clone()));
         }
     }
 }

@@ -255,6 +255,18 @@ impl Collector for WorkerSum {
         )?;
         counter(
             e,
+            "quic_icmp_unreachable",
+            "ICMP port/host/network unreachable reports about datagrams sent to a connection's client (matched by address and connection id).",
+            sum_u64(ws, |w| &w.icmp_unreachable_matched),
+        )?;
+        counter(
+            e,
+            "quic_unreachable_closes",
+            "QUIC connections discarded because their client stayed silent for 1 s after an ICMP unreachable; their requests' backend streams are reset.",
+            sum_u64(ws, |w| &w.unreachable_closes),
+        )?;
+        counter(
+            e,
             "quic_version_negotiations",
             "QUIC Version Negotiation packets sent.",
             sum_u64(ws, |w| &w.version_negotiations),
@@ -786,6 +798,8 @@ mod tests {
             ("quic_retries_sent", "counter"),
             ("quic_half_open_connections", "gauge"),
             ("quic_handshake_timeouts", "counter"),
+            ("quic_icmp_unreachable", "counter"),
+            ("quic_unreachable_closes", "counter"),
             ("quic_version_negotiations", "counter"),
             ("quic_datagrams_dropped", "counter"),
             ("io_datagrams", "counter"),

@@ -159,6 +159,11 @@ pub struct WorkerMetrics {
     pub half_open: AtomicI64,
     pub retries_by_reason: [AtomicU64; RetryReason::ALL.len()],
     pub handshake_timeouts: AtomicU64,
+    /// ICMP destination-unreachable reports that matched a connection's
+    /// client (`edge::unreachable`), and connections discarded because the
+    /// client stayed silent through the grace after one.
+    pub icmp_unreachable_matched: AtomicU64,
+    pub unreachable_closes: AtomicU64,
     /// Request duration, from the request head to the last byte (or reset).
     pub request_duration: AtomicHistogram<DurationBuckets>,
     /// Smoothed RTT of each connection, sampled when it closes.

@@ -209,6 +209,32 @@ pub(crate) fn parse_recv_cmsgs(control: &[u8]) -> (Option<usize>, Option<IpAddr>
     (gro, local)
 }
 
+/// The `sock_extended_err` of an error-queue message (`IP_RECVERR` or
+/// `IPV6_RECVERR` cmsg), if it has one.
+pub(crate) fn find_extended_err(control: &[u8]) -> Option<libc::sock_extended_err> {
+    let mut off = 0;
+    while off + CMSG_HDR <= control.len() {
+        // SAFETY: at least a header's worth of bytes remain; unaligned read.
+        let h: libc::cmsghdr =
+            unsafe { std::ptr::read_unaligned(control.as_ptr().add(off).cast()) };
+        let len = h.cmsg_len as usize;
+        if len < CMSG_HDR || off + len > control.len() {
+            break;
+        }
+        let data = &control[off + CMSG_HDR..off + len];
+        let recverr = matches!(
+            (h.cmsg_level, h.cmsg_type),
+            (libc::IPPROTO_IP, libc::IP_RECVERR) | (libc::IPPROTO_IPV6, libc::IPV6_RECVERR)
+        );
+        if recverr && data.len() >= mem::size_of::<libc::sock_extended_err>() {
+            // SAFETY: length checked; unaligned read of a plain C struct.
+            return Some(unsafe { std::ptr::read_unaligned(data.as_ptr().cast()) });
+        }
+        off += cmsg_align(len);
+    }
+    None
+}
+
 pub(crate) fn setsockopt_int(
     fd: RawFd,
     level: libc::c_int,

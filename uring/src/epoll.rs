@@ -98,6 +98,12 @@ pub fn bind_udp(addr: SocketAddr, opts: &SocketOptions) -> io::Result<std::net::
     sock.set_recv_buffer_size(opts.recv_buffer).ok();
     sock.set_send_buffer_size(opts.send_buffer).ok();
     sock.set_nonblocking(true)?;
+    // ICMP errors about datagrams sent to clients are queued on the socket
+    // (the edge closes a connection whose client port is gone). Best
+    // effort: without it the connection ends at its idle timeout instead.
+    if let Err(e) = crate::errqueue::enable(sock.as_raw_fd(), addr.is_ipv6()) {
+        eprintln!("spooky-uring: IP_RECVERR not set on {addr}: {e}");
+    }
     sock.bind(&addr.into())?;
     Ok(sock.into())
 }
@@ -304,7 +310,15 @@ pub struct EpollUdp {
     /// Receive buffers for `recv_with` (up to [`RECV_BATCH`], made on demand).
     recv_bufs: Vec<Vec<u8>>,
     recv_metas: Vec<RecvMeta>,
+    /// A receive or send failed with the socket's pending ICMP error: the
+    /// error queue has reports ([`DatagramIo::take_unreachable`]).
+    icmp_pending: bool,
 }
+
+/// Retries of a send that failed with the socket's pending ICMP error
+/// (which another datagram's failure caused) per [`EpollUdp::send_queued`]
+/// call; past them such a failure drops the message like any other.
+const ICMP_SEND_RETRIES: usize = 8;
 
 /// Most datagrams/trains one `recv_with` takes (one `recvmmsg`).
 const RECV_BATCH: usize = 64;
@@ -330,6 +344,7 @@ impl EpollUdp {
             lent: false,
             recv_bufs: Vec::new(),
             recv_metas: Vec::new(),
+            icmp_pending: false,
         })
     }
 
@@ -351,6 +366,7 @@ impl EpollUdp {
     /// no other error is returned: failed messages are counted and dropped.
     fn send_queued(&mut self) -> io::Result<()> {
         let fd = self.socket.as_raw_fd();
+        let mut icmp_retries = 0;
         while !self.queue.is_empty() {
             // SAFETY: mmsghdr and iovec are plain C structs; all-zero is valid.
             let mut hdrs: [libc::mmsghdr; SEND_BATCH] = unsafe { mem::zeroed() };
@@ -393,6 +409,16 @@ impl EpollUdp {
                 // Only with n == 0, which a non-empty queue never plans.
                 Ok(_) => return Err(io::ErrorKind::WouldBlock.into()),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Err(e),
+                Err(e)
+                    if crate::errqueue::is_icmp_errno(e.raw_os_error().unwrap_or(0))
+                        && icmp_retries < ICMP_SEND_RETRIES =>
+                {
+                    // The socket's pending ICMP error (about some earlier
+                    // datagram), returned once instead of sending: the
+                    // message was not sent; send it again.
+                    self.icmp_pending = true;
+                    icmp_retries += 1;
+                }
                 Err(e) => {
                     // The first planned message failed: the others were not tried.
                     let first = plan[0];
@@ -523,9 +549,15 @@ impl DatagramIo for EpollUdp {
         let mut qmeta = vec![quinn_udp::RecvMeta::default(); n];
         let state = &self.state;
         let socket = &self.socket;
-        let got = socket.try_io(Interest::READABLE, || {
-            state.recv(UdpSockRef::from(socket), &mut slices, &mut qmeta)
-        })?;
+        let got = socket
+            .try_io(Interest::READABLE, || {
+                state.recv(UdpSockRef::from(socket), &mut slices, &mut qmeta)
+            })
+            .inspect_err(|e| {
+                if crate::errqueue::is_icmp_errno(e.raw_os_error().unwrap_or(0)) {
+                    self.icmp_pending = true;
+                }
+            })?;
         self.counters.recv_syscalls += 1;
         for (i, m) in qmeta.iter().take(got).enumerate() {
             let meta = RecvMeta {
@@ -646,6 +678,12 @@ impl DatagramIo for EpollUdp {
     /// Sends the batch with `sendmmsg`; see the module docs.
     fn flush(&mut self) -> io::Result<()> {
         self.send_queued()
+    }
+
+    fn take_unreachable(&mut self, out: &mut Vec<crate::errqueue::Unreachable>) {
+        if std::mem::take(&mut self.icmp_pending) {
+            crate::errqueue::drain(self.socket.as_raw_fd(), out);
+        }
     }
 }
 

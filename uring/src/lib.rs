@@ -11,6 +11,7 @@
 
 mod cmsg;
 pub mod epoll;
+pub mod errqueue;
 pub mod steering;
 pub mod tcp;
 pub mod uring;
@@ -169,6 +170,11 @@ pub trait DatagramIo {
     fn tcp_ring(&self) -> Option<tcp::RingHandle> {
         None
     }
+    /// Appends the ICMP destination-unreachable reports queued on the
+    /// socket ([`errqueue`]) to `out`. The queue is read only after a
+    /// receive or send failed with the socket's pending ICMP error, so
+    /// this costs nothing while no ICMP error arrives.
+    fn take_unreachable(&mut self, _out: &mut Vec<errqueue::Unreachable>) {}
 }
 
 /// Splits a received GRO train into its datagrams.

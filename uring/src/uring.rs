@@ -639,6 +639,9 @@ pub struct UringUdp {
     free: Vec<u16>,
     completed: VecDeque<Completed>,
     recv_armed: bool,
+    /// A receive or send completed with the socket's pending ICMP error:
+    /// the error queue has reports ([`DatagramIo::take_unreachable`]).
+    icmp_pending: bool,
     /// SQEs pushed but not yet submitted, and how many of them are UDP
     /// sends and upstream TCP operations.
     unsubmitted: Cell<usize>,
@@ -711,6 +714,7 @@ impl UringUdp {
             free: (0..SEND_SLOTS as u16).rev().collect(),
             completed: VecDeque::with_capacity(usize::from(RECV_BUFS) + 1),
             recv_armed: false,
+            icmp_pending: false,
             unsubmitted: Cell::new(0),
             unsubmitted_sends: Cell::new(0),
             unsubmitted_tcp: Cell::new(0),
@@ -980,6 +984,11 @@ impl UringUdp {
                     }
                 } else if res == -libc::ENOBUFS {
                     self.stats.buf_exhausted += 1;
+                } else if crate::errqueue::is_icmp_errno(-res) {
+                    // The socket's pending ICMP error ended the multishot
+                    // (re-armed like any other end); the report waits in
+                    // the error queue.
+                    self.icmp_pending = true;
                 } else if res != -libc::ECANCELED {
                     self.stats.recv_errors += 1;
                 }
@@ -1025,6 +1034,12 @@ impl UringUdp {
             self.gso = false;
             self.counters.gso_fallbacks += 1;
             self.resend_unsegmented(i);
+        } else if crate::errqueue::is_icmp_errno(-res) && !notif_follows {
+            // The socket's pending ICMP error (about some earlier
+            // datagram), returned once instead of sending this one: send
+            // it again (direct `sendmsg`, the rare path).
+            self.icmp_pending = true;
+            self.resend_unsegmented(i);
         } else if res != -libc::ECANCELED {
             self.count_send_error(
                 self.slots[i].destination,
@@ -1048,7 +1063,8 @@ impl UringUdp {
     }
 
     /// Sends slot `i`'s train as single datagrams with direct, non-blocking
-    /// `sendmsg` calls (the rare path after a GSO refusal).
+    /// `sendmsg` calls (the rare paths after a GSO refusal, or after the
+    /// socket's pending ICMP error stopped the send).
     fn resend_unsegmented(&mut self, i: usize) {
         let v6 = self.v6;
         let fd = self.socket.as_raw_fd();
@@ -1182,6 +1198,12 @@ impl DatagramIo for UringUdp {
 
     fn tcp_ring(&self) -> Option<RingHandle> {
         Some(self.tcp_handle())
+    }
+
+    fn take_unreachable(&mut self, out: &mut Vec<crate::errqueue::Unreachable>) {
+        if mem::take(&mut self.icmp_pending) {
+            crate::errqueue::drain(self.socket.as_raw_fd(), out);
+        }
     }
 
     fn recv_with<F: FnMut(&RecvMeta, &mut [u8])>(
