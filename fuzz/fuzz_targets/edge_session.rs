@@ -88,6 +88,10 @@ enum Step {
     NewClient,
     /// Graceful drain (GOAWAY), then a forced close when `force`.
     Shutdown { force: bool },
+    /// An ICMP unreachable report, about the client's address and quoting
+    /// its connection id when `about_client`, else about some other port
+    /// with arbitrary quoted bytes.
+    Unreachable { about_client: bool, quoted: Vec<u8> },
 }
 
 #[derive(Debug, Arbitrary)]
@@ -122,6 +126,9 @@ enum Upstream {
     /// The upstream task goes away without a word.
     Vanish,
 }
+
+/// Linux's errno for an ICMP port unreachable (what the kernel reports).
+const ECONNREFUSED: i32 = 111;
 
 /// The client side: a quiche connection plus its HTTP/3 layer once up.
 struct Client {
@@ -402,6 +409,28 @@ impl Harness {
                 }
                 assert!(self.e.edge.is_draining());
             }
+            Step::Unreachable {
+                about_client,
+                quoted,
+            } => self.unreachable(*about_client, quoted),
+        }
+    }
+
+    fn unreachable(&mut self, about_client: bool, quoted: &[u8]) {
+        let (peer, q) = if about_client {
+            let mut q = vec![0x41];
+            q.extend_from_slice(self.client.quic.source_id().as_ref());
+            q.extend_from_slice(quoted);
+            (self.client.from, q)
+        } else {
+            let port = self.client.from.port().wrapping_add(1).max(1);
+            (SocketAddr::new(self.client.from.ip(), port), quoted.to_vec())
+        };
+        let report = spooky_uring::errqueue::Unreachable::new(peer, ECONNREFUSED, &q);
+        let unmatched = self.e.edge.handle_unreachable(self.now, &[report]);
+        assert!(unmatched.len() <= 1);
+        if !about_client {
+            assert_eq!(unmatched.len(), 1, "a report about another port matched");
         }
     }
 

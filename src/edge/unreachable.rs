@@ -17,6 +17,8 @@
 //! path: after a NAT rebinding or a migration the old address is
 //! expected to be gone. Any packet from the client ends the grace.
 
+use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use spooky_uring::errqueue::Unreachable;
@@ -45,6 +47,12 @@ impl Edge {
     ) -> Vec<Unreachable> {
         self.now = now;
         let mut matched = vec![false; reports.len()];
+        // One pass over the connections, one lookup each: a burst of
+        // (possibly forged) reports costs O(connections + reports).
+        let mut by_peer: HashMap<SocketAddr, Vec<usize>> = HashMap::new();
+        for (i, r) in reports.iter().enumerate() {
+            by_peer.entry(canonical(r.peer)).or_default().push(i);
+        }
         let mut due = Vec::new();
         for (ci, conn) in self.conns.iter_mut() {
             if !conn.established {
@@ -54,28 +62,32 @@ impl Edge {
                 .quic
                 .path_stats()
                 .find(|p| p.active)
-                .map(|p| p.peer_addr)
+                .map(|p| canonical(p.peer_addr))
             else {
                 continue;
             };
-            for (i, r) in reports.iter().enumerate() {
-                if same_addr(r.peer, peer) && quotes_our_packet(conn, r.quoted()) {
-                    matched[i] = true;
-                    if conn.unreachable_at.is_some() {
-                        // Already in its grace: a later report changes nothing.
-                        break;
-                    }
-                    conn.unreachable_at = Some(now + UNREACHABLE_GRACE);
-                    due.push(ci);
-                    tracing::debug!(
-                        conn = conn.serial,
-                        %peer,
-                        errno = r.errno,
-                        "ICMP: client unreachable; connection discarded unless it is heard from"
-                    );
-                    break;
-                }
+            let Some(candidates) = by_peer.get(&peer) else {
+                continue;
+            };
+            let Some(&i) = candidates
+                .iter()
+                .find(|&&i| quotes_our_packet(conn, reports[i].quoted()))
+            else {
+                continue;
+            };
+            matched[i] = true;
+            if conn.unreachable_at.is_some() {
+                // Already in its grace: a later report changes nothing.
+                continue;
             }
+            conn.unreachable_at = Some(now + UNREACHABLE_GRACE);
+            due.push(ci);
+            tracing::debug!(
+                conn = conn.serial,
+                %peer,
+                errno = reports[i].errno,
+                "ICMP: client unreachable; connection discarded unless it is heard from"
+            );
         }
         for ci in due {
             self.update_timer(ci);
@@ -107,9 +119,10 @@ impl Edge {
     }
 }
 
-/// Equal addresses, an IPv4 address and its v4-mapped IPv6 form included.
-fn same_addr(a: std::net::SocketAddr, b: std::net::SocketAddr) -> bool {
-    a.port() == b.port() && a.ip().to_canonical() == b.ip().to_canonical()
+/// The address with a v4-mapped IPv6 address as plain IPv4, so that both
+/// forms of one client compare equal.
+fn canonical(a: SocketAddr) -> SocketAddr {
+    SocketAddr::new(a.ip().to_canonical(), a.port())
 }
 
 /// Whether `quoted` starts a 1-RTT (short header) or long header packet
