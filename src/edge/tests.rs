@@ -791,16 +791,11 @@ fn the_ack_of_a_request_rides_with_its_response() {
     );
     assert!(p.client_in_flight() > 0);
     let (_env, side) = p.take_request();
-    side.edge.send(ToEdge::Headers {
-        head: ResponseHead::new(http::StatusCode::OK),
-        head_after: std::time::Duration::ZERO,
-    });
-    side.edge.send(ToEdge::Data(Bytes::from_static(b"ok")));
-    side.edge.send(ToEdge::End);
-    while let Ok((k, m)) = p.rx.try_recv() {
-        p.edge.handle_upstream(Instant::now(), k, m);
-    }
-    assert_eq!(p.edge_to_client(), 1, "response and ACK in one datagram");
+    assert_eq!(
+        answer_ok(&mut p, &side),
+        1,
+        "response and ACK in one datagram"
+    );
     assert_eq!(
         p.client_in_flight(),
         0,
@@ -843,8 +838,8 @@ fn a_second_packet_owed_is_acknowledged_at_once() {
 }
 
 /// Answers the request taken from `side` with a 200 and `ok`, and
-/// delivers the answer to the client.
-fn answer_ok(p: &mut Pair, side: &UpstreamSide) {
+/// delivers the answer to the client; how many datagrams that took.
+fn answer_ok(p: &mut Pair, side: &UpstreamSide) -> usize {
     side.edge.send(ToEdge::Headers {
         head: ResponseHead::new(http::StatusCode::OK),
         head_after: std::time::Duration::ZERO,
@@ -854,7 +849,7 @@ fn answer_ok(p: &mut Pair, side: &UpstreamSide) {
     while let Ok((k, m)) = p.rx.try_recv() {
         p.edge.handle_upstream(Instant::now(), k, m);
     }
-    p.edge_to_client();
+    p.edge_to_client()
 }
 
 #[test]

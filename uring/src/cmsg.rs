@@ -165,21 +165,33 @@ pub(crate) fn parse_sockaddr(name: &[u8]) -> Option<SocketAddr> {
     }
 }
 
-/// What the receive cmsgs said: GRO segment size and the local address.
-pub(crate) fn parse_recv_cmsgs(control: &[u8]) -> (Option<usize>, Option<IpAddr>) {
-    let mut gro = None;
-    let mut local = None;
+/// The control messages in `control`, as (level, type, data); stops at
+/// the first malformed header.
+fn cmsgs(control: &[u8]) -> impl Iterator<Item = (libc::c_int, libc::c_int, &[u8])> {
     let mut off = 0;
-    while off + CMSG_HDR <= control.len() {
+    std::iter::from_fn(move || {
+        if off + CMSG_HDR > control.len() {
+            return None;
+        }
         // SAFETY: at least a header's worth of bytes remain; unaligned read.
         let h: libc::cmsghdr =
             unsafe { std::ptr::read_unaligned(control.as_ptr().add(off).cast()) };
         let len = h.cmsg_len as usize;
         if len < CMSG_HDR || off + len > control.len() {
-            break;
+            return None;
         }
         let data = &control[off + CMSG_HDR..off + len];
-        match (h.cmsg_level, h.cmsg_type) {
+        off += cmsg_align(len);
+        Some((h.cmsg_level, h.cmsg_type, data))
+    })
+}
+
+/// What the receive cmsgs said: GRO segment size and the local address.
+pub(crate) fn parse_recv_cmsgs(control: &[u8]) -> (Option<usize>, Option<IpAddr>) {
+    let mut gro = None;
+    let mut local = None;
+    for (level, ty, data) in cmsgs(control) {
+        match (level, ty) {
             (SOL_UDP, UDP_GRO) if data.len() >= 4 => {
                 let v = i32::from_ne_bytes([data[0], data[1], data[2], data[3]]);
                 if v > 0 {
@@ -204,7 +216,6 @@ pub(crate) fn parse_recv_cmsgs(control: &[u8]) -> (Option<usize>, Option<IpAddr>
             }
             _ => {}
         }
-        off += cmsg_align(len);
     }
     (gro, local)
 }
@@ -212,27 +223,15 @@ pub(crate) fn parse_recv_cmsgs(control: &[u8]) -> (Option<usize>, Option<IpAddr>
 /// The `sock_extended_err` of an error-queue message (`IP_RECVERR` or
 /// `IPV6_RECVERR` cmsg), if it has one.
 pub(crate) fn find_extended_err(control: &[u8]) -> Option<libc::sock_extended_err> {
-    let mut off = 0;
-    while off + CMSG_HDR <= control.len() {
-        // SAFETY: at least a header's worth of bytes remain; unaligned read.
-        let h: libc::cmsghdr =
-            unsafe { std::ptr::read_unaligned(control.as_ptr().add(off).cast()) };
-        let len = h.cmsg_len as usize;
-        if len < CMSG_HDR || off + len > control.len() {
-            break;
-        }
-        let data = &control[off + CMSG_HDR..off + len];
+    cmsgs(control).find_map(|(level, ty, data)| {
         let recverr = matches!(
-            (h.cmsg_level, h.cmsg_type),
+            (level, ty),
             (libc::IPPROTO_IP, libc::IP_RECVERR) | (libc::IPPROTO_IPV6, libc::IPV6_RECVERR)
         );
-        if recverr && data.len() >= mem::size_of::<libc::sock_extended_err>() {
+        (recverr && data.len() >= mem::size_of::<libc::sock_extended_err>())
             // SAFETY: length checked; unaligned read of a plain C struct.
-            return Some(unsafe { std::ptr::read_unaligned(data.as_ptr().cast()) });
-        }
-        off += cmsg_align(len);
-    }
-    None
+            .then(|| unsafe { std::ptr::read_unaligned(data.as_ptr().cast()) })
+    })
 }
 
 pub(crate) fn setsockopt_int(

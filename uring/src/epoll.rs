@@ -310,14 +310,14 @@ pub struct EpollUdp {
     /// Receive buffers for `recv_with` (up to [`RECV_BATCH`], made on demand).
     recv_bufs: Vec<Vec<u8>>,
     recv_metas: Vec<RecvMeta>,
-    /// A receive or send failed with the socket's pending ICMP error: the
-    /// error queue has reports ([`DatagramIo::take_unreachable`]).
-    icmp_pending: bool,
+    /// Unreachable reports read from the socket's error queue after a
+    /// failed receive or send, for [`DatagramIo::take_unreachable`].
+    reported: Vec<crate::errqueue::Unreachable>,
 }
 
 /// Retries of a send that failed with the socket's pending ICMP error
-/// (which another datagram's failure caused) per [`EpollUdp::send_queued`]
-/// call; past them such a failure drops the message like any other.
+/// (about some earlier datagram) per [`EpollUdp::send_queued`] call; past
+/// them such a failure drops the message like any other.
 const ICMP_SEND_RETRIES: usize = 8;
 
 /// Most datagrams/trains one `recv_with` takes (one `recvmmsg`).
@@ -344,7 +344,7 @@ impl EpollUdp {
             lent: false,
             recv_bufs: Vec::new(),
             recv_metas: Vec::new(),
-            icmp_pending: false,
+            reported: Vec::new(),
         })
     }
 
@@ -409,14 +409,14 @@ impl EpollUdp {
                 // Only with n == 0, which a non-empty queue never plans.
                 Ok(_) => return Err(io::ErrorKind::WouldBlock.into()),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Err(e),
-                Err(e)
-                    if crate::errqueue::is_icmp_errno(e.raw_os_error().unwrap_or(0))
-                        && icmp_retries < ICMP_SEND_RETRIES =>
+                Err(_)
+                    if icmp_retries < ICMP_SEND_RETRIES
+                        && crate::errqueue::drain(fd, &mut self.reported) > 0 =>
                 {
-                    // The socket's pending ICMP error (about some earlier
+                    // The error queue held something, so the failure was
+                    // the socket's pending ICMP error (about some earlier
                     // datagram), returned once instead of sending: the
                     // message was not sent; send it again.
-                    self.icmp_pending = true;
                     icmp_retries += 1;
                 }
                 Err(e) => {
@@ -554,8 +554,12 @@ impl DatagramIo for EpollUdp {
                 state.recv(UdpSockRef::from(socket), &mut slices, &mut qmeta)
             })
             .inspect_err(|e| {
-                if crate::errqueue::is_icmp_errno(e.raw_os_error().unwrap_or(0)) {
-                    self.icmp_pending = true;
+                // Any real failure may be the socket's pending ICMP error.
+                if !matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) {
+                    crate::errqueue::drain(socket.as_raw_fd(), &mut self.reported);
                 }
             })?;
         self.counters.recv_syscalls += 1;
@@ -681,9 +685,7 @@ impl DatagramIo for EpollUdp {
     }
 
     fn take_unreachable(&mut self, out: &mut Vec<crate::errqueue::Unreachable>) {
-        if std::mem::take(&mut self.icmp_pending) {
-            crate::errqueue::drain(self.socket.as_raw_fd(), out);
-        }
+        out.append(&mut self.reported);
     }
 }
 

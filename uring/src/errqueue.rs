@@ -5,9 +5,11 @@
 //! one on the socket's error queue, with the original destination (the
 //! client the datagram was for) and the quoted start of the datagram, and
 //! sets the socket's pending error, which the next receive or send on the
-//! socket returns once (`ECONNREFUSED`, `EHOSTUNREACH`, ...) instead of
-//! doing its work. The drivers take such a failure as the sign to read
-//! the queue ([`drain`]), and retry what failed.
+//! socket returns once (`ECONNREFUSED`, `EHOSTUNREACH`, `EMSGSIZE` for a
+//! "fragmentation needed", ...) instead of doing its work. So whenever a
+//! receive or send fails, the drivers read the queue ([`drain`]); when it
+//! held anything, the failure was that pending error and a failed send is
+//! sent again.
 //!
 //! What the edge does with a report (a client whose path is gone) is its
 //! business; this module only reads and filters them.
@@ -61,9 +63,9 @@ impl Unreachable {
     }
 }
 
-/// Whether a failed receive or send may be the socket's pending ICMP
-/// error rather than a fault of the operation itself.
-pub fn is_icmp_errno(errno: i32) -> bool {
+/// Whether an error-queue entry's errno means the destination cannot be
+/// reached (port, host or network unreachable).
+pub fn is_unreachable_errno(errno: i32) -> bool {
     matches!(
         errno,
         libc::ECONNREFUSED | libc::EHOSTUNREACH | libc::ENETUNREACH | libc::EHOSTDOWN
@@ -146,7 +148,7 @@ fn parse(name: &[u8], quoted: &[u8], control: &[u8]) -> Option<Unreachable> {
         libc::SO_EE_ORIGIN_ICMP | libc::SO_EE_ORIGIN_ICMP6
     );
     let errno = ee.ee_errno as i32;
-    (from_icmp && is_icmp_errno(errno)).then(|| Unreachable::new(peer, errno, quoted))
+    (from_icmp && is_unreachable_errno(errno)).then(|| Unreachable::new(peer, errno, quoted))
 }
 
 #[cfg(test)]

@@ -172,8 +172,8 @@ pub trait DatagramIo {
     }
     /// Appends the ICMP destination-unreachable reports queued on the
     /// socket ([`errqueue`]) to `out`. The queue is read only after a
-    /// receive or send failed with the socket's pending ICMP error, so
-    /// this costs nothing while no ICMP error arrives.
+    /// receive or send failed (the socket's pending ICMP error makes the
+    /// next one fail), so this costs nothing while none fails.
     fn take_unreachable(&mut self, _out: &mut Vec<errqueue::Unreachable>) {}
 }
 

@@ -639,9 +639,9 @@ pub struct UringUdp {
     free: Vec<u16>,
     completed: VecDeque<Completed>,
     recv_armed: bool,
-    /// A receive or send completed with the socket's pending ICMP error:
-    /// the error queue has reports ([`DatagramIo::take_unreachable`]).
-    icmp_pending: bool,
+    /// Unreachable reports read from the socket's error queue after a
+    /// failed receive or send, for [`DatagramIo::take_unreachable`].
+    reported: Vec<crate::errqueue::Unreachable>,
     /// SQEs pushed but not yet submitted, and how many of them are UDP
     /// sends and upstream TCP operations.
     unsubmitted: Cell<usize>,
@@ -714,7 +714,7 @@ impl UringUdp {
             free: (0..SEND_SLOTS as u16).rev().collect(),
             completed: VecDeque::with_capacity(usize::from(RECV_BUFS) + 1),
             recv_armed: false,
-            icmp_pending: false,
+            reported: Vec::new(),
             unsubmitted: Cell::new(0),
             unsubmitted_sends: Cell::new(0),
             unsubmitted_tcp: Cell::new(0),
@@ -984,13 +984,13 @@ impl UringUdp {
                     }
                 } else if res == -libc::ENOBUFS {
                     self.stats.buf_exhausted += 1;
-                } else if crate::errqueue::is_icmp_errno(-res) {
-                    // The socket's pending ICMP error ended the multishot
-                    // (re-armed like any other end); the report waits in
-                    // the error queue.
-                    self.icmp_pending = true;
                 } else if res != -libc::ECANCELED {
-                    self.stats.recv_errors += 1;
+                    // Perhaps the socket's pending ICMP error (the multishot
+                    // is re-armed like after any other end): its report
+                    // waits in the error queue.
+                    if crate::errqueue::drain(self.socket.as_raw_fd(), &mut self.reported) == 0 {
+                        self.stats.recv_errors += 1;
+                    }
                 }
             }
             UD_CANCEL => {}
@@ -1034,11 +1034,14 @@ impl UringUdp {
             self.gso = false;
             self.counters.gso_fallbacks += 1;
             self.resend_unsegmented(i);
-        } else if crate::errqueue::is_icmp_errno(-res) && !notif_follows {
-            // The socket's pending ICMP error (about some earlier
-            // datagram), returned once instead of sending this one: send
-            // it again (direct `sendmsg`, the rare path).
-            self.icmp_pending = true;
+        } else if res != -libc::ECANCELED
+            && !notif_follows
+            && crate::errqueue::drain(self.socket.as_raw_fd(), &mut self.reported) > 0
+        {
+            // The error queue held something, so the failure was the
+            // socket's pending ICMP error (about some earlier datagram),
+            // returned once instead of sending this one: send it again
+            // (direct `sendmsg`, the rare path).
             self.resend_unsegmented(i);
         } else if res != -libc::ECANCELED {
             self.count_send_error(
@@ -1201,9 +1204,7 @@ impl DatagramIo for UringUdp {
     }
 
     fn take_unreachable(&mut self, out: &mut Vec<crate::errqueue::Unreachable>) {
-        if mem::take(&mut self.icmp_pending) {
-            crate::errqueue::drain(self.socket.as_raw_fd(), out);
-        }
+        out.append(&mut self.reported);
     }
 
     fn recv_with<F: FnMut(&RecvMeta, &mut [u8])>(
@@ -2225,5 +2226,75 @@ mod tests {
             String::from_utf8_lossy(&out.stderr)
         );
         assert!(text.contains("1 passed"), "{text}");
+    }
+
+    /// A datagram to a port nobody listens on draws an ICMP port
+    /// unreachable, and the socket's pending error then fails the next
+    /// receive or send once. That must cost no datagram: the sends to a
+    /// live peer that follow all arrive, in order, and the report comes out
+    /// of `take_unreachable` naming the closed port and quoting the
+    /// datagram.
+    async fn pending_icmp_error_costs_no_datagram<D: DatagramIo>(tx: &mut D) {
+        let closed = StdUdp::bind(local()).unwrap();
+        let gone = closed.local_addr().unwrap();
+        drop(closed);
+        let rx = StdUdp::bind(local()).unwrap();
+        rx.set_nonblocking(true).unwrap();
+        let live = rx.local_addr().unwrap();
+        let to_gone = [0x41u8; 40];
+        let lone = |destination, contents| Transmit {
+            destination,
+            src_ip: None,
+            contents,
+            segment_size: None,
+        };
+        tx.try_send(&lone(gone, &to_gone[..])).unwrap();
+        while let Err(e) = tx.flush() {
+            assert_eq!(e.kind(), io::ErrorKind::WouldBlock, "{e}");
+            tx.writable().await.unwrap();
+        }
+        // Loopback answers within the send's softirq; leave it a moment.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let payloads: Vec<[u8; 100]> = (0..3u8).map(|i| [i; 100]).collect();
+        for p in &payloads {
+            tx.try_send(&lone(live, &p[..])).unwrap();
+        }
+        let (mut got, mut reports) = (Vec::new(), Vec::new());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        let mut buf = [0u8; 200];
+        while (got.len() < payloads.len() || reports.is_empty())
+            && std::time::Instant::now() < deadline
+        {
+            let _ = tx.flush();
+            // Reaps the ring's completions (failed sends are sent again there).
+            let _ = tokio::time::timeout(std::time::Duration::from_millis(10), tx.readable()).await;
+            tx.take_unreachable(&mut reports);
+            while let Ok(n) = rx.recv(&mut buf) {
+                got.push(buf[..n].to_vec());
+            }
+        }
+        let want: Vec<Vec<u8>> = payloads.iter().map(|p| p.to_vec()).collect();
+        assert_eq!(got, want, "every datagram to the live peer, in order");
+        assert_eq!(reports.len(), 1, "{reports:?}");
+        assert_eq!(reports[0].peer, gone);
+        assert_eq!(reports[0].errno, libc::ECONNREFUSED);
+        assert_eq!(reports[0].quoted(), &to_gone[..crate::errqueue::QUOTED_MAX]);
+        assert_eq!(tx.counters().send_errors, 0);
+    }
+
+    #[test]
+    fn pending_icmp_error_costs_no_datagram_uring() {
+        rt().block_on(async {
+            if let Some(mut tx) = uring() {
+                pending_icmp_error_costs_no_datagram(&mut tx).await;
+            }
+        });
+    }
+
+    #[test]
+    fn pending_icmp_error_costs_no_datagram_epoll() {
+        rt().block_on(async {
+            pending_icmp_error_costs_no_datagram(&mut epoll()).await;
+        });
     }
 }
