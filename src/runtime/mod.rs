@@ -56,15 +56,6 @@ pub struct WorkerContext {
     pub access: Option<AccessSink>,
 }
 
-/// Runs one worker until `shutdown` turns true, then closes connections
-/// cleanly (CONNECTION_CLOSE with H3_NO_ERROR) and returns.
-///
-/// When the [`ConfigStore`] publishes a new generation, the worker picks it
-/// up at the top of its loop: new requests go to a fresh [`Gateway`] (routes,
-/// policies, backends, timeouts), while requests in flight keep the
-/// `Rc<Gateway>` they captured and finish on it; an old gateway's pools and
-/// h2 connections go away with its last request. The edge takes the new
-/// TLS pair and transport parameters for new handshakes and the new limits.
 /// What one worker hands another.
 #[derive(Debug)]
 pub enum Forwarded {
@@ -102,6 +93,15 @@ impl Handoff {
     }
 }
 
+/// Runs one worker until `shutdown` turns true, then closes connections
+/// cleanly (CONNECTION_CLOSE with H3_NO_ERROR) and returns.
+///
+/// When the [`ConfigStore`] publishes a new generation, the worker picks it
+/// up at the top of its loop: new requests go to a fresh [`Gateway`] (routes,
+/// policies, backends, timeouts), while requests in flight keep the
+/// `Rc<Gateway>` they captured and finish on it; an old gateway's pools and
+/// h2 connections go away with its last request. The edge takes the new
+/// TLS pair and transport parameters for new handshakes and the new limits.
 pub async fn run_worker<D: DatagramIo>(
     ctx: WorkerContext,
     mut io: D,
