@@ -10,6 +10,7 @@
 //! | `GET /id`                   | `NAME`                                            |
 //! | `GET /bytes/N`              | N pattern bytes, byte i = `i % 251`, streamed     |
 //! | `POST`/`PUT /echo`          | `{"length":N,"sha256":"…"}` of the request body   |
+//! | `POST`/`PUT /echo?refuse=NAME` | on backend NAME: RST_STREAM(REFUSED_STREAM) once body bytes arrive; elsewhere as `/echo` |
 //! | `GET /slow?ms=N`            | `slow N\n` after N ms                             |
 //! | `GET /status/N`             | status N, `status N\n` (1xx and junk: 400)        |
 //! | `GET /health`               | `ok`                                              |
@@ -452,6 +453,11 @@ async fn route(
         }
         "/id" if get => ctx.text(respond, StatusCode::OK, shared.name.clone()).await,
         "/health" if get => ctx.text(respond, StatusCode::OK, "ok").await,
+        "/echo"
+            if upload && query_param(req.uri().query(), "refuse") == Some(shared.name.as_str()) =>
+        {
+            refuse_upload(req.into_body(), respond).await
+        }
         "/echo" if upload => echo(&ctx, req.into_body(), respond).await,
         "/slow" if get => match query_param(req.uri().query(), "ms").and_then(|v| v.parse().ok()) {
             Some(ms) => slow(&ctx, respond, ms).await,
@@ -560,6 +566,20 @@ async fn trailers(ctx: &Ctx<'_>, respond: &mut SendResponse<Bytes>) -> Result<()
     if let Err(e) = send.send_trailers(trailers) {
         return Err(send_error(&mut send, e).await);
     }
+    Ok(())
+}
+
+/// `POST /echo?refuse=NAME` on the backend named NAME: waits for the first
+/// body bytes, then refuses the stream (RST_STREAM(REFUSED_STREAM)) without
+/// consuming them: a backend shedding an upload it never processed.
+async fn refuse_upload(
+    mut body: RecvStream,
+    respond: &mut SendResponse<Bytes>,
+) -> Result<(), StreamEnd> {
+    if let Some(chunk) = body.data().await {
+        chunk?;
+    }
+    respond.send_reset(Reason::REFUSED_STREAM);
     Ok(())
 }
 

@@ -91,6 +91,9 @@ pub(super) struct Request {
     pub req_data_pending: bool,
     /// The client's side of the stream ended (FIN read).
     pub req_finished: bool,
+    /// Trailers that arrived before the head was mapped (HEADERS, then
+    /// trailers, no DATA): forwarded by [`Edge::dispatch`].
+    pub pending_trailers: Option<http::HeaderMap>,
     pub resp: RespSide,
     pub log: AccessInfo,
     /// Request body bytes seen, checked against content-length.
@@ -300,6 +303,7 @@ impl Edge {
             dispatched: false,
             req_data_pending: false,
             req_finished: !more_frames,
+            pending_trailers: None,
             resp: RespSide::default(),
             log,
             body_seen: 0,
@@ -350,6 +354,13 @@ impl Edge {
                 }
                 req.content_length = env.content_length;
                 let (tx, body) = mpsc::unbounded_channel();
+                // Trailers seen before this point had no DATA before them
+                // (quiche parses trailers only once every DATA frame was
+                // read, and nothing reads the body before dispatch): they
+                // go first, the end (below) after them.
+                if let Some(t) = req.pending_trailers.take() {
+                    let _ = tx.send(ToUpstream::Trailers(t));
+                }
                 req.body_tx = Some(tx);
                 let side = UpstreamSide {
                     shared: req.shared.clone(),
@@ -419,6 +430,10 @@ impl Edge {
                 if let Some(req) = self.requests.get_mut(slot) {
                     if let Some(tx) = req.body_tx.as_ref() {
                         let _ = tx.send(ToUpstream::Trailers(map));
+                    } else if !req.dispatched {
+                        // No body channel before the head is mapped: keep
+                        // them for `dispatch` instead of dropping them.
+                        req.pending_trailers = Some(map);
                     }
                 }
             }

@@ -749,6 +749,41 @@ fn a_body_that_came_with_its_head_is_forwarded_to_the_end() {
     assert_eq!((got, ended), (500, true), "body bytes and end forwarded");
 }
 
+/// HEADERS, then trailers, then FIN, no DATA, all before the head is
+/// mapped: the trailers reach the upstream side ahead of the end, instead
+/// of being dropped for want of a body channel.
+#[test]
+fn trailers_that_come_before_dispatch_reach_the_upstream_side() {
+    let mut p = Pair::new(64 * 1024);
+    let hdrs = request_fields("POST", "/upload");
+    let h3c = p.h3.as_mut().unwrap();
+    let sid = h3c.send_request(&mut p.client, &hdrs, false).unwrap();
+    let trailers = [h3::Header::new(b"x-checksum", b"abc")];
+    h3c.send_additional_headers(&mut p.client, sid, &trailers, true, true)
+        .unwrap();
+    p.client_to_edge();
+    let (env, mut side) = p.take_request();
+    assert!(env.has_body, "a request with trailers has a body section");
+    let mut got = Vec::new();
+    while let Ok(m) = side.body.try_recv() {
+        got.push(match m {
+            ToUpstream::Data(b) => format!("data {}", b.len()),
+            ToUpstream::Trailers(t) => format!(
+                "trailers x-checksum={}",
+                t.get("x-checksum")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("-")
+            ),
+            ToUpstream::End => "end".into(),
+        });
+    }
+    assert_eq!(
+        got.first().map(String::as_str),
+        Some("trailers x-checksum=abc"),
+        "upstream side saw {got:?}"
+    );
+}
+
 impl Pair {
     /// Sends a GET from the client, one datagram, without draining the edge.
     fn send_get(&mut self) -> u64 {

@@ -22,7 +22,7 @@ use crate::edge::{Edge, EdgeError, EdgeEvent, PATH_SAMPLE_INTERVAL};
 use crate::telemetry::access::AccessSink;
 use crate::telemetry::backends::BackendBoard;
 use crate::telemetry::WorkerMetrics;
-use crate::upstream::{proxy, Connector, Gateway};
+use crate::upstream::{proxy, Connector, Gateway, Registry};
 
 /// Errors that stop a worker.
 #[derive(Debug, thiserror::Error)]
@@ -97,10 +97,12 @@ impl Handoff {
 /// cleanly (CONNECTION_CLOSE with H3_NO_ERROR) and returns.
 ///
 /// When the [`ConfigStore`] publishes a new generation, the worker picks it
-/// up at the top of its loop: new requests go to a fresh [`Gateway`] (routes,
+/// up at the top of its loop: new requests go to a new [`Gateway`] (routes,
 /// policies, backends, timeouts), while requests in flight keep the
-/// `Rc<Gateway>` they captured and finish on it; an old gateway's pools and
-/// h2 connections go away with its last request. The edge takes the new
+/// `Rc<Gateway>` they captured and finish on it. The worker's [`Registry`]
+/// carries each backend that stays (its health, ejection, EWMA, retry budget
+/// and warm connections) into the new gateway; a removed backend's pool and
+/// h2 connections go away with the last request that uses them. The edge takes the new
 /// TLS pair and transport parameters for new handshakes and the new limits.
 pub async fn run_worker<D: DatagramIo>(
     ctx: WorkerContext,
@@ -146,9 +148,12 @@ pub async fn run_worker<D: DatagramIo>(
     if let Some(sink) = access {
         edge.set_access_log(sink);
     }
-    let mut gateway = Rc::new(Gateway::new(cfg, &connector));
+    // Backend state (health, ejections, EWMA, budgets, warm connections)
+    // lives here, across config generations.
+    let mut registry = Registry::default();
+    let mut gateway = Rc::new(registry.gateway(cfg, &connector));
     gateway.warm();
-    let mut checkers = gateway.start_health_checks(metrics.clone(), board.clone(), worker_id);
+    registry.start_health_checks(&metrics, &board, worker_id);
 
     // Datagrams/trains taken per receive call (io.batch; at most 64, the
     // epoll driver's recvmmsg batch).
@@ -181,7 +186,7 @@ pub async fn run_worker<D: DatagramIo>(
                     &connector,
                     &mut edge,
                     &mut gateway,
-                    &mut checkers,
+                    &mut registry,
                     &metrics,
                     &board,
                 );
@@ -437,7 +442,7 @@ fn apply_config(
     connector: &Connector,
     edge: &mut Edge,
     gateway: &mut Rc<Gateway>,
-    checkers: &mut Vec<tokio::task::JoinHandle<()>>,
+    registry: &mut Registry,
     metrics: &Arc<WorkerMetrics>,
     board: &Arc<BackendBoard>,
 ) {
@@ -446,14 +451,12 @@ fn apply_config(
         // files changed since. Keep serving with the previous one.
         tracing::error!(generation, error = %e, "reload: keeping the previous TLS and transport config");
     }
-    let fresh = Rc::new(Gateway::new(cfg, connector));
+    // Backends that stay keep their pools, checkers and state; removed
+    // ones lose their checker, so their pools go away with the last
+    // request of the old generation that uses them.
+    let fresh = Rc::new(registry.gateway(cfg, connector));
     fresh.warm();
-    // The old gateway's checkers hold its pools: stop them so the pools go
-    // away with the last request that uses them.
-    for h in checkers.drain(..) {
-        h.abort();
-    }
-    *checkers = fresh.start_health_checks(metrics.clone(), board.clone(), worker_id);
+    registry.start_health_checks(metrics, board, worker_id);
     let old = std::mem::replace(gateway, fresh);
     tracing::info!(
         worker = worker_id,

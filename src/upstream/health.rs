@@ -99,6 +99,18 @@ impl BackendHealth {
         None
     }
 
+    /// Takes over what `earlier` learnt (state, streaks, ejection), for a
+    /// backend whose pool is rebuilt by a reload.
+    pub fn carry_over(&self, earlier: &BackendHealth) {
+        self.state.set(earlier.state.get());
+        self.ok_streak.set(earlier.ok_streak.get());
+        self.fail_streak.set(earlier.fail_streak.get());
+        self.consecutive_failures
+            .set(earlier.consecutive_failures.get());
+        self.ejected_until.set(earlier.ejected_until.get());
+        self.ejections.set(earlier.ejections.get());
+    }
+
     /// Records a request outcome; returns the failure streak.
     pub fn record(&self, ok: bool) -> u32 {
         if ok {

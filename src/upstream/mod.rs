@@ -4,22 +4,22 @@
 pub mod health;
 pub mod pool;
 mod proxy;
+pub mod registry;
 pub mod transport;
 
 use std::cell::Cell;
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub use pool::{BackendPool, PoolSettings};
 pub use proxy::proxy;
+pub use registry::Registry;
 pub use transport::{Connector, UpstreamStream};
 
 use crate::balancer::{BackendView, PickContext, Policy};
 use crate::config::{Config, OnAllUnhealthy};
 use crate::router::RouteTable;
-use crate::telemetry::backends::BackendBoard;
 use crate::telemetry::WorkerMetrics;
 
 /// Why a request could not be carried to a backend or back. Knows which
@@ -64,6 +64,12 @@ pub enum UpstreamError {
     /// retried.
     #[error("client stopped reading for {0:?}")]
     ClientStalled(Duration),
+    /// The client stopped sending its request body: the backend waited for
+    /// it (no response head within `timeouts.request_ms`, or no body bytes
+    /// for `timeouts.idle_ms`). The client's fault: answered 408, never
+    /// charged to the backend, never retried.
+    #[error("client stopped sending its request body for {0:?}")]
+    ClientBodyStalled(Duration),
 }
 
 /// Which side of the proxy an error belongs to (after pingora-error's
@@ -97,6 +103,7 @@ impl UpstreamError {
             UpstreamError::NoRoute { .. }
             | UpstreamError::Cancelled
             | UpstreamError::ClientStalled(_)
+            | UpstreamError::ClientBodyStalled(_)
             | UpstreamError::RefusedLocally(_) => ErrorSide::Client,
             UpstreamError::NoBackend { .. }
             | UpstreamError::Saturated { .. }
@@ -130,6 +137,7 @@ impl UpstreamError {
             UpstreamError::Timeout(_) | UpstreamError::Idle(_) => 504,
             UpstreamError::Cancelled | UpstreamError::ClientStalled(_) => 499,
             UpstreamError::RefusedLocally(_) => 400,
+            UpstreamError::ClientBodyStalled(_) => 408,
         }
     }
 }
@@ -191,15 +199,18 @@ pub enum Outcome {
 }
 
 /// One `upstreams:` entry, live on a worker.
+///
+/// The policy, budget, pending queue and backends are shared with the
+/// worker's [`Registry`], so they outlive the generation.
 pub struct UpstreamGroup {
     pub name: String,
-    pub policy: Box<dyn Policy>,
+    pub policy: Rc<dyn Policy>,
     pub backends: Vec<Rc<BackendPool>>,
     pub timeouts: UpstreamTimeouts,
     pub cfg: crate::config::Upstream,
-    pub budget: RetryBudget,
+    pub budget: Rc<RetryBudget>,
     /// Requests waiting for a backend below its in-flight cap.
-    pub pending: Cell<u32>,
+    pub pending: Rc<Cell<u32>>,
     /// Woken when a request to any backend of the group finishes.
     pub slot_freed: Rc<tokio::sync::Notify>,
 }
@@ -311,71 +322,11 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// Pools for every upstream of `cfg`, opening connections with `connector`.
+    /// A gateway for `cfg` with nothing carried over from an earlier
+    /// generation (the worker keeps a [`Registry`] instead, so reloads keep
+    /// backend state).
     pub fn new(cfg: &Config, connector: &Connector) -> Self {
-        let upstreams = cfg
-            .upstreams
-            .iter()
-            .map(|u| {
-                let settings = PoolSettings {
-                    connections: u.pool.connections_per_backend,
-                    max_connections: u.pool.max_connections_per_backend,
-                    max_streams: u.pool.max_concurrent_streams,
-                    connect_timeout: Duration::from_millis(u.timeouts.connect_ms),
-                    idle_timeout: Duration::from_millis(u.timeouts.idle_ms),
-                    max_in_flight: u.circuit.max_in_flight_per_backend,
-                    max_waiting: u.circuit.max_pending,
-                };
-                let list: Vec<(SocketAddr, u32)> =
-                    u.backends.iter().map(|b| (b.address, b.weight)).collect();
-                UpstreamGroup {
-                    name: u.name.clone(),
-                    policy: crate::balancer::build(u.policy, &list),
-                    backends: u
-                        .backends
-                        .iter()
-                        .map(|b| BackendPool::new(b.address, b.weight, settings, connector.clone()))
-                        .collect(),
-                    timeouts: UpstreamTimeouts {
-                        connect: Duration::from_millis(u.timeouts.connect_ms),
-                        request: Duration::from_millis(u.timeouts.request_ms),
-                        idle: Duration::from_millis(u.timeouts.idle_ms),
-                    },
-                    budget: RetryBudget::new(u.retries.budget_percent),
-                    pending: Cell::new(0),
-                    slot_freed: Rc::new(tokio::sync::Notify::new()),
-                    cfg: u.clone(),
-                }
-            })
-            .collect();
-        Self {
-            routes: RouteTable::new(cfg),
-            upstreams,
-            max_body_buffer_bytes: cfg.limits.max_body_buffer_bytes,
-        }
-    }
-
-    /// Starts the active health checkers. Call inside a `LocalSet`.
-    pub fn start_health_checks(
-        &self,
-        metrics: Arc<WorkerMetrics>,
-        board: Arc<BackendBoard>,
-        worker: usize,
-    ) -> Vec<tokio::task::JoinHandle<()>> {
-        let mut handles = Vec::new();
-        for u in &self.upstreams {
-            for b in &u.backends {
-                handles.push(tokio::task::spawn_local(health::run_checker(
-                    b.clone(),
-                    u.cfg.health_check.clone(),
-                    u.name.clone(),
-                    metrics.clone(),
-                    board.clone(),
-                    worker,
-                )));
-            }
-        }
-        handles
+        Registry::default().gateway(cfg, connector)
     }
 
     /// Opens the pools' connections in the background. Call inside a `LocalSet`.

@@ -41,7 +41,7 @@ use super::transport::{Connector, UpstreamStream};
 use super::UpstreamError;
 
 /// Pool tuning from the upstream's config.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PoolSettings {
     /// Warm minimum (`pool.connections_per_backend`).
     pub connections: usize,
@@ -321,6 +321,11 @@ impl BackendPool {
             notify: Notify::new(),
             connector,
         })
+    }
+
+    /// The limits this pool was built with.
+    pub fn settings(&self) -> PoolSettings {
+        self.settings
     }
 
     /// How this pool (and its health checker) opens connections.

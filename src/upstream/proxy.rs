@@ -3,6 +3,7 @@
 //! (see `router::bridge` for the budgets). Retries are decided here and only
 //! here, from the envelope's idempotency tag and what the backend proved.
 
+use std::cell::Cell;
 use std::future::poll_fn;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -292,8 +293,44 @@ async fn run(
     }
 }
 
+/// A request's place in its upstream's pending queue: counted in
+/// `UpstreamGroup::pending` and `spooky_balancer_pending` for exactly as long
+/// as it lives. Dropping it (the request got a backend, gave up, or its
+/// client went away and the waiting future was dropped) gives the place back.
+struct PendingPlace<'a> {
+    group: &'a UpstreamGroup,
+    metrics: &'a WorkerMetrics,
+}
+
+impl<'a> PendingPlace<'a> {
+    /// Takes a place, or `None` when `circuit.max_pending` are already taken.
+    fn take(group: &'a UpstreamGroup, metrics: &'a WorkerMetrics) -> Option<Self> {
+        if group.pending.get() >= group.cfg.circuit.max_pending {
+            return None;
+        }
+        group.pending.set(group.pending.get() + 1);
+        metrics
+            .pending
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Some(Self { group, metrics })
+    }
+}
+
+impl Drop for PendingPlace<'_> {
+    fn drop(&mut self) {
+        self.group
+            .pending
+            .set(self.group.pending.get().saturating_sub(1));
+        self.metrics
+            .pending
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// Picks a backend; when all are at their in-flight cap, waits in the
-/// upstream's bounded pending queue until one frees up.
+/// upstream's bounded pending queue until one frees up. The queue place is
+/// a guard, so a request whose client goes away while it waits (this
+/// future is dropped) leaves the queue as well.
 async fn pick_or_wait(
     group: &UpstreamGroup,
     ctx: &PickContext<'_>,
@@ -302,32 +339,28 @@ async fn pick_or_wait(
     metrics: &WorkerMetrics,
 ) -> Result<usize, UpstreamError> {
     let deadline = env.received_at + group.timeouts.request;
-    let mut queued = false;
-    let res = loop {
+    let mut place: Option<PendingPlace<'_>> = None;
+    loop {
         let freed = group.slot_freed.notified();
         tokio::pin!(freed);
         freed.as_mut().enable();
         match group.pick(ctx, tried) {
-            Ok(i) => break Ok(i),
+            Ok(i) => return Ok(i),
             Err(PickError::NoHealthy) => {
                 WorkerMetrics::inc(&metrics.no_healthy_backend);
-                break Err(UpstreamError::NoBackend {
+                return Err(UpstreamError::NoBackend {
                     upstream: group.name.clone(),
                 });
             }
             Err(PickError::AtCapacity) => {
-                if !queued {
-                    if group.pending.get() >= group.cfg.circuit.max_pending {
+                if place.is_none() {
+                    place = PendingPlace::take(group, metrics);
+                    if place.is_none() {
                         WorkerMetrics::inc(&metrics.circuit_rejections);
-                        break Err(UpstreamError::Saturated {
+                        return Err(UpstreamError::Saturated {
                             upstream: group.name.clone(),
                         });
                     }
-                    queued = true;
-                    group.pending.set(group.pending.get() + 1);
-                    metrics
-                        .pending
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
                 // A freed slot wakes us; re-check now and then regardless
                 // (an ejection may end, a backend may recover).
@@ -336,21 +369,14 @@ async fn pick_or_wait(
                     .min(Duration::from_millis(100));
                 if wait.is_zero() {
                     WorkerMetrics::inc(&metrics.circuit_rejections);
-                    break Err(UpstreamError::Saturated {
+                    return Err(UpstreamError::Saturated {
                         upstream: group.name.clone(),
                     });
                 }
                 let _ = timeout(wait, freed).await;
             }
         }
-    };
-    if queued {
-        group.pending.set(group.pending.get().saturating_sub(1));
-        metrics
-            .pending
-            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
-    res
 }
 
 /// Wakes requests queued for a slot when this attempt ends.
@@ -414,7 +440,19 @@ async fn attempt(
         edge,
         budget,
     } = side;
-    let pump = pump_request_body(send, body_rx, shared, edge, replay, env.has_body, t.idle);
+    let body_wait = Cell::new(BodyWait::Done);
+    let pump = pump_request_body(
+        send,
+        BodySide {
+            rx: body_rx,
+            shared,
+            edge,
+            wait: &body_wait,
+        },
+        replay,
+        env.has_body,
+        t.idle,
+    );
     tokio::pin!(pump);
     let mut pump_done = !env.has_body;
 
@@ -440,7 +478,9 @@ async fn attempt(
     // Pump the request body while waiting for the response head.
     let resp = loop {
         tokio::select! {
-            r = &mut response => break r?,
+            r = &mut response => {
+                break r.map_err(|a| blame_stalled_upload(a, body_wait.get()))?
+            }
             p = &mut pump, if !pump_done => {
                 pump_done = true;
                 if let Err(e) = p {
@@ -563,15 +603,63 @@ fn classify_before(e: &h2::Error) -> AttemptError {
     }
 }
 
+/// What the request-body pump of an attempt waits for, so a late response
+/// head is blamed on the side that held things up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BodyWait {
+    /// Nothing: the body was sent, or there is none.
+    Done,
+    /// The client's next body bytes (still waiting, or gave up waiting
+    /// after `timeouts.idle_ms`).
+    Client,
+    /// h2 send capacity: the backend is not reading.
+    Backend,
+}
+
+/// A response head that is late while the client still owes body bytes is
+/// the client's doing: the backend may well wait for the whole body before
+/// answering. Never counted against the backend, never retried.
+fn blame_stalled_upload(a: AttemptError, wait: BodyWait) -> AttemptError {
+    match a.err {
+        UpstreamError::Timeout(d) if wait == BodyWait::Client => {
+            AttemptError::fatal(UpstreamError::ClientBodyStalled(d))
+        }
+        _ => a,
+    }
+}
+
+/// The edge's half of the request body, as the pump sees it.
+struct BodySide<'a> {
+    rx: &'a mut mpsc::UnboundedReceiver<ToUpstream>,
+    shared: &'a StreamShared,
+    edge: &'a EdgeSender,
+    wait: &'a Cell<BodyWait>,
+}
+
+/// Request-body permits of one chunk the pump took from the edge, given
+/// back when the chunk is done with: h2 took it, sending it failed, or the
+/// attempt ended while the chunk waited for capacity (the pump future is
+/// dropped). Its bytes are in the replay copy, so a retry still has them;
+/// without this the edge would stop reading the client's body for good.
+struct ChunkCredit<'a> {
+    shared: &'a StreamShared,
+    edge: &'a EdgeSender,
+    bytes: usize,
+}
+
+impl Drop for ChunkCredit<'_> {
+    fn drop(&mut self) {
+        self.shared.req_budget.add_permits(self.bytes);
+        self.edge.send(ToEdge::RequestCredit);
+    }
+}
+
 /// Moves request body chunks from the edge into the h2 stream, sending only
 /// what h2 granted capacity for, and returning budget to the edge as it goes.
 /// On a retry, first replays what earlier attempts sent.
-#[allow(clippy::too_many_arguments)]
 async fn pump_request_body(
     mut send: SendStream<Bytes>,
-    body: &mut mpsc::UnboundedReceiver<ToUpstream>,
-    shared: &StreamShared,
-    edge: &EdgeSender,
+    mut body: BodySide<'_>,
     replay: &mut Replay,
     has_body: bool,
     idle: Duration,
@@ -579,7 +667,7 @@ async fn pump_request_body(
     if !has_body {
         return Ok(());
     }
-    let res = pump_request_body_inner(&mut send, body, shared, edge, replay, idle).await;
+    let res = pump_request_body_inner(&mut send, &mut body, replay, idle).await;
     if res.is_err() {
         // h2 only resets a stream once every handle is gone, and the
         // response side is still alive: reset the request side explicitly
@@ -619,17 +707,17 @@ async fn send_chunk(
 
 async fn pump_request_body_inner(
     send: &mut SendStream<Bytes>,
-    body: &mut mpsc::UnboundedReceiver<ToUpstream>,
-    shared: &StreamShared,
-    edge: &EdgeSender,
+    body: &mut BodySide<'_>,
     replay: &mut Replay,
     idle: Duration,
 ) -> Result<(), UpstreamError> {
     // Replay what an earlier attempt already consumed from the client.
+    body.wait.set(BodyWait::Backend);
     for chunk in replay.chunks.clone() {
         send_chunk(send, chunk, idle).await?;
     }
     if replay.ended {
+        body.wait.set(BodyWait::Done);
         match replay.trailers.clone() {
             Some(t) => send.send_trailers(t),
             None => send.send_data(Bytes::new(), true),
@@ -638,20 +726,25 @@ async fn pump_request_body_inner(
         return Ok(());
     }
     loop {
-        let msg = match timeout(idle, body.recv()).await {
-            Err(_) => return Err(UpstreamError::Idle(idle)),
+        body.wait.set(BodyWait::Client);
+        let msg = match timeout(idle, body.rx.recv()).await {
+            Err(_) => return Err(UpstreamError::ClientBodyStalled(idle)),
             Ok(None) => return Err(UpstreamError::Cancelled),
             Ok(Some(m)) => m,
         };
+        body.wait.set(BodyWait::Backend);
         match msg {
             ToUpstream::Data(b) => {
-                let total = b.len();
+                let _credit = ChunkCredit {
+                    shared: body.shared,
+                    edge: body.edge,
+                    bytes: b.len(),
+                };
                 replay.keep(&b);
                 send_chunk(send, b, idle).await?;
-                shared.req_budget.add_permits(total);
-                edge.send(ToEdge::RequestCredit);
             }
             ToUpstream::Trailers(t) => {
+                body.wait.set(BodyWait::Done);
                 replay.ended = true;
                 replay.trailers = Some(t.clone());
                 send.send_trailers(t)
@@ -659,6 +752,7 @@ async fn pump_request_body_inner(
                 return Ok(());
             }
             ToUpstream::End => {
+                body.wait.set(BodyWait::Done);
                 replay.ended = true;
                 send.send_data(Bytes::new(), true)
                     .map_err(|e| UpstreamError::ResponseReset(e.to_string()))?;
@@ -868,6 +962,82 @@ mod tests {
         assert_eq!(a.reason, Some(RetryOn::Reset));
         assert!(a.backend_failure);
         assert_invariant(&a);
+    }
+
+    /// A gateway whose one backend admits one request in flight and whose
+    /// pending queue holds two.
+    fn saturable_gateway() -> Gateway {
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], 9));
+        let mut up = crate::config::Upstream::new("app", vec![crate::config::Backend::new(addr)]);
+        up.circuit.max_in_flight_per_backend = 1;
+        up.circuit.max_pending = 2;
+        let cfg = crate::config::Config::minimal(vec![up]);
+        Gateway::new(&cfg, &crate::upstream::Connector::Tokio)
+    }
+
+    #[tokio::test]
+    async fn a_request_cancelled_while_queued_gives_its_place_back() {
+        let gw = saturable_gateway();
+        let group = &gw.upstreams[0];
+        let metrics = WorkerMetrics::default();
+        let env = envelope("/", &[]);
+        let ctx = PickContext {
+            client: env.client,
+            path: &env.path,
+            key_hash: None,
+        };
+        let busy = group.backends[0].reserve();
+        // max_pending requests queue, then their clients go away: the
+        // waiting futures are dropped mid-wait.
+        for _ in 0..2 {
+            let wait = pick_or_wait(group, &ctx, &[], &env, &metrics);
+            tokio::pin!(wait);
+            let polled = timeout(Duration::from_millis(20), &mut wait).await;
+            assert!(polled.is_err(), "queued while the backend is full");
+            assert_eq!(group.pending.get(), 1);
+        }
+        assert_eq!(group.pending.get(), 0, "cancelled waiters left the queue");
+        assert_eq!(
+            metrics.pending.load(std::sync::atomic::Ordering::Relaxed),
+            0,
+            "spooky_balancer_pending back at 0"
+        );
+        // The circuit still admits: the next request waits, and gets the
+        // backend once it frees up, instead of an instant 503.
+        let freed = async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            drop(busy);
+            group.slot_freed.notify_waiters();
+        };
+        let (picked, ()) = tokio::join!(pick_or_wait(group, &ctx, &[], &env, &metrics), freed);
+        assert_eq!(picked.expect("admitted once a slot frees"), 0);
+        assert_eq!(group.pending.get(), 0);
+    }
+
+    #[test]
+    fn a_late_head_while_the_client_owes_body_bytes_is_the_clients_fault() {
+        let late = || AttemptError {
+            err: UpstreamError::Timeout(Duration::from_secs(1)),
+            reason: None,
+            unprocessed: false,
+            backend_failure: true,
+        };
+        let a = blame_stalled_upload(late(), BodyWait::Client);
+        assert!(
+            matches!(a.err, UpstreamError::ClientBodyStalled(_)),
+            "{:?}",
+            a.err
+        );
+        assert!(!a.backend_failure, "never counted against the backend");
+        assert_eq!(a.reason, None, "never retried");
+        assert_eq!(a.err.status(), 408);
+        assert_eq!(a.err.side(), ErrorSide::Client);
+        // The backend not reading, or not answering a complete body, is its own.
+        for wait in [BodyWait::Backend, BodyWait::Done] {
+            let a = blame_stalled_upload(late(), wait);
+            assert!(matches!(a.err, UpstreamError::Timeout(_)));
+            assert!(a.backend_failure);
+        }
     }
 
     #[test]

@@ -170,6 +170,9 @@ pub enum Body {
     Bytes(Vec<u8>),
     /// `n` bytes where byte `i` is `(i % 251) as u8`, generated on the fly.
     Pattern(u64),
+    /// The first `n` bytes of [`Body::Pattern`], and then nothing: the
+    /// stream is never finished (a client whose upload stalls).
+    Stalled(u64),
 }
 
 impl Body {
@@ -177,7 +180,7 @@ impl Body {
         match self {
             Body::Empty => 0,
             Body::Bytes(b) => b.len() as u64,
-            Body::Pattern(n) => *n,
+            Body::Pattern(n) | Body::Stalled(n) => *n,
         }
     }
 
@@ -999,16 +1002,18 @@ impl H3Client {
                 let chunk: &[u8] = match &x.body {
                     Body::Empty => &[],
                     Body::Bytes(b) => &b[off as usize..off as usize + chunk_len],
-                    Body::Pattern(_) => {
+                    Body::Pattern(_) | Body::Stalled(_) => {
                         fill_pattern(off, &mut self.body_buf[..chunk_len]);
                         &self.body_buf[..chunk_len]
                     }
                 };
-                let fin = off + chunk_len as u64 == total;
+                let stalls = matches!(x.body, Body::Stalled(_));
+                let fin = !stalls && off + chunk_len as u64 == total;
                 match self.h3.send_body(&mut self.conn, s, chunk, fin) {
                     Ok(n) => {
                         x.body_sent += n as u64;
-                        if n == chunk_len && fin {
+                        if n == chunk_len && (fin || (stalls && x.body_sent == total)) {
+                            // Stalled: everything it will ever send is out.
                             x.body_done = true;
                             break;
                         }
@@ -1422,6 +1427,15 @@ impl H3Client {
 }
 
 impl H3Client {
+    /// Resets streams opened earlier (e.g. by [`H3Client::open_and_go_silent`]):
+    /// RESET_STREAM + STOP_SENDING with H3_REQUEST_CANCELLED, sent at once.
+    pub fn cancel_streams(&mut self, ids: &[u64]) -> Result<()> {
+        for &sid in ids {
+            self.cancel_stream(sid);
+        }
+        self.flush()
+    }
+
     /// A client that stops reading: opens `n` GETs of `path` as concurrent
     /// streams, sends them, and returns without reading or acknowledging
     /// anything. Until the caller drives the client again (or drops it), the
