@@ -14,6 +14,7 @@ mod e2e_policies;
 mod e2e_pool;
 mod e2e_probes;
 mod e2e_proxy;
+mod e2e_request_path;
 mod e2e_silent_clients;
 mod e2e_upstream_io;
 mod e2e_worker_failure;

@@ -964,6 +964,151 @@ mod tests {
         assert_invariant(&a);
     }
 
+    /// An h2 backend over an in-memory pipe that grants `window` bytes per
+    /// stream and never reads request bodies; `/refuse` is refused
+    /// (REFUSED_STREAM) once its first body bytes arrive.
+    async fn holding_backend(window: u32) -> h2::client::SendRequest<Bytes> {
+        let (c, s) = tokio::io::duplex(1 << 20);
+        tokio::spawn(async move {
+            let mut conn = h2::server::Builder::new()
+                .initial_window_size(window)
+                .handshake::<_, Bytes>(s)
+                .await
+                .expect("server handshake");
+            while let Some(Ok((req, mut respond))) = conn.accept().await {
+                let refuse = req.uri().path() == "/refuse";
+                let mut body = req.into_body();
+                tokio::spawn(async move {
+                    if refuse {
+                        let _ = body.data().await;
+                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                    } else {
+                        std::future::pending::<()>().await;
+                    }
+                    drop(body);
+                });
+            }
+        });
+        let (sr, conn) = h2::client::handshake(c).await.expect("client handshake");
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        sr.ready().await.expect("ready")
+    }
+
+    /// The edge's side of a request body: the stream's budget, the channel
+    /// the pump reads, and the channel it reports credit on.
+    struct EdgeEnd {
+        shared: Arc<StreamShared>,
+        tx: mpsc::UnboundedSender<ToUpstream>,
+        rx: mpsc::UnboundedReceiver<ToUpstream>,
+        edge: EdgeSender,
+        to_edge: mpsc::UnboundedReceiver<(crate::router::bridge::RequestKey, ToEdge)>,
+    }
+
+    impl EdgeEnd {
+        fn new(grant: usize) -> Self {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let (etx, to_edge) = mpsc::unbounded_channel();
+            let key = crate::router::bridge::RequestKey { slot: 0, serial: 1 };
+            Self {
+                shared: StreamShared::new(grant),
+                tx,
+                rx,
+                edge: EdgeSender { key, tx: etx },
+                to_edge,
+            }
+        }
+    }
+
+    /// Reads `n` body bytes from the client as the edge does: takes `n`
+    /// permits and hands the bytes over.
+    fn edge_reads(shared: &StreamShared, tx: &mpsc::UnboundedSender<ToUpstream>, n: usize) {
+        let n32 = u32::try_from(n).unwrap();
+        shared.req_budget.try_acquire_many(n32).unwrap().forget();
+        tx.send(ToUpstream::Data(Bytes::from(vec![7u8; n])))
+            .unwrap();
+    }
+
+    /// RequestCredit messages the edge got.
+    fn credits(
+        to_edge: &mut mpsc::UnboundedReceiver<(crate::router::bridge::RequestKey, ToEdge)>,
+    ) -> usize {
+        let mut n = 0;
+        while let Ok((_, m)) = to_edge.try_recv() {
+            n += usize::from(matches!(m, ToEdge::RequestCredit));
+        }
+        n
+    }
+
+    #[tokio::test]
+    async fn a_chunk_the_refused_stream_could_not_take_gives_its_credit_back() {
+        let mut sr = holding_backend(65_535).await;
+        let req = h2_request(&envelope("/refuse", &[])).unwrap();
+        let (resp, send) = sr.send_request(req, false).unwrap();
+        let mut e = EdgeEnd::new(1000);
+        let wait = Cell::new(BodyWait::Done);
+        let mut replay = Replay::new(1 << 20);
+        let side = BodySide {
+            rx: &mut e.rx,
+            shared: &e.shared,
+            edge: &e.edge,
+            wait: &wait,
+        };
+        // Its first bytes go out; the backend refuses the stream.
+        edge_reads(&e.shared, &e.tx, 5);
+        {
+            let pump = pump_request_body(send, side, &mut replay, true, Duration::from_secs(5));
+            tokio::pin!(pump);
+            tokio::select! {
+                _ = &mut pump => panic!("the pump ended before the refusal"),
+                r = resp => assert!(r.is_err(), "refused"),
+            }
+            // The edge then reads a chunk as large as the whole grant.
+            edge_reads(&e.shared, &e.tx, 1000);
+            assert!(
+                (&mut pump).await.is_err(),
+                "sending on a refused stream fails"
+            );
+        }
+        assert_eq!(
+            e.shared.req_budget.available_permits(),
+            1000,
+            "the failed chunk's permits came back: a retry can read the rest"
+        );
+        assert!(credits(&mut e.to_edge) >= 1, "and the edge was told");
+        assert_eq!(replay.bytes, 1005, "both chunks kept for the retry");
+    }
+
+    #[tokio::test]
+    async fn a_chunk_waiting_for_capacity_when_its_attempt_ends_gives_its_credit_back() {
+        let mut sr = holding_backend(100).await;
+        let req = h2_request(&envelope("/hold", &[])).unwrap();
+        let (_resp, send) = sr.send_request(req, false).unwrap();
+        let mut e = EdgeEnd::new(1000);
+        let wait = Cell::new(BodyWait::Done);
+        let mut replay = Replay::new(1 << 20);
+        edge_reads(&e.shared, &e.tx, 1000);
+        {
+            let side = BodySide {
+                rx: &mut e.rx,
+                shared: &e.shared,
+                edge: &e.edge,
+                wait: &wait,
+            };
+            let pump = pump_request_body(send, side, &mut replay, true, Duration::from_secs(5));
+            tokio::pin!(pump);
+            let polled = timeout(Duration::from_millis(50), &mut pump).await;
+            assert!(polled.is_err(), "stuck on the backend's 100-byte window");
+            assert_eq!(wait.get(), BodyWait::Backend);
+            assert_eq!(e.shared.req_budget.available_permits(), 0);
+            // The attempt ends (say, a 503 head came): the pump is dropped.
+        }
+        assert_eq!(e.shared.req_budget.available_permits(), 1000);
+        assert_eq!(credits(&mut e.to_edge), 1);
+        assert_eq!(replay.bytes, 1000, "the chunk is kept for the retry");
+    }
+
     /// A gateway whose one backend admits one request in flight and whose
     /// pending queue holds two.
     fn saturable_gateway() -> Gateway {
