@@ -1,6 +1,7 @@
 //! The HTTP/2 side: per-worker connection pools and the task that carries
 //! one request from the edge to a backend and its response back.
 
+pub mod error;
 pub mod health;
 pub mod pool;
 mod proxy;
@@ -8,10 +9,10 @@ pub mod registry;
 pub mod transport;
 
 use std::cell::Cell;
-use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+pub use error::{Cause, ErrorSide, UpstreamError};
 pub use pool::{BackendPool, PoolSettings};
 pub use proxy::proxy;
 pub use registry::Registry;
@@ -21,126 +22,6 @@ use crate::balancer::{BackendView, PickContext, Policy};
 use crate::config::{Config, OnAllUnhealthy};
 use crate::router::RouteTable;
 use crate::telemetry::WorkerMetrics;
-
-/// Why a request could not be carried to a backend or back. Knows which
-/// side failed and maps to the status the client sees.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum UpstreamError {
-    #[error("no route for host {host} path {path}")]
-    NoRoute { host: String, path: String },
-    #[error("upstream {upstream} has no healthy backend")]
-    NoBackend { upstream: String },
-    #[error("upstream {upstream} is saturated (circuit breaking)")]
-    Saturated { upstream: String },
-    #[error("backend answered {0}, retries exhausted")]
-    Status(u16),
-    #[error("connect to {backend} failed: {error}")]
-    Connect { backend: SocketAddr, error: String },
-    #[error("connect to {backend} timed out")]
-    ConnectTimeout { backend: SocketAddr },
-    #[error("no free stream to {backend} before the deadline")]
-    PoolTimeout { backend: SocketAddr },
-    #[error("too many requests already wait for a stream to {backend} (circuit.max_pending)")]
-    PoolFull { backend: SocketAddr },
-    #[error("backend refused the stream ({0})")]
-    Refused(String),
-    #[error("backend failed before responding: {0}")]
-    BeforeResponse(String),
-    #[error("no response within {0:?}")]
-    Timeout(Duration),
-    #[error("backend reset the response: {0}")]
-    ResponseReset(String),
-    #[error("response body stalled for {0:?}")]
-    Idle(Duration),
-    #[error("client went away")]
-    Cancelled,
-    /// The HTTP/2 library refused the mapped request before sending it (a
-    /// header the mapping let through): the client's request, never a
-    /// backend's failure.
-    #[error("request refused before sending: {0}")]
-    RefusedLocally(String),
-    /// The client stopped reading: response bytes waited for its budget for
-    /// this long. The client's fault: never charged to the backend, never
-    /// retried.
-    #[error("client stopped reading for {0:?}")]
-    ClientStalled(Duration),
-    /// The client stopped sending its request body: the backend waited for
-    /// it (no response head within `timeouts.request_ms`, or no body bytes
-    /// for `timeouts.idle_ms`). The client's fault: answered 408, never
-    /// charged to the backend, never retried.
-    #[error("client stopped sending its request body for {0:?}")]
-    ClientBodyStalled(Duration),
-}
-
-/// Which side of the proxy an error belongs to (after pingora-error's
-/// `ErrorSource`): only `Backend` errors may count against a backend.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorSide {
-    /// What the client sent or did (malformed request, no route, went away).
-    Client,
-    /// spooky's own state: no backend available, queues full.
-    Spooky,
-    /// What a backend did: refused, reset, timed out, failed to connect, 5xx.
-    Backend,
-}
-
-impl UpstreamError {
-    /// Seconds a client should wait before trying again, for 503s caused by
-    /// load rather than by failure.
-    pub fn retry_after(&self) -> Option<u32> {
-        match self {
-            UpstreamError::Saturated { .. }
-            | UpstreamError::PoolTimeout { .. }
-            | UpstreamError::PoolFull { .. } => Some(1),
-            UpstreamError::NoBackend { .. } => Some(5),
-            _ => None,
-        }
-    }
-
-    /// Who caused this error.
-    pub fn side(&self) -> ErrorSide {
-        match self {
-            UpstreamError::NoRoute { .. }
-            | UpstreamError::Cancelled
-            | UpstreamError::ClientStalled(_)
-            | UpstreamError::ClientBodyStalled(_)
-            | UpstreamError::RefusedLocally(_) => ErrorSide::Client,
-            UpstreamError::NoBackend { .. }
-            | UpstreamError::Saturated { .. }
-            | UpstreamError::PoolTimeout { .. }
-            | UpstreamError::PoolFull { .. } => ErrorSide::Spooky,
-            UpstreamError::Status(_)
-            | UpstreamError::Connect { .. }
-            | UpstreamError::ConnectTimeout { .. }
-            | UpstreamError::Refused(_)
-            | UpstreamError::BeforeResponse(_)
-            | UpstreamError::Timeout(_)
-            | UpstreamError::ResponseReset(_)
-            | UpstreamError::Idle(_) => ErrorSide::Backend,
-        }
-    }
-
-    /// The status sent to the client when no response head was forwarded yet.
-    pub fn status(&self) -> u16 {
-        match self {
-            UpstreamError::NoRoute { .. } => 404,
-            UpstreamError::NoBackend { .. }
-            | UpstreamError::PoolTimeout { .. }
-            | UpstreamError::PoolFull { .. }
-            | UpstreamError::Saturated { .. } => 503,
-            UpstreamError::Status(s) => *s,
-            UpstreamError::Connect { .. }
-            | UpstreamError::ConnectTimeout { .. }
-            | UpstreamError::Refused(_)
-            | UpstreamError::BeforeResponse(_)
-            | UpstreamError::ResponseReset(_) => 502,
-            UpstreamError::Timeout(_) | UpstreamError::Idle(_) => 504,
-            UpstreamError::Cancelled | UpstreamError::ClientStalled(_) => 499,
-            UpstreamError::RefusedLocally(_) => 400,
-            UpstreamError::ClientBodyStalled(_) => 408,
-        }
-    }
-}
 
 /// Timeouts of one upstream.
 #[derive(Debug, Clone, Copy)]

@@ -38,7 +38,7 @@ use h2::client::SendRequest;
 use tokio::sync::Notify;
 
 use super::transport::{Connector, UpstreamStream};
-use super::UpstreamError;
+use super::{Cause, UpstreamError};
 
 /// Pool tuning from the upstream's config.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -496,7 +496,7 @@ impl BackendPool {
             .map_err(|_| UpstreamError::ConnectTimeout { backend: addr })?
             .map_err(|e| UpstreamError::Connect {
                 backend: addr,
-                error: e.to_string(),
+                cause: Cause::Io(e),
             })?;
         let handshake = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
@@ -509,7 +509,7 @@ impl BackendPool {
             .map_err(|_| UpstreamError::ConnectTimeout { backend: addr })?
             .map_err(|e| UpstreamError::Connect {
                 backend: addr,
-                error: format!("h2 handshake: {e}"),
+                cause: Cause::H2(e),
             })?;
         Ok((sr, conn))
     }
@@ -550,11 +550,12 @@ impl BackendPool {
     fn connect_error(&self) -> UpstreamError {
         UpstreamError::Connect {
             backend: self.address,
-            error: self
-                .last_error
-                .borrow()
-                .clone()
-                .unwrap_or_else(|| "no connection".into()),
+            cause: Cause::Earlier(
+                self.last_error
+                    .borrow()
+                    .clone()
+                    .unwrap_or_else(|| "no connection".into()),
+            ),
         }
     }
 
@@ -593,7 +594,7 @@ impl BackendPool {
                             if stale > MAX_STALE {
                                 return Err(UpstreamError::Connect {
                                     backend: self.address,
-                                    error: format!("h2 connection unusable: {e}"),
+                                    cause: Cause::H2(e),
                                 });
                             }
                             continue;
@@ -646,10 +647,10 @@ async fn run_connection(
     };
     tokio::select! {
         r = &mut conn => {
-            let error = r.err().map_or_else(|| "closed".to_string(), |e| e.to_string());
+            let cause = r.err().map_or(Cause::Closed("h2 connection ended during setup"), Cause::H2);
             pool.connect_failed(idx, &UpstreamError::Connect {
                 backend: address,
-                error: format!("h2 connection ended during setup: {error}"),
+                cause,
             });
             return;
         }

@@ -14,10 +14,9 @@ use h2::{RecvStream, SendStream};
 use tokio::sync::mpsc;
 use tokio::time::timeout;
 
-use super::{Gateway, Outcome, PickError, UpstreamError, UpstreamGroup};
+use super::{Cause, Gateway, Outcome, PickError, UpstreamError, UpstreamGroup};
 use crate::balancer::{hash_bytes, PickContext};
 use crate::config::{HashKey, RetryOn};
-use crate::edge::h3_code;
 use crate::router::bridge::{EdgeSender, StreamShared, ToEdge, ToUpstream, UpstreamSide};
 use crate::router::{self, Envelope};
 use crate::telemetry::WorkerMetrics;
@@ -46,53 +45,52 @@ pub async fn proxy(
     };
     match res {
         Ok(()) | Err(UpstreamError::Cancelled) => {}
-        Err(UpstreamError::RefusedLocally(why)) => {
+        Err(e) => report_failure(&e, env.request_id, &side.edge, &metrics, head_sent),
+    }
+}
+
+/// Tells the edge how a request failed: a status while no response head
+/// went out, a stream reset after one did (never a truncated 200). A
+/// malformed request the h2 library refused is always reset with
+/// H3_MESSAGE_ERROR, as HAProxy answers malformed requests.
+fn report_failure(
+    e: &UpstreamError,
+    request_id: u64,
+    edge: &EdgeSender,
+    metrics: &WorkerMetrics,
+    head_sent: bool,
+) {
+    match e {
+        UpstreamError::Timeout(_) | UpstreamError::Idle(_) => {
+            WorkerMetrics::inc(&metrics.upstream_timeouts)
+        }
+        UpstreamError::Connect { .. } | UpstreamError::ConnectTimeout { .. } => {
+            WorkerMetrics::inc(&metrics.upstream_connect_failures)
+        }
+        UpstreamError::PoolFull { .. } => WorkerMetrics::inc(&metrics.pool_rejected_queue_full),
+        UpstreamError::PoolTimeout { .. } => WorkerMetrics::inc(&metrics.pool_rejected_deadline),
+        UpstreamError::RefusedLocally(why) => {
             metrics.malformed(crate::router::MalformedReason::RefusedLocally);
-            tracing::info!(request_id = env.request_id, %why, "malformed request refused before sending: stream reset with H3_MESSAGE_ERROR");
-            side.edge.send(ToEdge::Reset {
-                code: h3_code::MESSAGE_ERROR,
-            });
+            tracing::info!(request_id, %why, "malformed request refused before sending: stream reset with H3_MESSAGE_ERROR");
         }
-        Err(UpstreamError::ClientStalled(idle)) => {
-            // Not a backend failure: nothing was recorded against it.
-            tracing::debug!(
-                request_id = env.request_id,
-                ?idle,
-                "client stopped reading; stream reset"
-            );
-            side.edge.send(ToEdge::Reset {
-                code: h3_code::REQUEST_CANCELLED,
-            });
-        }
-        Err(e) => {
-            match &e {
-                UpstreamError::Timeout(_) | UpstreamError::Idle(_) => {
-                    WorkerMetrics::inc(&metrics.upstream_timeouts)
-                }
-                UpstreamError::Connect { .. } | UpstreamError::ConnectTimeout { .. } => {
-                    WorkerMetrics::inc(&metrics.upstream_connect_failures)
-                }
-                UpstreamError::PoolFull { .. } => {
-                    WorkerMetrics::inc(&metrics.pool_rejected_queue_full)
-                }
-                UpstreamError::PoolTimeout { .. } => {
-                    WorkerMetrics::inc(&metrics.pool_rejected_deadline)
-                }
-                _ => {}
-            }
-            tracing::debug!(request_id = env.request_id, error = %e, head_sent, "upstream request failed");
-            if head_sent {
-                side.edge.send(ToEdge::Reset {
-                    code: h3_code::INTERNAL_ERROR,
-                });
-            } else {
-                side.edge.send(ToEdge::Fail {
-                    status: e.status(),
-                    reason: e.to_string(),
-                    retry_after: e.retry_after(),
-                });
-            }
-        }
+        _ => {}
+    }
+    let reset = head_sent
+        || matches!(
+            e,
+            UpstreamError::RefusedLocally(_) | UpstreamError::ClientStalled(_)
+        );
+    tracing::debug!(request_id, error = %e, side = ?e.side(), head_sent, "upstream request failed");
+    if reset {
+        edge.send(ToEdge::Reset {
+            code: e.h3_reset_code(),
+        });
+    } else {
+        edge.send(ToEdge::Fail {
+            status: e.status(),
+            reason: e.to_string(),
+            retry_after: e.retry_after(),
+        });
     }
 }
 
@@ -136,32 +134,6 @@ impl Replay {
     /// Whether everything sent so far can be sent again.
     fn replayable(&self) -> bool {
         !self.overflowed
-    }
-}
-
-/// How one attempt failed, with what the retry logic needs to know.
-#[derive(Debug)]
-struct AttemptError {
-    err: UpstreamError,
-    /// Which `retries.on` condition this failure matches, if any.
-    reason: Option<RetryOn>,
-    /// The backend provably did not process the request (connect failure,
-    /// REFUSED_STREAM, GOAWAY below our stream): safe to retry any method.
-    unprocessed: bool,
-    /// Counts toward the backend's outlier detection. Only ever true for an
-    /// error whose side is `ErrorSide::Backend`.
-    backend_failure: bool,
-}
-
-impl AttemptError {
-    /// Ends the request: never retried, never counted against a backend.
-    fn fatal(err: UpstreamError) -> Self {
-        Self {
-            err,
-            reason: None,
-            unprocessed: false,
-            backend_failure: false,
-        }
     }
 }
 
@@ -231,11 +203,7 @@ async fn run(
         let res = attempt(group, idx, env, side, &mut replay, head_sent, is_last).await;
         let latency = started.elapsed();
         let seen = match &res {
-            Ok(s)
-            | Err(AttemptError {
-                err: UpstreamError::Status(s),
-                ..
-            }) => Some(*s),
+            Ok(s) | Err(UpstreamError::Status(s)) => Some(*s),
             Err(_) => None,
         };
         metrics.obs.backends.attempt_done(
@@ -255,22 +223,24 @@ async fn run(
                 group.record(idx, outcome, latency, metrics);
                 return Ok(());
             }
-            Err(a) => {
-                if a.backend_failure {
+            Err(e) => {
+                if e.counts_against_backend() {
                     group.record(idx, Outcome::Failure, latency, metrics);
                 }
                 if *head_sent {
-                    return Err(a.err);
+                    return Err(e);
                 }
-                let allowed = a.reason.is_some_and(|r| group.cfg.retries.on.contains(&r));
-                let safe = (a.unprocessed || env.idempotent) && replay.replayable();
+                let allowed = e
+                    .retry_on()
+                    .is_some_and(|r| group.cfg.retries.on.contains(&r));
+                let safe = (e.unprocessed() || env.idempotent) && replay.replayable();
                 if !allowed || !safe || tried.len() as u32 >= max_attempts {
-                    return Err(a.err);
+                    return Err(e);
                 }
                 if !group.budget.try_spend() {
                     WorkerMetrics::inc(&metrics.retry_budget_exhausted);
                     tracing::debug!(request_id = env.request_id, "retry budget exhausted");
-                    return Err(a.err);
+                    return Err(e);
                 }
                 WorkerMetrics::inc(&metrics.retries);
                 metrics.obs.retried(
@@ -284,7 +254,7 @@ async fn run(
                     request_id = env.request_id,
                     upstream = %group.name,
                     backend = %backend.address,
-                    error = %a.err,
+                    error = %e,
                     attempt = tried.len(),
                     "retrying on another backend"
                 );
@@ -399,7 +369,7 @@ async fn attempt(
     replay: &mut Replay,
     head_sent: &mut bool,
     is_last: bool,
-) -> Result<u16, AttemptError> {
+) -> Result<u16, UpstreamError> {
     let backend = group.backends[idx].clone();
     // Declared first so it drops last: waiters wake after the count fell.
     let _release = SlotRelease(group.slot_freed.clone());
@@ -408,31 +378,18 @@ async fn attempt(
     let head_deadline = env.received_at + t.request;
     // A busy pool makes the request wait up to its own deadline (each
     // connect the pool makes is bounded by `connect_ms` on its own).
-    let (mut sr, _guard) = backend.acquire(head_deadline).await.map_err(|err| {
-        let connect = matches!(
-            err,
-            UpstreamError::Connect { .. } | UpstreamError::ConnectTimeout { .. }
-        );
-        AttemptError {
-            err,
-            reason: connect.then_some(RetryOn::ConnectFailure),
-            // Nothing was sent: safe for any method.
-            unprocessed: true,
-            backend_failure: connect,
-        }
-    })?;
-
-    let req = h2_request(env).map_err(AttemptError::fatal)?;
+    let (mut sr, _guard) = backend.acquire(head_deadline).await?;
+    let req = h2_request(env)?;
     // Rapid reset: the client may have reset the stream while we waited
     // for a connection; such a request must never reach the backend.
     if side.shared.cancel.is_cancelled() {
-        return Err(AttemptError::fatal(UpstreamError::Cancelled));
+        return Err(UpstreamError::Cancelled);
     }
 
     let sent_at = Instant::now();
     let (resp_fut, send) = sr
         .send_request(req, !env.has_body)
-        .map_err(|e| classify_before(&e))?;
+        .map_err(classify_before)?;
 
     let UpstreamSide {
         shared,
@@ -457,20 +414,10 @@ async fn attempt(
     let mut pump_done = !env.has_body;
 
     let response = async {
-        match timeout(
-            head_deadline.saturating_duration_since(Instant::now()),
-            resp_fut,
-        )
-        .await
-        {
-            Err(_) => Err(AttemptError {
-                err: UpstreamError::Timeout(t.request),
-                reason: None,
-                unprocessed: false,
-                backend_failure: true,
-            }),
-            Ok(Err(e)) => Err(classify_before(&e)),
-            Ok(Ok(r)) => Ok(r),
+        let wait = head_deadline.saturating_duration_since(Instant::now());
+        match timeout(wait, resp_fut).await {
+            Err(_) => Err(UpstreamError::Timeout(t.request)),
+            Ok(r) => r.map_err(classify_before),
         }
     };
     tokio::pin!(response);
@@ -478,16 +425,12 @@ async fn attempt(
     // Pump the request body while waiting for the response head.
     let resp = loop {
         tokio::select! {
-            r = &mut response => {
-                break r.map_err(|a| blame_stalled_upload(a, body_wait.get()))?
-            }
+            r = &mut response => break r.map_err(|e| blame_stalled_upload(e, body_wait.get()))?,
             p = &mut pump, if !pump_done => {
                 pump_done = true;
-                if let Err(e) = p {
-                    // The backend may still answer (e.g. 413); the response
-                    // future reports the stream's fate.
-                    tracing::debug!(request_id = env.request_id, error = %e, "request body not fully sent");
-                }
+                // The backend may still answer (e.g. 413); the response
+                // future reports the stream's fate.
+                body_not_sent(env, p);
             }
         }
     };
@@ -501,16 +444,10 @@ async fn attempt(
         head_after,
         &backend.address,
     );
-    let retry_status = RetryOn::Status(status);
-    if !is_last && group.cfg.retries.on.contains(&retry_status) {
+    if !is_last && group.cfg.retries.on.contains(&RetryOn::Status(status)) {
         // Candidate for a retry: do not forward this answer (the h2 stream
         // is reset with CANCEL when `body` drops).
-        return Err(AttemptError {
-            err: UpstreamError::Status(status),
-            reason: Some(retry_status),
-            unprocessed: false,
-            backend_failure: status >= 500,
-        });
+        return Err(UpstreamError::Status(status));
     }
     edge.send(ToEdge::Headers {
         head: router::ResponseHead::from_h2(parts.status, std::mem::take(&mut parts.headers)),
@@ -523,21 +460,20 @@ async fn attempt(
     tokio::pin!(down);
     loop {
         tokio::select! {
-            r = &mut down => {
-                return r.map(|()| status).map_err(|err| AttemptError {
-                    backend_failure: matches!(err, UpstreamError::ResponseReset(_)),
-                    err,
-                    reason: None,
-                    unprocessed: false,
-                });
-            }
+            r = &mut down => return r.map(|()| status),
             p = &mut pump, if !pump_done => {
                 pump_done = true;
-                if let Err(e) = p {
-                    tracing::debug!(request_id = env.request_id, error = %e, "request body not fully sent");
-                }
+                body_not_sent(env, p);
             }
         }
+    }
+}
+
+/// Logs a request body that did not reach the backend whole; the response
+/// side decides what that means for the request.
+fn body_not_sent(env: &Envelope, pumped: Result<(), UpstreamError>) {
+    if let Err(e) = pumped {
+        tracing::debug!(request_id = env.request_id, error = %e, "request body not fully sent");
     }
 }
 
@@ -545,7 +481,7 @@ async fn attempt(
 /// and `:path`, so a failure here is a request the mapping let through: the
 /// client's.
 fn h2_request(env: &Envelope) -> Result<http::Request<()>, UpstreamError> {
-    let refused = |e: http::Error| UpstreamError::RefusedLocally(e.to_string());
+    let refused = |e: http::Error| UpstreamError::RefusedLocally(Cause::Http(e));
     let uri = http::Uri::builder()
         .scheme("http")
         .authority(env.authority.as_str())
@@ -573,34 +509,17 @@ fn refused_locally(e: &h2::Error) -> bool {
 /// Classifies an h2 error seen before the response head: a local refusal is
 /// the client's (never retried or counted); REFUSED_STREAM and GOAWAY prove
 /// the backend did nothing (retried, not counted: load shedding and graceful
-/// shutdown are not sickness); anything else is a backend failure.
-fn classify_before(e: &h2::Error) -> AttemptError {
-    if refused_locally(e) {
-        return AttemptError::fatal(UpstreamError::RefusedLocally(e.to_string()));
+/// shutdown are not sickness); anything else is a backend failure. What
+/// each means for retries and outlier detection is [`UpstreamError`]'s.
+fn classify_before(e: h2::Error) -> UpstreamError {
+    if refused_locally(&e) {
+        return UpstreamError::RefusedLocally(Cause::H2(e));
     }
-    if e.reason() == Some(h2::Reason::REFUSED_STREAM) {
-        return AttemptError {
-            err: UpstreamError::Refused(e.to_string()),
-            reason: Some(RetryOn::RefusedStream),
-            unprocessed: true,
-            backend_failure: false,
-        };
+    // GOAWAY from the backend: our stream was above its last-stream-id.
+    if e.reason() == Some(h2::Reason::REFUSED_STREAM) || (e.is_go_away() && e.is_remote()) {
+        return UpstreamError::Refused(e);
     }
-    if e.is_go_away() && e.is_remote() {
-        // Our stream was above the GOAWAY's last-stream-id: never processed.
-        return AttemptError {
-            err: UpstreamError::Refused(e.to_string()),
-            reason: Some(RetryOn::RefusedStream),
-            unprocessed: true,
-            backend_failure: false,
-        };
-    }
-    AttemptError {
-        err: UpstreamError::BeforeResponse(e.to_string()),
-        reason: Some(RetryOn::Reset),
-        unprocessed: false,
-        backend_failure: true,
-    }
+    UpstreamError::BeforeResponse(e)
 }
 
 /// What the request-body pump of an attempt waits for, so a late response
@@ -619,12 +538,12 @@ enum BodyWait {
 /// A response head that is late while the client still owes body bytes is
 /// the client's doing: the backend may well wait for the whole body before
 /// answering. Never counted against the backend, never retried.
-fn blame_stalled_upload(a: AttemptError, wait: BodyWait) -> AttemptError {
-    match a.err {
+fn blame_stalled_upload(e: UpstreamError, wait: BodyWait) -> UpstreamError {
+    match e {
         UpstreamError::Timeout(d) if wait == BodyWait::Client => {
-            AttemptError::fatal(UpstreamError::ClientBodyStalled(d))
+            UpstreamError::ClientBodyStalled(d)
         }
-        _ => a,
+        _ => e,
     }
 }
 
@@ -689,9 +608,11 @@ async fn send_chunk(
                 match timeout(idle, poll_fn(|cx| send.poll_capacity(cx))).await {
                     Err(_) => return Err(UpstreamError::Idle(idle)),
                     Ok(None) => {
-                        return Err(UpstreamError::ResponseReset("request stream closed".into()))
+                        return Err(UpstreamError::ResponseReset(Cause::Closed(
+                            "request stream closed",
+                        )))
                     }
-                    Ok(Some(Err(e))) => return Err(UpstreamError::ResponseReset(e.to_string())),
+                    Ok(Some(Err(e))) => return Err(UpstreamError::ResponseReset(Cause::H2(e))),
                     Ok(Some(Ok(0))) => continue,
                     Ok(Some(Ok(_))) => break,
                 }
@@ -700,7 +621,7 @@ async fn send_chunk(
         let cap = send.capacity().min(b.len()).max(1);
         let piece = b.split_to(cap);
         send.send_data(piece, false)
-            .map_err(|e| UpstreamError::ResponseReset(e.to_string()))?;
+            .map_err(|e| UpstreamError::ResponseReset(Cause::H2(e)))?;
     }
     Ok(())
 }
@@ -722,7 +643,7 @@ async fn pump_request_body_inner(
             Some(t) => send.send_trailers(t),
             None => send.send_data(Bytes::new(), true),
         }
-        .map_err(|e| UpstreamError::ResponseReset(e.to_string()))?;
+        .map_err(|e| UpstreamError::ResponseReset(Cause::H2(e)))?;
         return Ok(());
     }
     loop {
@@ -748,14 +669,14 @@ async fn pump_request_body_inner(
                 replay.ended = true;
                 replay.trailers = Some(t.clone());
                 send.send_trailers(t)
-                    .map_err(|e| UpstreamError::ResponseReset(e.to_string()))?;
+                    .map_err(|e| UpstreamError::ResponseReset(Cause::H2(e)))?;
                 return Ok(());
             }
             ToUpstream::End => {
                 body.wait.set(BodyWait::Done);
                 replay.ended = true;
                 send.send_data(Bytes::new(), true)
-                    .map_err(|e| UpstreamError::ResponseReset(e.to_string()))?;
+                    .map_err(|e| UpstreamError::ResponseReset(Cause::H2(e)))?;
                 return Ok(());
             }
         }
@@ -809,7 +730,7 @@ async fn pump_response_body(
             Ok(n) => n,
         };
         let Some(chunk) = next else { break };
-        let mut chunk = chunk.map_err(|e| UpstreamError::ResponseReset(e.to_string()))?;
+        let mut chunk = chunk.map_err(|e| UpstreamError::ResponseReset(Cause::H2(e)))?;
         let len = chunk.len();
         while !chunk.is_empty() {
             let n = chunk.len().min(shared.resp_piece()).min(budget.max(1));
@@ -823,7 +744,7 @@ async fn pump_response_body(
     }
     let trailers = match timeout(idle, body.trailers()).await {
         Err(_) => return Err(UpstreamError::Idle(idle)),
-        Ok(t) => t.map_err(|e| UpstreamError::ResponseReset(e.to_string()))?,
+        Ok(t) => t.map_err(|e| UpstreamError::ResponseReset(Cause::H2(e)))?,
     };
     if let Some(t) = trailers {
         edge.send(ToEdge::Trailers(router::trailers_to_h3(&t)));
@@ -889,22 +810,22 @@ mod tests {
     async fn fail_before(
         sr: &mut h2::client::SendRequest<Bytes>,
         req: http::Request<()>,
-    ) -> AttemptError {
+    ) -> UpstreamError {
         let resp = match sr.send_request(req, true) {
-            Err(e) => return classify_before(&e),
+            Err(e) => return classify_before(e),
             Ok((resp, _send)) => resp,
         };
         match resp.await {
-            Err(e) => classify_before(&e),
+            Err(e) => classify_before(e),
             Ok(r) => panic!("expected a failure, got {}", r.status()),
         }
     }
 
-    fn assert_invariant(a: &AttemptError) {
+    fn assert_invariant(a: &UpstreamError) {
         assert!(
-            !a.backend_failure || a.err.side() == ErrorSide::Backend,
+            !a.counts_against_backend() || a.side() == ErrorSide::Backend,
             "{:?} counted against a backend",
-            a.err
+            a
         );
     }
 
@@ -917,13 +838,16 @@ mod tests {
                 .insert(n, http::HeaderValue::from_static(v));
             let a = fail_before(&mut sr, req).await;
             assert!(
-                matches!(a.err, UpstreamError::RefusedLocally(_)),
+                matches!(a, UpstreamError::RefusedLocally(_)),
                 "{n}: {v} gave {:?}",
-                a.err
+                a
             );
-            assert_eq!(a.err.side(), ErrorSide::Client);
-            assert!(!a.backend_failure, "never counted against the backend");
-            assert_eq!(a.reason, None, "never retried");
+            assert_eq!(a.side(), ErrorSide::Client);
+            assert!(
+                !a.counts_against_backend(),
+                "never counted against the backend"
+            );
+            assert_eq!(a.retry_on(), None, "never retried");
             assert_invariant(&a);
         }
     }
@@ -943,24 +867,20 @@ mod tests {
     async fn refused_stream_is_retried_but_not_counted() {
         let mut sr = backend().await;
         let a = fail_before(&mut sr, h2_request(&envelope("/refuse", &[])).unwrap()).await;
-        assert!(matches!(a.err, UpstreamError::Refused(_)), "{:?}", a.err);
-        assert_eq!(a.reason, Some(RetryOn::RefusedStream));
-        assert!(a.unprocessed);
-        assert!(!a.backend_failure);
-        assert_eq!(a.err.side(), ErrorSide::Backend);
+        assert!(matches!(a, UpstreamError::Refused(_)), "{:?}", a);
+        assert_eq!(a.retry_on(), Some(RetryOn::RefusedStream));
+        assert!(a.unprocessed());
+        assert!(!a.counts_against_backend());
+        assert_eq!(a.side(), ErrorSide::Backend);
     }
 
     #[tokio::test]
     async fn a_backend_reset_counts_against_the_backend() {
         let mut sr = backend().await;
         let a = fail_before(&mut sr, h2_request(&envelope("/fail", &[])).unwrap()).await;
-        assert!(
-            matches!(a.err, UpstreamError::BeforeResponse(_)),
-            "{:?}",
-            a.err
-        );
-        assert_eq!(a.reason, Some(RetryOn::Reset));
-        assert!(a.backend_failure);
+        assert!(matches!(a, UpstreamError::BeforeResponse(_)), "{:?}", a);
+        assert_eq!(a.retry_on(), Some(RetryOn::Reset));
+        assert!(a.counts_against_backend());
         assert_invariant(&a);
     }
 
@@ -1161,27 +1081,21 @@ mod tests {
 
     #[test]
     fn a_late_head_while_the_client_owes_body_bytes_is_the_clients_fault() {
-        let late = || AttemptError {
-            err: UpstreamError::Timeout(Duration::from_secs(1)),
-            reason: None,
-            unprocessed: false,
-            backend_failure: true,
-        };
+        let late = || UpstreamError::Timeout(Duration::from_secs(1));
         let a = blame_stalled_upload(late(), BodyWait::Client);
+        assert!(matches!(a, UpstreamError::ClientBodyStalled(_)), "{:?}", a);
         assert!(
-            matches!(a.err, UpstreamError::ClientBodyStalled(_)),
-            "{:?}",
-            a.err
+            !a.counts_against_backend(),
+            "never counted against the backend"
         );
-        assert!(!a.backend_failure, "never counted against the backend");
-        assert_eq!(a.reason, None, "never retried");
-        assert_eq!(a.err.status(), 408);
-        assert_eq!(a.err.side(), ErrorSide::Client);
+        assert_eq!(a.retry_on(), None, "never retried");
+        assert_eq!(a.status(), 408);
+        assert_eq!(a.side(), ErrorSide::Client);
         // The backend not reading, or not answering a complete body, is its own.
         for wait in [BodyWait::Backend, BodyWait::Done] {
             let a = blame_stalled_upload(late(), wait);
-            assert!(matches!(a.err, UpstreamError::Timeout(_)));
-            assert!(a.backend_failure);
+            assert!(matches!(a, UpstreamError::Timeout(_)));
+            assert!(a.counts_against_backend());
         }
     }
 
@@ -1190,7 +1104,7 @@ mod tests {
         let backend = std::net::SocketAddr::from(([127, 0, 0, 1], 9));
         let cases = [
             (
-                UpstreamError::RefusedLocally("x".into()),
+                UpstreamError::RefusedLocally(Cause::Closed("x")),
                 ErrorSide::Client,
                 400,
             ),
