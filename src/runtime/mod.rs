@@ -19,6 +19,7 @@ use tracing::Instrument;
 use crate::config::Config;
 use crate::control::reload::ConfigStore;
 use crate::edge::{Edge, EdgeError, EdgeEvent, PATH_SAMPLE_INTERVAL};
+use crate::router::bridge::{RequestKey, ToEdge};
 use crate::telemetry::access::AccessSink;
 use crate::telemetry::backends::BackendBoard;
 use crate::telemetry::WorkerMetrics;
@@ -102,265 +103,395 @@ impl Handoff {
 /// `Rc<Gateway>` they captured and finish on it. The worker's [`Registry`]
 /// carries each backend that stays (its health, ejection, EWMA, retry budget
 /// and warm connections) into the new gateway; a removed backend's pool and
-/// h2 connections go away with the last request that uses them. The edge takes the new
-/// TLS pair and transport parameters for new handshakes and the new limits.
+/// h2 connections go away with the last request that uses them. The edge
+/// takes the new TLS pair and transport parameters for new handshakes and
+/// the new limits.
 pub async fn run_worker<D: DatagramIo>(
     ctx: WorkerContext,
-    mut io: D,
+    io: D,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), RuntimeError> {
-    let WorkerContext {
-        id: worker_id,
-        handoff,
-        config: store,
-        metrics,
-        board,
-        access,
-    } = ctx;
-    let Handoff {
-        rx: mut handoff_rx,
-        peers,
-    } = handoff;
-    let mut config_rx = store.subscribe();
-    config_rx.mark_unchanged();
-    let snapshot = store.current();
-    let mut generation = snapshot.generation;
+    let (mut w, mut handoff_rx, mut config_rx) = Worker::start(ctx, io)?;
     let mut config_pending = false;
-    let cfg: &Config = &snapshot.config;
-    let local = io.local_addr()?;
-    let caps = io.capabilities();
-    // Upstream TCP rides the driver's ring when it has one and the config
-    // asks for it; fixed for the worker's life (`io.*` needs a restart).
-    let connector = Connector::for_worker(cfg.io.upstream_io, io.tcp_ring());
-    metrics
-        .upstream_ring_workers
-        .store(i64::from(connector.ring().is_some()), Ordering::Relaxed);
-    tracing::info!(
-        address = %local,
-        driver = caps.driver,
-        upstream_io = connector.name(),
-        gso_segments = caps.max_gso_segments,
-        gro_segments = caps.gro_segments,
-        "worker listening"
-    );
-    let (to_edge_tx, mut to_edge_rx) = mpsc::unbounded_channel();
-    let mut edge = Edge::new(cfg, worker_id.min(255) as u8, to_edge_tx, metrics.clone())?;
-    if let Some(sink) = access {
-        edge.set_access_log(sink);
-    }
-    // Backend state (health, ejections, EWMA, budgets, warm connections)
-    // lives here, across config generations.
-    let mut registry = Registry::default();
-    let mut gateway = Rc::new(registry.gateway(cfg, &connector));
-    gateway.warm();
-    registry.start_health_checks(&metrics, &board, worker_id);
-
-    // Datagrams/trains taken per receive call (io.batch; at most 64, the
-    // epoll driver's recvmmsg batch).
-    let batch = cfg.io.batch.clamp(1, 64);
     let mut closing_since: Option<Instant> = None;
     let mut forced = false;
-    let mut last_counters = io.counters();
-    let mut last_ring_ops = 0;
     // Debug builds only: a planned failure of this worker (`fault`).
-    let fault = fault::for_worker(worker_id);
+    let fault = fault::for_worker(w.id);
     let fault_at = fault.map(|f| Instant::now() + f.after);
-    let mut next_path_sample = Instant::now() + PATH_SAMPLE_INTERVAL;
-    let mut unreachable = Vec::new();
 
     loop {
-        next_path_sample = sample_if_due(&mut edge, next_path_sample);
+        w.next_path_sample = sample_if_due(&mut w.edge, w.next_path_sample);
         // A new config generation applies from here on, to new requests.
         // (`has_changed` is one atomic load; `config_pending` covers a change
         // the `select!` below already consumed.)
         if config_pending || config_rx.has_changed().unwrap_or(false) {
             config_pending = false;
             config_rx.mark_unchanged();
-            let snap = store.current();
-            if snap.generation != generation {
-                generation = snap.generation;
-                apply_config(
-                    &snap.config,
-                    generation,
-                    worker_id,
-                    &connector,
-                    &mut edge,
-                    &mut gateway,
-                    &mut registry,
-                    &metrics,
-                    &board,
-                );
-            }
+            w.apply_new_generation();
         }
-        // Outputs first: spawn new requests, then flush packets.
-        while let Some(ev) = edge.poll_event() {
-            match ev {
-                EdgeEvent::Request {
-                    envelope,
-                    side,
-                    conn_span,
-                } => {
-                    // Debug level: at the default `info` an enabled span per
-                    // request (registry slot, formatted trace id, enter/exit
-                    // on every poll) cost more than the logs it labels; the
-                    // request's own log lines carry `request_id`.
-                    let span = tracing::debug_span!(
-                        parent: &conn_span,
-                        "request",
-                        request_id = envelope.request_id,
-                        trace_id = %envelope.trace.trace_id_hex(),
-                    );
-                    let task = proxy(gateway.clone(), envelope, side, metrics.clone());
-                    if span.is_disabled() {
-                        // No `Instrumented` wrapper to enter and exit on every poll.
-                        tokio::task::spawn_local(task);
-                    } else {
-                        tokio::task::spawn_local(task.instrument(span));
-                    }
-                }
-            }
-        }
-        flush(&mut edge, &mut io, local, &metrics).await;
-        take_unreachable(&mut edge, &mut io, &peers, worker_id, &mut unreachable);
-        publish_io_counters(&io, &metrics, &mut last_counters);
-        if let Some(ring) = connector.ring() {
-            let ops = ring.stats().completions;
-            WorkerMetrics::add(&metrics.upstream_ring_ops, ops - last_ring_ops);
-            last_ring_ops = ops;
-        }
+        // Outputs first: start new requests, then flush packets.
+        w.start_requests();
+        flush(&mut w.edge, &mut w.io, w.local, &w.metrics).await;
+        w.after_flush();
 
         if let Some(since) = closing_since {
-            if edge.connections() == 0 || since.elapsed() > DRAIN_GRACE + CLOSE_GRACE {
-                tracing::info!(remaining = edge.connections(), "worker stopped");
-                return Ok(());
-            }
-            if since.elapsed() > DRAIN_GRACE && !forced {
-                tracing::warn!(
-                    connections = edge.connections(),
-                    requests = edge.requests_in_flight(),
-                    "drain deadline passed; closing remaining connections"
-                );
-                edge.force_close_all();
-                forced = true;
-                continue;
+            match drain_step(&mut w.edge, since, &mut forced) {
+                DrainStep::Stop => return Ok(()),
+                DrainStep::Again => continue,
+                DrainStep::Wait => {}
             }
         }
 
-        let timer = edge.poll_timeout();
-        let sleep_until = timer.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
-        let closing_tick = closing_since.map(|_| Instant::now() + Duration::from_millis(50));
-        let mut wake = closing_tick.map_or(sleep_until, |c| c.min(sleep_until));
-        if edge.connections() > 0 {
-            // Open connections are sampled on time even when idle.
-            wake = wake.min(next_path_sample);
-        }
+        let wake = w.wake_at(closing_since);
         tokio::select! {
             Some(f) = handoff_rx.recv() => {
                 let now = Instant::now();
-                take_handed_over(&mut edge, now, f);
+                take_handed_over(&mut w.edge, now, f);
                 while let Ok(f) = handoff_rx.try_recv() {
-                    take_handed_over(&mut edge, now, f);
+                    take_handed_over(&mut w.edge, now, f);
                 }
             }
-            r = io.readable() => {
+            r = w.io.readable() => {
                 r?;
-                let now = Instant::now();
-                // Drain the socket, bounded so upstream events are not starved.
-                for _ in 0..16 {
-                    let (mut datagrams, mut bytes) = (0usize, 0usize);
-                    let got = io.recv_with(batch, |meta, buf| {
-                        datagrams += meta.segments();
-                        bytes += meta.len;
-                        let to = meta
-                            .local_ip
-                            .map(|ip| SocketAddr::new(ip, local.port()))
-                            .unwrap_or(local);
-                        let stride = meta.stride.max(1);
-                        let mut off = 0;
-                        while off < meta.len {
-                            let end = (off + stride).min(meta.len);
-                            if let Some(owner) =
-                                edge.handle_datagram(now, &mut buf[off..end], meta.peer, to)
-                            {
-                                // Another worker's connection: hand it over.
-                                if let Some(tx) = peers.get(usize::from(owner)) {
-                                    WorkerMetrics::inc(&metrics.handoffs);
-                                    let _ = tx.send(Forwarded::Datagram {
-                                        data: buf[off..end].to_vec(),
-                                        from: meta.peer,
-                                        to,
-                                    });
-                                }
-                            }
-                            off = end;
-                        }
-                    });
-                    match got {
-                        Ok(n) => {
-                            if n > 0 {
-                                metrics.recv_batch.observe(datagrams as f64);
-                                crate::telemetry::probes::io_recv_batch(datagrams, bytes, caps.driver);
-                            }
-                            if n < batch {
-                                break;
-                            }
-                        }
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                        Err(e) => {
-                            // ICMP errors surface here on some kernels; never fatal.
-                            tracing::debug!(error = %e, "recv error");
-                            break;
-                        }
-                    }
-                }
-                // A socket that stays readable must not starve upstream
-                // events or timers: serve both before polling it again.
-                for _ in 0..1024 {
-                    match to_edge_rx.try_recv() {
-                        Ok((key, msg)) => edge.handle_upstream(now, key, msg),
-                        Err(_) => break,
-                    }
-                }
-                if edge.poll_timeout().is_some_and(|t| t <= Instant::now()) {
-                    edge.handle_timeout(Instant::now());
-                }
+                w.on_readable();
             }
-            Some((key, msg)) = to_edge_rx.recv() => {
+            Some((key, msg)) = w.to_edge_rx.recv() => {
                 let now = Instant::now();
-                edge.handle_upstream(now, key, msg);
+                w.edge.handle_upstream(now, key, msg);
                 // Take whatever else is queued in one go.
-                for _ in 0..1024 {
-                    match to_edge_rx.try_recv() {
-                        Ok((key, msg)) => edge.handle_upstream(now, key, msg),
-                        Err(_) => break,
-                    }
-                }
+                w.drain_upstream(now);
             }
             _ = tokio::time::sleep_until(wake.into()) => {
-                edge.handle_timeout(Instant::now());
+                w.edge.handle_timeout(Instant::now());
             }
             // Wakes the loop; the top of the loop applies the new generation.
             r = config_rx.changed() => {
                 config_pending = true;
                 if r.is_err() {
                     // The store is gone (process exiting): stop watching it.
-                    config_rx = watch::channel(generation).1;
+                    config_rx = watch::channel(w.generation).1;
                 }
             }
             _ = sleep_until_opt(fault_at), if fault_at.is_some() => {
-                return inject(fault, worker_id);
+                return inject(fault, w.id);
             }
             r = shutdown.changed(), if closing_since.is_none() => {
                 if r.is_err() || *shutdown.borrow() {
                     tracing::info!(
-                        connections = edge.connections(),
-                        requests = edge.requests_in_flight(),
+                        connections = w.edge.connections(),
+                        requests = w.edge.requests_in_flight(),
                         "draining: GOAWAY sent, refusing new connections"
                     );
-                    edge.close_all(Instant::now());
+                    w.edge.close_all(Instant::now());
                     closing_since = Some(Instant::now());
                 }
+            }
+        }
+    }
+}
+
+/// What a draining worker does next.
+enum DrainStep {
+    /// Every connection is gone, or the grace periods are over.
+    Stop,
+    /// The drain deadline just passed and connections were closed: flush.
+    Again,
+    /// Keep serving what is left.
+    Wait,
+}
+
+fn drain_step(edge: &mut Edge, since: Instant, forced: &mut bool) -> DrainStep {
+    if edge.connections() == 0 || since.elapsed() > DRAIN_GRACE + CLOSE_GRACE {
+        tracing::info!(remaining = edge.connections(), "worker stopped");
+        return DrainStep::Stop;
+    }
+    if since.elapsed() > DRAIN_GRACE && !*forced {
+        tracing::warn!(
+            connections = edge.connections(),
+            requests = edge.requests_in_flight(),
+            "drain deadline passed; closing remaining connections"
+        );
+        edge.force_close_all();
+        *forced = true;
+        return DrainStep::Again;
+    }
+    DrainStep::Wait
+}
+
+/// One worker's state between turns of its loop ([`run_worker`]).
+struct Worker<D: DatagramIo> {
+    id: usize,
+    io: D,
+    local: SocketAddr,
+    /// Datagrams/trains taken per receive call (io.batch; at most 64, the
+    /// epoll driver's recvmmsg batch).
+    batch: usize,
+    edge: Edge,
+    to_edge_rx: mpsc::UnboundedReceiver<(RequestKey, ToEdge)>,
+    connector: Connector,
+    /// Backend state (health, ejections, EWMA, budgets, warm connections),
+    /// across config generations.
+    registry: Registry,
+    gateway: Rc<Gateway>,
+    store: Arc<ConfigStore>,
+    generation: u64,
+    metrics: Arc<WorkerMetrics>,
+    board: Arc<BackendBoard>,
+    peers: Arc<Vec<mpsc::UnboundedSender<Forwarded>>>,
+    last_counters: spooky_uring::IoCounters,
+    last_ring_ops: u64,
+    unreachable: Vec<Unreachable>,
+    next_path_sample: Instant,
+}
+
+type Start<D> = (
+    Worker<D>,
+    mpsc::UnboundedReceiver<Forwarded>,
+    watch::Receiver<u64>,
+);
+
+impl<D: DatagramIo> Worker<D> {
+    /// Builds the worker's edge and gateway from the current generation.
+    fn start(ctx: WorkerContext, io: D) -> Result<Start<D>, RuntimeError> {
+        let WorkerContext {
+            id,
+            handoff,
+            config: store,
+            metrics,
+            board,
+            access,
+        } = ctx;
+        let mut config_rx = store.subscribe();
+        config_rx.mark_unchanged();
+        let snapshot = store.current();
+        let cfg: &Config = &snapshot.config;
+        let local = io.local_addr()?;
+        let caps = io.capabilities();
+        // Upstream TCP rides the driver's ring when it has one and the
+        // config asks for it; fixed for the worker's life (`io.*` needs a
+        // restart).
+        let connector = Connector::for_worker(cfg.io.upstream_io, io.tcp_ring());
+        metrics
+            .upstream_ring_workers
+            .store(i64::from(connector.ring().is_some()), Ordering::Relaxed);
+        tracing::info!(
+            address = %local,
+            driver = caps.driver,
+            upstream_io = connector.name(),
+            gso_segments = caps.max_gso_segments,
+            gro_segments = caps.gro_segments,
+            "worker listening"
+        );
+        let (to_edge_tx, to_edge_rx) = mpsc::unbounded_channel();
+        let mut edge = Edge::new(cfg, id.min(255) as u8, to_edge_tx, metrics.clone())?;
+        if let Some(sink) = access {
+            edge.set_access_log(sink);
+        }
+        let mut registry = Registry::default();
+        let gateway = Rc::new(registry.gateway(cfg, &connector));
+        gateway.warm();
+        registry.start_health_checks(&metrics, &board, id);
+        let last_counters = io.counters();
+        let w = Worker {
+            id,
+            io,
+            local,
+            batch: cfg.io.batch.clamp(1, 64),
+            edge,
+            to_edge_rx,
+            connector,
+            registry,
+            gateway,
+            store,
+            generation: snapshot.generation,
+            metrics,
+            board,
+            peers: handoff.peers,
+            last_counters,
+            last_ring_ops: 0,
+            unreachable: Vec::new(),
+            next_path_sample: Instant::now() + PATH_SAMPLE_INTERVAL,
+        };
+        Ok((w, handoff.rx, config_rx))
+    }
+
+    /// Switches to the store's generation when it is a new one.
+    fn apply_new_generation(&mut self) {
+        let snap = self.store.current();
+        if snap.generation == self.generation {
+            return;
+        }
+        self.generation = snap.generation;
+        let cfg = &snap.config;
+        let generation = self.generation;
+        if let Err(e) = self.edge.reconfigure(cfg) {
+            // The control plane loaded this TLS pair before publishing; the
+            // files changed since. Keep serving with the previous one.
+            tracing::error!(generation, error = %e, "reload: keeping the previous TLS and transport config");
+        }
+        // Backends that stay keep their pools, checkers and state; removed
+        // ones lose their checker, so their pools go away with the last
+        // request of the old generation that uses them.
+        let fresh = Rc::new(self.registry.gateway(cfg, &self.connector));
+        fresh.warm();
+        self.registry
+            .start_health_checks(&self.metrics, &self.board, self.id);
+        let old = std::mem::replace(&mut self.gateway, fresh);
+        tracing::info!(
+            worker = self.id,
+            generation,
+            in_flight_on_previous = Rc::strong_count(&old) - 1,
+            "worker switched to new config"
+        );
+        drop(old);
+        self.board.retain(|upstream, addr| {
+            cfg.upstreams
+                .iter()
+                .any(|u| u.name == upstream && u.backends.iter().any(|b| b.address == *addr))
+        });
+    }
+
+    /// Starts an upstream task for every request the edge mapped.
+    fn start_requests(&mut self) {
+        while let Some(ev) = self.edge.poll_event() {
+            let EdgeEvent::Request {
+                envelope,
+                side,
+                conn_span,
+            } = ev;
+            // Debug level: at the default `info` an enabled span per request
+            // (registry slot, formatted trace id, enter/exit on every poll)
+            // cost more than the logs it labels; the request's own log lines
+            // carry `request_id`.
+            let span = tracing::debug_span!(
+                parent: &conn_span,
+                "request",
+                request_id = envelope.request_id,
+                trace_id = %envelope.trace.trace_id_hex(),
+            );
+            let task = proxy(self.gateway.clone(), envelope, side, self.metrics.clone());
+            if span.is_disabled() {
+                // No `Instrumented` wrapper to enter and exit on every poll.
+                tokio::task::spawn_local(task);
+            } else {
+                tokio::task::spawn_local(task.instrument(span));
+            }
+        }
+    }
+
+    /// What follows a flush: ICMP reports the send met, I/O counters.
+    fn after_flush(&mut self) {
+        take_unreachable(
+            &mut self.edge,
+            &mut self.io,
+            &self.peers,
+            self.id,
+            &mut self.unreachable,
+        );
+        publish_io_counters(&self.io, &self.metrics, &mut self.last_counters);
+        if let Some(ring) = self.connector.ring() {
+            let ops = ring.stats().completions;
+            WorkerMetrics::add(&self.metrics.upstream_ring_ops, ops - self.last_ring_ops);
+            self.last_ring_ops = ops;
+        }
+    }
+
+    /// When the loop must wake up even if nothing arrives.
+    fn wake_at(&mut self, closing_since: Option<Instant>) -> Instant {
+        let timer = self.edge.poll_timeout();
+        let sleep_until = timer.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+        let closing_tick = closing_since.map(|_| Instant::now() + Duration::from_millis(50));
+        let mut wake = closing_tick.map_or(sleep_until, |c| c.min(sleep_until));
+        if self.edge.connections() > 0 {
+            // Open connections are sampled on time even when idle.
+            wake = wake.min(self.next_path_sample);
+        }
+        wake
+    }
+
+    /// Takes up to 1,024 queued upstream events.
+    fn drain_upstream(&mut self, now: Instant) {
+        for _ in 0..1024 {
+            match self.to_edge_rx.try_recv() {
+                Ok((key, msg)) => self.edge.handle_upstream(now, key, msg),
+                Err(_) => break,
+            }
+        }
+    }
+
+    /// The socket is readable: drains it (bounded), then serves upstream
+    /// events and due timers so a socket that stays readable starves
+    /// neither.
+    fn on_readable(&mut self) {
+        let now = Instant::now();
+        for _ in 0..16 {
+            if !self.recv_batch(now) {
+                break;
+            }
+        }
+        self.drain_upstream(now);
+        if self
+            .edge
+            .poll_timeout()
+            .is_some_and(|t| t <= Instant::now())
+        {
+            self.edge.handle_timeout(Instant::now());
+        }
+    }
+
+    /// One receive call; true when a full batch came (more may wait).
+    fn recv_batch(&mut self, now: Instant) -> bool {
+        let Worker {
+            io,
+            edge,
+            peers,
+            metrics,
+            local,
+            batch,
+            ..
+        } = self;
+        let (local, batch) = (*local, *batch);
+        let driver = io.capabilities().driver;
+        let (mut datagrams, mut bytes) = (0usize, 0usize);
+        let got = io.recv_with(batch, |meta, buf| {
+            datagrams += meta.segments();
+            bytes += meta.len;
+            let to = meta
+                .local_ip
+                .map(|ip| SocketAddr::new(ip, local.port()))
+                .unwrap_or(local);
+            let stride = meta.stride.max(1);
+            let mut off = 0;
+            while off < meta.len {
+                let end = (off + stride).min(meta.len);
+                if let Some(owner) = edge.handle_datagram(now, &mut buf[off..end], meta.peer, to) {
+                    // Another worker's connection: hand it over.
+                    if let Some(tx) = peers.get(usize::from(owner)) {
+                        WorkerMetrics::inc(&metrics.handoffs);
+                        let _ = tx.send(Forwarded::Datagram {
+                            data: buf[off..end].to_vec(),
+                            from: meta.peer,
+                            to,
+                        });
+                    }
+                }
+                off = end;
+            }
+        });
+        match got {
+            Ok(n) => {
+                if n > 0 {
+                    metrics.recv_batch.observe(datagrams as f64);
+                    crate::telemetry::probes::io_recv_batch(datagrams, bytes, driver);
+                }
+                n >= batch
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => true,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,
+            Err(e) => {
+                // ICMP errors surface here on some kernels; never fatal.
+                tracing::debug!(error = %e, "recv error");
+                false
             }
         }
     }
@@ -431,45 +562,6 @@ fn inject(fault: Option<fault::Fault>, worker_id: usize) -> Result<(), RuntimeEr
         Some(fault::FaultKind::Panic) => panic!("fault injected into worker {worker_id}"),
         _ => Err(RuntimeError::FaultInjected(worker_id)),
     }
-}
-
-/// Switches a worker to a new config generation (see [`run_worker`]).
-#[allow(clippy::too_many_arguments)]
-fn apply_config(
-    cfg: &Config,
-    generation: u64,
-    worker_id: usize,
-    connector: &Connector,
-    edge: &mut Edge,
-    gateway: &mut Rc<Gateway>,
-    registry: &mut Registry,
-    metrics: &Arc<WorkerMetrics>,
-    board: &Arc<BackendBoard>,
-) {
-    if let Err(e) = edge.reconfigure(cfg) {
-        // The control plane loaded this TLS pair before publishing; the
-        // files changed since. Keep serving with the previous one.
-        tracing::error!(generation, error = %e, "reload: keeping the previous TLS and transport config");
-    }
-    // Backends that stay keep their pools, checkers and state; removed
-    // ones lose their checker, so their pools go away with the last
-    // request of the old generation that uses them.
-    let fresh = Rc::new(registry.gateway(cfg, connector));
-    fresh.warm();
-    registry.start_health_checks(metrics, board, worker_id);
-    let old = std::mem::replace(gateway, fresh);
-    tracing::info!(
-        worker = worker_id,
-        generation,
-        in_flight_on_previous = Rc::strong_count(&old) - 1,
-        "worker switched to new config"
-    );
-    drop(old);
-    board.retain(|upstream, addr| {
-        cfg.upstreams
-            .iter()
-            .any(|u| u.name == upstream && u.backends.iter().any(|b| b.address == *addr))
-    });
 }
 
 /// Sends everything the edge has queued, one GSO train per syscall.

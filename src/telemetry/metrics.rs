@@ -199,351 +199,378 @@ impl Collector for WorkerSum {
         let ws = self.0.lock();
         let ws = ws.as_slice();
         let e = &mut enc;
-
-        gauge(
-            e,
-            "quic_connections_active",
-            "QUIC connections currently open.",
-            sum_i64(ws, |w| &w.conns_active),
-        )?;
-        counter(
-            e,
-            "quic_connections_opened",
-            "QUIC connections accepted.",
-            sum_u64(ws, |w| &w.conns_opened),
-        )?;
-        counter(
-            e,
-            "quic_connections_closed",
-            "QUIC connections closed.",
-            sum_u64(ws, |w| &w.conns_closed),
-        )?;
-        counter(
-            e,
-            "quic_handshakes",
-            "QUIC handshakes completed.",
-            sum_u64(ws, |w| &w.handshakes),
-        )?;
-        counter(
-            e,
-            "quic_handshake_failures",
-            "QUIC handshakes that failed or timed out.",
-            sum_u64(ws, |w| &w.handshake_failures),
-        )?;
-        let mut retries = [("", 0u64); RetryReason::ALL.len()];
-        for (i, (slot, r)) in retries.iter_mut().zip(RetryReason::ALL).enumerate() {
-            *slot = (r.as_str(), sum_u64(ws, |w| &w.retries_by_reason[i]));
-        }
-        labelled_counter(
-            e,
-            "quic_retries_sent",
-            "QUIC Retry packets sent, by reason (always: quic.retry true; half_open: retry_threshold reached).",
-            "reason",
-            &retries,
-        )?;
-        gauge(
-            e,
-            "quic_half_open_connections",
-            "QUIC connections whose handshake has not completed.",
-            sum_i64(ws, |w| &w.half_open),
-        )?;
-        counter(
-            e,
-            "quic_handshake_timeouts",
-            "QUIC connections discarded because the handshake did not complete within quic.handshake_timeout_ms.",
-            sum_u64(ws, |w| &w.handshake_timeouts),
-        )?;
-        counter(
-            e,
-            "quic_icmp_unreachable",
-            "ICMP port/host/network unreachable reports about datagrams sent to a connection's client (matched by address and connection id).",
-            sum_u64(ws, |w| &w.icmp_unreachable_matched),
-        )?;
-        counter(
-            e,
-            "quic_unreachable_closes",
-            "QUIC connections discarded because their client stayed silent for 1 s after an ICMP unreachable; their requests' backend streams are reset.",
-            sum_u64(ws, |w| &w.unreachable_closes),
-        )?;
-        counter(
-            e,
-            "quic_version_negotiations",
-            "QUIC Version Negotiation packets sent.",
-            sum_u64(ws, |w| &w.version_negotiations),
-        )?;
-        let mut dropped = [("", 0u64); DropReason::ALL.len()];
-        for (i, (slot, r)) in dropped.iter_mut().zip(DropReason::ALL).enumerate() {
-            *slot = (r.as_str(), sum_u64(ws, |w| &w.dropped[i]));
-        }
-        labelled_counter(
-            e,
-            "quic_datagrams_dropped",
-            "Datagrams dropped before reaching a connection, by reason.",
-            "reason",
-            &dropped,
-        )?;
-
-        labelled_counter(
-            e,
-            "io_datagrams",
-            "UDP datagrams received and sent.",
-            "direction",
-            &[
-                ("in", sum_u64(ws, |w| &w.datagrams_in)),
-                ("out", sum_u64(ws, |w| &w.datagrams_out)),
-            ],
-        )?;
-        labelled_counter(
-            e,
-            "io_bytes",
-            "UDP payload bytes received and sent.",
-            "direction",
-            &[
-                ("in", sum_u64(ws, |w| &w.bytes_in)),
-                ("out", sum_u64(ws, |w| &w.bytes_out)),
-            ],
-        )?;
-        labelled_counter(
-            e,
-            "io_syscalls",
-            "UDP receive and send system calls.",
-            "direction",
-            &[
-                ("in", sum_u64(ws, |w| &w.recv_syscalls)),
-                ("out", sum_u64(ws, |w| &w.send_syscalls)),
-            ],
-        )?;
-        counter(
-            e,
-            "io_gso_fallbacks",
-            "Sends that fell back from GSO to one datagram per call.",
-            sum_u64(ws, |w| &w.gso_fallbacks),
-        )?;
-        counter(
-            e,
-            "io_send_errors",
-            "UDP sends that failed.",
-            sum_u64(ws, |w| &w.send_errors),
-        )?;
-        counter(
-            e,
-            "io_ring_submissions",
-            "io_uring_enter calls that submitted work (io_uring driver only).",
-            sum_u64(ws, |w| &w.ring_submits),
-        )?;
-        counter(
-            e,
-            "io_ring_completions",
-            "io_uring completions reaped (io_uring driver only).",
-            sum_u64(ws, |w| &w.ring_completions),
-        )?;
-        counter(
-            e,
-            "io_recv_buffers_exhausted",
-            "Times the io_uring provided receive buffers ran out; the kernel drops datagrams until they return.",
-            sum_u64(ws, |w| &w.recv_buffers_exhausted),
-        )?;
-        counter(
-            e,
-            "io_recv_truncated",
-            "Receives cut short (MSG_TRUNC); non-zero means datagrams were damaged.",
-            sum_u64(ws, |w| &w.recv_truncated),
-        )?;
-
-        let mut requests = [("", 0u64); REQUEST_CLASSES.len()];
-        for (i, (slot, class)) in requests.iter_mut().zip(REQUEST_CLASSES).enumerate() {
-            *slot = (class, sum_u64(ws, |w| &w.requests[i]));
-        }
-        labelled_counter(
-            e,
-            "requests",
-            "HTTP/3 requests finished, by status class (aborted: no status sent).",
-            "class",
-            &requests,
-        )?;
-        gauge(
-            e,
-            "requests_in_flight",
-            "HTTP/3 requests currently being handled.",
-            sum_i64(ws, |w| &w.requests_in_flight),
-        )?;
-        let malformed = crate::router::MalformedReason::ALL.map(|r| {
-            (
-                r.as_str(),
-                sum_u64(ws, |w| &w.malformed_requests[r.index()]),
-            )
-        });
-        labelled_counter(
-            e,
-            "requests_malformed",
-            "HTTP/3 requests reset with H3_MESSAGE_ERROR as malformed, by the rule broken.",
-            "reason",
-            &malformed,
-        )?;
-        counter(
-            e,
-            "requests_client_cancelled",
-            "HTTP/3 requests cancelled by the client.",
-            sum_u64(ws, |w| &w.client_cancels),
-        )?;
-        counter(
-            e,
-            "requests_cancelled_before_dispatch",
-            "HTTP/3 requests reset by the client before reaching a backend.",
-            sum_u64(ws, |w| &w.cancelled_before_dispatch),
-        )?;
-        counter(
-            e,
-            "quic_abandoned_stream_closes",
-            "Connections closed with H3_EXCESSIVE_LOAD for abandoning too many streams.",
-            sum_u64(ws, |w| &w.abandoned_stream_closes),
-        )?;
-
-        counter(
-            e,
-            "upstream_connect_failures",
-            "Failed connection attempts to backends.",
-            sum_u64(ws, |w| &w.upstream_connect_failures),
-        )?;
-        gauge(
-            e,
-            "upstream_ring_workers",
-            "Workers whose upstream TCP runs on their io_uring (io.upstream_io).",
-            sum_i64(ws, |w| &w.upstream_ring_workers),
-        )?;
-        counter(
-            e,
-            "upstream_ring_ops",
-            "io_uring operations (receive, send, shutdown) completed for upstream TCP.",
-            sum_u64(ws, |w| &w.upstream_ring_ops),
-        )?;
-        counter(
-            e,
-            "upstream_resets",
-            "Upstream streams reset by a backend.",
-            sum_u64(ws, |w| &w.upstream_resets),
-        )?;
-        counter(
-            e,
-            "upstream_timeouts",
-            "Upstream requests that timed out.",
-            sum_u64(ws, |w| &w.upstream_timeouts),
-        )?;
-        counter(
-            e,
-            "balancer_picks",
-            "Backend selections made by the load balancer.",
-            sum_u64(ws, |w| &w.upstream_picks),
-        )?;
-        counter(
-            e,
-            "upstream_health_transitions",
-            "Backend health state changes from active checks.",
-            sum_u64(ws, |w| &w.health_transitions),
-        )?;
-        counter(
-            e,
-            "upstream_ejections",
-            "Backends ejected by passive outlier detection.",
-            sum_u64(ws, |w| &w.ejections),
-        )?;
-        counter(
-            e,
-            "upstream_retries",
-            "Requests retried on another attempt.",
-            sum_u64(ws, |w| &w.retries),
-        )?;
-        counter(
-            e,
-            "upstream_retry_budget_exhausted",
-            "Retries skipped because the retry budget was spent.",
-            sum_u64(ws, |w| &w.retry_budget_exhausted),
-        )?;
-        counter(
-            e,
-            "upstream_circuit_rejections",
-            "Requests refused with 503 by circuit breaking (in-flight or pending caps).",
-            sum_u64(ws, |w| &w.circuit_rejections),
-        )?;
-        counter(
-            e,
-            "upstream_no_healthy_backend",
-            "Requests with no healthy backend to go to.",
-            sum_u64(ws, |w| &w.no_healthy_backend),
-        )?;
-        labelled_counter(
-            e,
-            "upstream_pool_rejected",
-            "Requests answered 503 by a busy backend pool: queue_full (circuit.max_pending waiters) or deadline (no stream freed in time).",
-            "reason",
-            &[
-                ("queue_full", sum_u64(ws, |w| &w.pool_rejected_queue_full)),
-                ("deadline", sum_u64(ws, |w| &w.pool_rejected_deadline)),
-            ],
-        )?;
-        gauge(
-            e,
-            "balancer_pending",
-            "Requests waiting for a backend slot.",
-            sum_i64(ws, |w| &w.pending),
-        )?;
-        counter(
-            e,
-            "io_handoffs",
-            "Datagrams handed to the worker owning their connection (migration, NAT rebinding).",
-            sum_u64(ws, |w| &w.handoffs),
-        )?;
-
-        counter(
-            e,
-            "quic_paced_packets",
-            "Packets held back by pacing until the time their congestion controller set (quic.pacing).",
-            sum_u64(ws, |w| &w.paced),
-        )?;
-        let mut paths = [("", 0u64); PathEvent::ALL.len()];
-        for (i, (slot, ev)) in paths.iter_mut().zip(PathEvent::ALL).enumerate() {
-            *slot = (ev.as_str(), sum_u64(ws, |w| &w.path_events[i]));
-        }
-        labelled_counter(
-            e,
-            "quic_path_events",
-            "QUIC path events: peers that moved (NAT rebinding, migration), and whether the new path validated.",
-            "event",
-            &paths,
-        )?;
-
-        histogram(
-            e,
-            "request_duration_seconds",
-            "HTTP/3 request duration, from the request head to the end of the response.",
-            &sum_histogram(ws, |w| &w.request_duration),
-        )?;
-        histogram(
-            e,
-            "quic_rtt_seconds",
-            "Smoothed RTT of QUIC connections, sampled when each closes.",
-            &sum_histogram(ws, |w| &w.quic_rtt),
-        )?;
-        let mut m = e.encode_descriptor(
-            "io_datagrams_per_syscall",
-            "UDP datagrams (GRO/GSO segments) moved per receive or send system call.",
-            None,
-            MetricType::Histogram,
-        )?;
-        for (dir, h) in [
-            ("in", sum_histogram(ws, |w| &w.recv_batch)),
-            ("out", sum_histogram(ws, |w| &w.send_batch)),
-        ] {
-            let labels = [("direction", dir)];
-            m.encode_family(&labels)?.encode_histogram::<NoLabels>(
-                h.sum(),
-                h.count,
-                &h.buckets,
-                None,
-            )?;
-        }
-        Ok(())
+        encode_quic(e, ws)?;
+        encode_io(e, ws)?;
+        encode_requests(e, ws)?;
+        encode_upstream(e, ws)?;
+        encode_paths_and_histograms(e, ws)
     }
+}
+
+/// QUIC connections, handshakes, Retry and dropped datagrams.
+fn encode_quic(e: &mut DescriptorEncoder, ws: &[Arc<WorkerMetrics>]) -> fmt::Result {
+    gauge(
+        e,
+        "quic_connections_active",
+        "QUIC connections currently open.",
+        sum_i64(ws, |w| &w.conns_active),
+    )?;
+    counter(
+        e,
+        "quic_connections_opened",
+        "QUIC connections accepted.",
+        sum_u64(ws, |w| &w.conns_opened),
+    )?;
+    counter(
+        e,
+        "quic_connections_closed",
+        "QUIC connections closed.",
+        sum_u64(ws, |w| &w.conns_closed),
+    )?;
+    counter(
+        e,
+        "quic_handshakes",
+        "QUIC handshakes completed.",
+        sum_u64(ws, |w| &w.handshakes),
+    )?;
+    counter(
+        e,
+        "quic_handshake_failures",
+        "QUIC handshakes that failed or timed out.",
+        sum_u64(ws, |w| &w.handshake_failures),
+    )?;
+    let mut retries = [("", 0u64); RetryReason::ALL.len()];
+    for (i, (slot, r)) in retries.iter_mut().zip(RetryReason::ALL).enumerate() {
+        *slot = (r.as_str(), sum_u64(ws, |w| &w.retries_by_reason[i]));
+    }
+    labelled_counter(
+        e,
+        "quic_retries_sent",
+        "QUIC Retry packets sent, by reason (always: quic.retry true; half_open: retry_threshold reached).",
+        "reason",
+        &retries,
+    )?;
+    gauge(
+        e,
+        "quic_half_open_connections",
+        "QUIC connections whose handshake has not completed.",
+        sum_i64(ws, |w| &w.half_open),
+    )?;
+    counter(
+        e,
+        "quic_handshake_timeouts",
+        "QUIC connections discarded because the handshake did not complete within quic.handshake_timeout_ms.",
+        sum_u64(ws, |w| &w.handshake_timeouts),
+    )?;
+    counter(
+        e,
+        "quic_icmp_unreachable",
+        "ICMP port/host/network unreachable reports about datagrams sent to a connection's client (matched by address and connection id).",
+        sum_u64(ws, |w| &w.icmp_unreachable_matched),
+    )?;
+    counter(
+        e,
+        "quic_unreachable_closes",
+        "QUIC connections discarded because their client stayed silent for 1 s after an ICMP unreachable; their requests' backend streams are reset.",
+        sum_u64(ws, |w| &w.unreachable_closes),
+    )?;
+    counter(
+        e,
+        "quic_version_negotiations",
+        "QUIC Version Negotiation packets sent.",
+        sum_u64(ws, |w| &w.version_negotiations),
+    )?;
+    let mut dropped = [("", 0u64); DropReason::ALL.len()];
+    for (i, (slot, r)) in dropped.iter_mut().zip(DropReason::ALL).enumerate() {
+        *slot = (r.as_str(), sum_u64(ws, |w| &w.dropped[i]));
+    }
+    labelled_counter(
+        e,
+        "quic_datagrams_dropped",
+        "Datagrams dropped before reaching a connection, by reason.",
+        "reason",
+        &dropped,
+    )?;
+    Ok(())
+}
+
+/// Datagram I/O: datagrams, bytes, syscalls, GSO and the io_uring.
+fn encode_io(e: &mut DescriptorEncoder, ws: &[Arc<WorkerMetrics>]) -> fmt::Result {
+    labelled_counter(
+        e,
+        "io_datagrams",
+        "UDP datagrams received and sent.",
+        "direction",
+        &[
+            ("in", sum_u64(ws, |w| &w.datagrams_in)),
+            ("out", sum_u64(ws, |w| &w.datagrams_out)),
+        ],
+    )?;
+    labelled_counter(
+        e,
+        "io_bytes",
+        "UDP payload bytes received and sent.",
+        "direction",
+        &[
+            ("in", sum_u64(ws, |w| &w.bytes_in)),
+            ("out", sum_u64(ws, |w| &w.bytes_out)),
+        ],
+    )?;
+    labelled_counter(
+        e,
+        "io_syscalls",
+        "UDP receive and send system calls.",
+        "direction",
+        &[
+            ("in", sum_u64(ws, |w| &w.recv_syscalls)),
+            ("out", sum_u64(ws, |w| &w.send_syscalls)),
+        ],
+    )?;
+    counter(
+        e,
+        "io_gso_fallbacks",
+        "Sends that fell back from GSO to one datagram per call.",
+        sum_u64(ws, |w| &w.gso_fallbacks),
+    )?;
+    counter(
+        e,
+        "io_send_errors",
+        "UDP sends that failed.",
+        sum_u64(ws, |w| &w.send_errors),
+    )?;
+    counter(
+        e,
+        "io_ring_submissions",
+        "io_uring_enter calls that submitted work (io_uring driver only).",
+        sum_u64(ws, |w| &w.ring_submits),
+    )?;
+    counter(
+        e,
+        "io_ring_completions",
+        "io_uring completions reaped (io_uring driver only).",
+        sum_u64(ws, |w| &w.ring_completions),
+    )?;
+    counter(
+        e,
+        "io_recv_buffers_exhausted",
+        "Times the io_uring provided receive buffers ran out; the kernel drops datagrams until they return.",
+        sum_u64(ws, |w| &w.recv_buffers_exhausted),
+    )?;
+    counter(
+        e,
+        "io_recv_truncated",
+        "Receives cut short (MSG_TRUNC); non-zero means datagrams were damaged.",
+        sum_u64(ws, |w| &w.recv_truncated),
+    )?;
+    Ok(())
+}
+
+/// Requests by class, in flight, malformed and cancelled.
+fn encode_requests(e: &mut DescriptorEncoder, ws: &[Arc<WorkerMetrics>]) -> fmt::Result {
+    let mut requests = [("", 0u64); REQUEST_CLASSES.len()];
+    for (i, (slot, class)) in requests.iter_mut().zip(REQUEST_CLASSES).enumerate() {
+        *slot = (class, sum_u64(ws, |w| &w.requests[i]));
+    }
+    labelled_counter(
+        e,
+        "requests",
+        "HTTP/3 requests finished, by status class (aborted: no status sent).",
+        "class",
+        &requests,
+    )?;
+    gauge(
+        e,
+        "requests_in_flight",
+        "HTTP/3 requests currently being handled.",
+        sum_i64(ws, |w| &w.requests_in_flight),
+    )?;
+    let malformed = crate::router::MalformedReason::ALL.map(|r| {
+        (
+            r.as_str(),
+            sum_u64(ws, |w| &w.malformed_requests[r.index()]),
+        )
+    });
+    labelled_counter(
+        e,
+        "requests_malformed",
+        "HTTP/3 requests reset with H3_MESSAGE_ERROR as malformed, by the rule broken.",
+        "reason",
+        &malformed,
+    )?;
+    counter(
+        e,
+        "requests_client_cancelled",
+        "HTTP/3 requests cancelled by the client.",
+        sum_u64(ws, |w| &w.client_cancels),
+    )?;
+    counter(
+        e,
+        "requests_cancelled_before_dispatch",
+        "HTTP/3 requests reset by the client before reaching a backend.",
+        sum_u64(ws, |w| &w.cancelled_before_dispatch),
+    )?;
+    counter(
+        e,
+        "quic_abandoned_stream_closes",
+        "Connections closed with H3_EXCESSIVE_LOAD for abandoning too many streams.",
+        sum_u64(ws, |w| &w.abandoned_stream_closes),
+    )?;
+    Ok(())
+}
+
+/// Backends: connects, resets, timeouts, picks, health, retries, circuit, pool, pending.
+fn encode_upstream(e: &mut DescriptorEncoder, ws: &[Arc<WorkerMetrics>]) -> fmt::Result {
+    counter(
+        e,
+        "upstream_connect_failures",
+        "Failed connection attempts to backends.",
+        sum_u64(ws, |w| &w.upstream_connect_failures),
+    )?;
+    gauge(
+        e,
+        "upstream_ring_workers",
+        "Workers whose upstream TCP runs on their io_uring (io.upstream_io).",
+        sum_i64(ws, |w| &w.upstream_ring_workers),
+    )?;
+    counter(
+        e,
+        "upstream_ring_ops",
+        "io_uring operations (receive, send, shutdown) completed for upstream TCP.",
+        sum_u64(ws, |w| &w.upstream_ring_ops),
+    )?;
+    counter(
+        e,
+        "upstream_resets",
+        "Upstream streams reset by a backend.",
+        sum_u64(ws, |w| &w.upstream_resets),
+    )?;
+    counter(
+        e,
+        "upstream_timeouts",
+        "Upstream requests that timed out.",
+        sum_u64(ws, |w| &w.upstream_timeouts),
+    )?;
+    counter(
+        e,
+        "balancer_picks",
+        "Backend selections made by the load balancer.",
+        sum_u64(ws, |w| &w.upstream_picks),
+    )?;
+    counter(
+        e,
+        "upstream_health_transitions",
+        "Backend health state changes from active checks.",
+        sum_u64(ws, |w| &w.health_transitions),
+    )?;
+    counter(
+        e,
+        "upstream_ejections",
+        "Backends ejected by passive outlier detection.",
+        sum_u64(ws, |w| &w.ejections),
+    )?;
+    counter(
+        e,
+        "upstream_retries",
+        "Requests retried on another attempt.",
+        sum_u64(ws, |w| &w.retries),
+    )?;
+    counter(
+        e,
+        "upstream_retry_budget_exhausted",
+        "Retries skipped because the retry budget was spent.",
+        sum_u64(ws, |w| &w.retry_budget_exhausted),
+    )?;
+    counter(
+        e,
+        "upstream_circuit_rejections",
+        "Requests refused with 503 by circuit breaking (in-flight or pending caps).",
+        sum_u64(ws, |w| &w.circuit_rejections),
+    )?;
+    counter(
+        e,
+        "upstream_no_healthy_backend",
+        "Requests with no healthy backend to go to.",
+        sum_u64(ws, |w| &w.no_healthy_backend),
+    )?;
+    labelled_counter(
+        e,
+        "upstream_pool_rejected",
+        "Requests answered 503 by a busy backend pool: queue_full (circuit.max_pending waiters) or deadline (no stream freed in time).",
+        "reason",
+        &[
+            ("queue_full", sum_u64(ws, |w| &w.pool_rejected_queue_full)),
+            ("deadline", sum_u64(ws, |w| &w.pool_rejected_deadline)),
+        ],
+    )?;
+    gauge(
+        e,
+        "balancer_pending",
+        "Requests waiting for a backend slot.",
+        sum_i64(ws, |w| &w.pending),
+    )?;
+    counter(
+        e,
+        "io_handoffs",
+        "Datagrams handed to the worker owning their connection (migration, NAT rebinding).",
+        sum_u64(ws, |w| &w.handoffs),
+    )?;
+    Ok(())
+}
+
+/// Hand-overs, pacing, path events and the histograms.
+fn encode_paths_and_histograms(
+    e: &mut DescriptorEncoder,
+    ws: &[Arc<WorkerMetrics>],
+) -> fmt::Result {
+    counter(
+        e,
+        "quic_paced_packets",
+        "Packets held back by pacing until the time their congestion controller set (quic.pacing).",
+        sum_u64(ws, |w| &w.paced),
+    )?;
+    let mut paths = [("", 0u64); PathEvent::ALL.len()];
+    for (i, (slot, ev)) in paths.iter_mut().zip(PathEvent::ALL).enumerate() {
+        *slot = (ev.as_str(), sum_u64(ws, |w| &w.path_events[i]));
+    }
+    labelled_counter(
+        e,
+        "quic_path_events",
+        "QUIC path events: peers that moved (NAT rebinding, migration), and whether the new path validated.",
+        "event",
+        &paths,
+    )?;
+
+    histogram(
+        e,
+        "request_duration_seconds",
+        "HTTP/3 request duration, from the request head to the end of the response.",
+        &sum_histogram(ws, |w| &w.request_duration),
+    )?;
+    histogram(
+        e,
+        "quic_rtt_seconds",
+        "Smoothed RTT of QUIC connections, sampled when each closes.",
+        &sum_histogram(ws, |w| &w.quic_rtt),
+    )?;
+    let mut m = e.encode_descriptor(
+        "io_datagrams_per_syscall",
+        "UDP datagrams (GRO/GSO segments) moved per receive or send system call.",
+        None,
+        MetricType::Histogram,
+    )?;
+    for (dir, h) in [
+        ("in", sum_histogram(ws, |w| &w.recv_batch)),
+        ("out", sum_histogram(ws, |w| &w.send_batch)),
+    ] {
+        let labels = [("direction", dir)];
+        m.encode_family(&labels)?.encode_histogram::<NoLabels>(
+            h.sum(),
+            h.count,
+            &h.buckets,
+            None,
+        )?;
+    }
+    Ok(())
 }
 
 /// `spooky_config_reloads_total{result}` and `spooky_config_generation`.
