@@ -180,54 +180,16 @@ fn run(path: &std::path::Path) -> ExitCode {
     let (admin_stop_tx, admin_stop_rx) = tokio::sync::watch::channel(false);
 
     // Admin server on its own thread: the data plane never waits on it.
-    let admin_addr = cfg.admin.address;
-    let admin_listener = match std::net::TcpListener::bind(admin_addr) {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::error!(address = %admin_addr, error = %e, "cannot bind admin address");
-            return ExitCode::FAILURE;
-        }
-    };
-    let _ = admin_listener.set_nonblocking(true);
-    let admin_thread = {
-        let access_log = access_log.clone();
-        let state = admin_state.clone();
-        let store = store.clone();
-        let rx = shutdown_rx.clone();
-        let mut stop = admin_stop_rx;
-        std::thread::Builder::new()
-            .name("spooky-admin".into())
-            .spawn(move || {
-                let rt = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => rt,
-                    Err(e) => {
-                        tracing::error!(error = %e, "admin runtime");
-                        return;
-                    }
-                };
-                rt.block_on(async move {
-                    let listener = match tokio::net::TcpListener::from_std(admin_listener) {
-                        Ok(l) => l,
-                        Err(e) => {
-                            tracing::error!(error = %e, "admin listener");
-                            return;
-                        }
-                    };
-                    tracing::info!(address = %admin_addr, "admin listening");
-                    // Reload triggers other than `POST /reload` live here too,
-                    // off the data plane.
-                    tokio::spawn(reload::watch_file(store.clone(), rx.clone()));
-                    tokio::spawn(reload_on_sighup(store));
-                    tokio::spawn(reopen_on_sigusr1(access_log));
-                    admin::serve(listener, state, async move {
-                        let _ = stop.wait_for(|v| *v).await;
-                    })
-                    .await;
-                });
-            })
+    let admin_thread = match start_admin_thread(
+        cfg.admin.address,
+        admin_state.clone(),
+        store.clone(),
+        access_log.clone(),
+        shutdown_rx.clone(),
+        admin_stop_rx,
+    ) {
+        Some(t) => t,
+        None => return ExitCode::FAILURE,
     };
 
     let opts = SocketOptions {
@@ -245,10 +207,191 @@ fn run(path: &std::path::Path) -> ExitCode {
     }
     // Bind every worker's SO_REUSEPORT socket up front, so a bind error
     // stops startup with one clear line (and port 0 resolves once).
+    let Some(sockets) = bind_sockets(cfg.listen.address, workers, &opts) else {
+        return ExitCode::FAILURE;
+    };
+    tracing::info!(
+        workers,
+        driver = if use_uring { "uring" } else { "epoll" },
+        "starting workers"
+    );
+
+    // Each worker thread reports here the moment it ends, however it ends.
+    let (exit_tx, mut exit_rx) = tokio::sync::mpsc::unbounded_channel::<WorkerExit>();
+    let ctxs = (0..workers)
+        .zip(spooky::runtime::Handoff::mesh(workers))
+        .map(|(id, handoff)| WorkerContext {
+            id,
+            handoff,
+            config: store.clone(),
+            metrics: registry.add_worker(),
+            board: board.clone(),
+            access: Some(access_log.sink()),
+        });
+    let launch = WorkerLaunch {
+        use_uring,
+        gso: cfg.io.gso,
+        gro: cfg.io.gro,
+        zerocopy: cfg.io.zerocopy_send,
+        shutdown: shutdown_rx.clone(),
+        exits: exit_tx.clone(),
+    };
+    let Some(threads) = spawn_workers(sockets.into_iter().zip(ctxs), &launch) else {
+        let _ = shutdown_tx.send(true);
+        return ExitCode::FAILURE;
+    };
+    drop(launch);
+    let running = Running {
+        admin_state,
+        shutdown_tx,
+        admin_stop_tx,
+        admin_thread,
+        threads,
+        policy: cfg.io.on_worker_failure,
+        workers,
+    };
+    drop(exit_tx);
+    running.until_stopped(&mut exit_rx)
+}
+
+/// A started spooky: what [`run`] waits on and takes down.
+struct Running {
+    admin_state: Arc<AdminState>,
+    shutdown_tx: tokio::sync::watch::Sender<bool>,
+    admin_stop_tx: tokio::sync::watch::Sender<bool>,
+    admin_thread: std::io::Result<std::thread::JoinHandle<()>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    policy: spooky::config::OnWorkerFailure,
+    workers: usize,
+}
+
+impl Running {
+    /// Marks the process ready, waits for SIGTERM/SIGINT or a worker
+    /// failure (per `io.on_worker_failure`), then drains the workers and
+    /// stops the admin API last, so `/ready` answers 503 meanwhile.
+    fn until_stopped(
+        self,
+        exit_rx: &mut tokio::sync::mpsc::UnboundedReceiver<WorkerExit>,
+    ) -> ExitCode {
+        let Running {
+            admin_state,
+            shutdown_tx,
+            admin_stop_tx,
+            admin_thread,
+            threads,
+            policy,
+            workers,
+        } = self;
+        admin_state
+            .ready
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+
+        // The main thread waits for SIGTERM/SIGINT, or for a worker to fail.
+        let rt = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                tracing::error!(error = %e, "runtime");
+                let _ = shutdown_tx.send(true);
+                return ExitCode::FAILURE;
+            }
+        };
+        let mut failed = rt.block_on(supervise(exit_rx, workers, policy, &admin_state));
+        // Draining: no longer ready for new traffic.
+        admin_state
+            .ready
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        let _ = shutdown_tx.send(true);
+        for t in threads {
+            // Every outcome, panics included, came through `exit_rx`.
+            let _ = t.join();
+        }
+        let _ = admin_stop_tx.send(true);
+        // Workers that failed while draining count too.
+        while let Ok(exit) = exit_rx.try_recv() {
+            if exit.outcome.is_err() {
+                failed += 1;
+            }
+        }
+        let ok = failed == 0;
+        if let Ok(t) = admin_thread {
+            let _ = t.join();
+        }
+        if ok {
+            tracing::info!("spooky stopped");
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Starts the admin API on its own thread (with the reload triggers other
+/// than `POST /reload`); `None` when its address cannot be bound.
+fn start_admin_thread(
+    admin_addr: std::net::SocketAddr,
+    state: Arc<AdminState>,
+    store: Arc<ConfigStore>,
+    access_log: AccessLog,
+    rx: tokio::sync::watch::Receiver<bool>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Option<std::io::Result<std::thread::JoinHandle<()>>> {
+    let admin_listener = match std::net::TcpListener::bind(admin_addr) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(address = %admin_addr, error = %e, "cannot bind admin address");
+            return None;
+        }
+    };
+    let _ = admin_listener.set_nonblocking(true);
+    let thread = std::thread::Builder::new()
+        .name("spooky-admin".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!(error = %e, "admin runtime");
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                let listener = match tokio::net::TcpListener::from_std(admin_listener) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::error!(error = %e, "admin listener");
+                        return;
+                    }
+                };
+                tracing::info!(address = %admin_addr, "admin listening");
+                // Reload triggers other than `POST /reload` live here too,
+                // off the data plane.
+                tokio::spawn(reload::watch_file(store.clone(), rx.clone()));
+                tokio::spawn(reload_on_sighup(store));
+                tokio::spawn(reopen_on_sigusr1(access_log));
+                admin::serve(listener, state, async move {
+                    let _ = stop.wait_for(|v| *v).await;
+                })
+                .await;
+            });
+        });
+    Some(thread)
+}
+
+/// One SO_REUSEPORT UDP socket per worker, all on the address the first
+/// one got; `None` (logged) when one cannot be bound.
+fn bind_sockets(
+    mut addr: std::net::SocketAddr,
+    workers: usize,
+    opts: &SocketOptions,
+) -> Option<Vec<std::net::UdpSocket>> {
     let mut sockets = Vec::with_capacity(workers);
-    let mut addr = cfg.listen.address;
     for _ in 0..workers {
-        match spooky_uring::epoll::bind_udp(addr, &opts) {
+        match spooky_uring::epoll::bind_udp(addr, opts) {
             Ok(sock) => {
                 if let Ok(local) = sock.local_addr() {
                     addr = local;
@@ -257,7 +400,7 @@ fn run(path: &std::path::Path) -> ExitCode {
             }
             Err(e) => {
                 tracing::error!(address = %addr, error = %e, "cannot bind UDP listener");
-                return ExitCode::FAILURE;
+                return None;
             }
         }
     }
@@ -271,33 +414,37 @@ fn run(path: &std::path::Path) -> ExitCode {
             ),
         }
     }
-    tracing::info!(
-        workers,
-        driver = if use_uring { "uring" } else { "epoll" },
-        "starting workers"
-    );
+    Some(sockets)
+}
 
-    let mut threads = Vec::with_capacity(workers);
-    // Each worker thread reports here the moment it ends, however it ends.
-    let (exit_tx, mut exit_rx) = tokio::sync::mpsc::unbounded_channel::<WorkerExit>();
-    for ((id, sock), handoff) in sockets
-        .into_iter()
-        .enumerate()
-        .zip(spooky::runtime::Handoff::mesh(workers))
-    {
-        let ctx = WorkerContext {
-            id,
-            handoff,
-            config: store.clone(),
-            metrics: registry.add_worker(),
-            board: board.clone(),
-            access: Some(access_log.sink()),
-        };
-        let shutdown = shutdown_rx.clone();
-        let gso = cfg.io.gso;
-        let gro = cfg.io.gro;
-        let zerocopy = cfg.io.zerocopy_send;
-        let exits = exit_tx.clone();
+/// What every worker thread is started with.
+struct WorkerLaunch {
+    use_uring: bool,
+    gso: bool,
+    gro: bool,
+    zerocopy: bool,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+    exits: tokio::sync::mpsc::UnboundedSender<WorkerExit>,
+}
+
+/// Starts one thread per (socket, worker context); `None` (logged) when a
+/// thread cannot be started.
+fn spawn_workers(
+    workers: impl Iterator<Item = (std::net::UdpSocket, WorkerContext)>,
+    launch: &WorkerLaunch,
+) -> Option<Vec<std::thread::JoinHandle<()>>> {
+    let mut threads = Vec::new();
+    for (sock, ctx) in workers {
+        let id = ctx.id;
+        let shutdown = launch.shutdown.clone();
+        let exits = launch.exits.clone();
+        let WorkerLaunch {
+            use_uring,
+            gso,
+            gro,
+            zerocopy,
+            ..
+        } = *launch;
         let spawned = std::thread::Builder::new()
             .name(format!("spooky-w{id}"))
             .spawn(move || {
@@ -310,56 +457,11 @@ fn run(path: &std::path::Path) -> ExitCode {
             Ok(t) => threads.push(t),
             Err(e) => {
                 tracing::error!(error = %e, "cannot start worker thread");
-                let _ = shutdown_tx.send(true);
-                return ExitCode::FAILURE;
+                return None;
             }
         }
     }
-    admin_state
-        .ready
-        .store(true, std::sync::atomic::Ordering::Relaxed);
-
-    // The main thread waits for SIGTERM/SIGINT, or for a worker to fail.
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            tracing::error!(error = %e, "runtime");
-            let _ = shutdown_tx.send(true);
-            return ExitCode::FAILURE;
-        }
-    };
-    drop(exit_tx);
-    let policy = cfg.io.on_worker_failure;
-    let mut failed = rt.block_on(supervise(&mut exit_rx, workers, policy, &admin_state));
-    // Draining: no longer ready for new traffic.
-    admin_state
-        .ready
-        .store(false, std::sync::atomic::Ordering::Relaxed);
-    let _ = shutdown_tx.send(true);
-    for t in threads {
-        // Every outcome, panics included, came through `exit_rx`.
-        let _ = t.join();
-    }
-    let _ = admin_stop_tx.send(true);
-    // Workers that failed while draining count too.
-    while let Ok(exit) = exit_rx.try_recv() {
-        if exit.outcome.is_err() {
-            failed += 1;
-        }
-    }
-    let ok = failed == 0;
-    if let Ok(t) = admin_thread {
-        let _ = t.join();
-    }
-    if ok {
-        tracing::info!("spooky stopped");
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    }
+    Some(threads)
 }
 
 /// How one worker thread ended: `Err` carries the error or panic message.

@@ -1026,86 +1026,16 @@ impl Edge {
             conn.dirty = false;
             let mss = conn.quic.max_send_udp_payload_size().min(out.len());
             let limit = (mss * max_segments.max(1)).min(out.len());
-            let mut total = 0;
-            let mut path: Option<(SocketAddr, SocketAddr)> = None;
-            let mut more = false;
-            // quiche stamps `at` from its own clock: compare with the time
-            // now, not with the last input's (this call may come much later).
-            let horizon = Instant::now() + PACING_HORIZON;
-            let mut drained = false;
-            let mut paced = false;
-            loop {
-                if total + mss > limit {
-                    more = true;
-                    break;
-                }
-                if let Some(h) = conn.held {
-                    // The paced packet goes first, once due; until then the
-                    // connection's timer (set to `h.at`) brings us back.
-                    if h.at > horizon {
-                        break;
-                    }
-                    if path.is_some_and(|p| p != (h.from, h.to)) || h.len > mss {
-                        more = true;
-                        break;
-                    }
-                    out[total..total + h.len].copy_from_slice(&conn.held_buf[..h.len]);
-                    conn.held = None;
-                    paced = true;
-                    path = Some((h.from, h.to));
-                    total += h.len;
-                    if h.len < mss {
-                        more = true;
-                        break;
-                    }
-                    continue;
-                }
-                let buf = &mut out[total..total + mss];
-                let res = match path {
-                    None => conn.quic.send(buf),
-                    Some((from, to)) => conn.quic.send_on_path(buf, Some(from), Some(to)),
-                };
-                match res {
-                    Ok((n, info)) if self.settings.pacing && info.at > horizon => {
-                        // Built but not due: keep it for its time.
-                        conn.held_buf.clear();
-                        conn.held_buf.extend_from_slice(&buf[..n]);
-                        conn.held = Some(Held {
-                            at: info.at,
-                            from: info.from,
-                            to: info.to,
-                            len: n,
-                        });
-                        WorkerMetrics::inc(&self.metrics.paced);
-                        paced = true;
-                        break;
-                    }
-                    Ok((n, info)) => {
-                        if path.is_none() {
-                            path = Some((info.from, info.to));
-                        }
-                        total += n;
-                        if n < mss {
-                            // A short packet ends a GSO train; the connection
-                            // may still have more for another train.
-                            more = true;
-                            break;
-                        }
-                    }
-                    Err(quiche::Error::Done) => {
-                        // Done on the pinned path says nothing about other
-                        // paths (a migration's new path, PATH_CHALLENGEs):
-                        // come back with an unpinned `send()`.
-                        more = path.is_some();
-                        drained = !more;
-                        break;
-                    }
-                    Err(e) => {
-                        tracing::debug!(error = %e, "send failed; closing connection");
-                        let _ = conn.quic.close(false, 0x1, b"send failed");
-                        break;
-                    }
-                }
+            let Train {
+                total,
+                path,
+                more,
+                drained,
+                paced,
+                held,
+            } = fill_train(conn, out, mss, limit, self.settings.pacing);
+            if held {
+                WorkerMetrics::inc(&self.metrics.paced);
             }
             if more {
                 conn.dirty = true;
@@ -1374,5 +1304,117 @@ fn on_path_event(metrics: &WorkerMetrics, ev: quiche::PathEvent) {
         }
         // New paths and CID reuse are part of the above; nothing to do.
         _ => {}
+    }
+}
+
+/// One GSO train of one connection, as [`fill_train`] built it.
+struct Train {
+    /// Bytes written to the start of `out`.
+    total: usize,
+    /// The (from, to) of every packet in it.
+    path: Option<(SocketAddr, SocketAddr)>,
+    /// The connection may have more to send (another train).
+    more: bool,
+    /// quiche said `Done` on an unpinned send: nothing more for now.
+    drained: bool,
+    /// A paced packet was held back or released.
+    paced: bool,
+    /// A packet built now was held back for its time.
+    held: bool,
+}
+
+/// Fills `out` with MSS-sized packets of `conn` on one path, up to `limit`
+/// bytes: a short packet ends the train; a packet pacing holds back (built
+/// but not due) is kept in the connection and goes first next time.
+fn fill_train(conn: &mut Conn, out: &mut [u8], mss: usize, limit: usize, pacing: bool) -> Train {
+    let mut total = 0;
+    let mut path: Option<(SocketAddr, SocketAddr)> = None;
+    let mut more = false;
+    // quiche stamps `at` from its own clock: compare with the time
+    // now, not with the last input's (this call may come much later).
+    let horizon = Instant::now() + PACING_HORIZON;
+    let mut drained = false;
+    let mut paced = false;
+    let mut held = false;
+    loop {
+        if total + mss > limit {
+            more = true;
+            break;
+        }
+        if let Some(h) = conn.held {
+            // The paced packet goes first, once due; until then the
+            // connection's timer (set to `h.at`) brings us back.
+            if h.at > horizon {
+                break;
+            }
+            if path.is_some_and(|p| p != (h.from, h.to)) || h.len > mss {
+                more = true;
+                break;
+            }
+            out[total..total + h.len].copy_from_slice(&conn.held_buf[..h.len]);
+            conn.held = None;
+            paced = true;
+            path = Some((h.from, h.to));
+            total += h.len;
+            if h.len < mss {
+                more = true;
+                break;
+            }
+            continue;
+        }
+        let buf = &mut out[total..total + mss];
+        let res = match path {
+            None => conn.quic.send(buf),
+            Some((from, to)) => conn.quic.send_on_path(buf, Some(from), Some(to)),
+        };
+        match res {
+            Ok((n, info)) if pacing && info.at > horizon => {
+                // Built but not due: keep it for its time.
+                conn.held_buf.clear();
+                conn.held_buf.extend_from_slice(&buf[..n]);
+                conn.held = Some(Held {
+                    at: info.at,
+                    from: info.from,
+                    to: info.to,
+                    len: n,
+                });
+                paced = true;
+                held = true;
+                break;
+            }
+            Ok((n, info)) => {
+                if path.is_none() {
+                    path = Some((info.from, info.to));
+                }
+                total += n;
+                if n < mss {
+                    // A short packet ends a GSO train; the connection
+                    // may still have more for another train.
+                    more = true;
+                    break;
+                }
+            }
+            Err(quiche::Error::Done) => {
+                // Done on the pinned path says nothing about other
+                // paths (a migration's new path, PATH_CHALLENGEs):
+                // come back with an unpinned `send()`.
+                more = path.is_some();
+                drained = !more;
+                break;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "send failed; closing connection");
+                let _ = conn.quic.close(false, 0x1, b"send failed");
+                break;
+            }
+        }
+    }
+    Train {
+        total,
+        path,
+        more,
+        drained,
+        paced,
+        held,
     }
 }
