@@ -270,6 +270,203 @@ def h3load(bin_: str, port: int, args: list[str], timeout: float) -> dict:
     return r
 
 
+# ---------------------------------------------------------------- clients
+#
+# The sweep drives every target with each HTTP/3 client found, not only our
+# own h3load: at 4 x 100 independent clients (ngtcp2, quinn) read spooky
+# against HAProxy differently from h3load (docs/perf.md, "Clients"). Each
+# client maps a sweep point C x M (connections x streams per connection) onto
+# its own options and returns the same fields: ok (2xx answers), non_2xx
+# (other answers plus requests with no answer or a failed connection), secs
+# (wall time of the run), req_s, cmd, and client-specific detail.
+
+
+class LoadClient:
+    name = "?"
+    # How C x M maps onto this client, printed under its table.
+    note = ""
+
+    def run(self, port: int, c: int, m: int, duration: float) -> dict:
+        raise NotImplementedError
+
+
+class H3loadClient(LoadClient):
+    """Our own quiche-based h3load (perf/src/bin/h3load.rs): C threads, each
+    sending M requests at once and waiting for all M before the next round."""
+    name = "h3load"
+    note = ("h3load `-c C -m M -d S`: C connections, each sends M requests at once and waits "
+            "for all M answers before the next round of M (lockstep rounds).")
+
+    def __init__(self, bin_: str):
+        self.bin = bin_
+
+    def run(self, port: int, c: int, m: int, duration: float) -> dict:
+        r = h3load(self.bin, port, ["-c", str(c), "-m", str(m), "-d", str(int(duration)), "/"],
+                   duration + 120)
+        return {"ok": r.get("s2xx", 0), "non_2xx": r["non_2xx"], "secs": r["secs"],
+                "req_s": r["req_s"], "cmd": r["cmd"], "detail": r}
+
+
+GTLS_SUBMIT = "submit request headers"
+GTLS_STATUS = re.compile(r"http: stream (0x[0-9a-f]+) \[:status: (\d{3})\]")
+
+
+class GtlsClient(LoadClient):
+    """Debian's ngtcp2 example client (`gtlsclient`, package ngtcp2-client).
+    It has no in-flight cap of its own: `-n N` opens all N request streams as
+    fast as the server's MAX_STREAMS allows. So C x M runs C lanes in
+    parallel; each lane runs `gtlsclient -n M*R` (R = --gtls-rounds) one
+    process after another until the duration is over. Statuses come from its
+    verbose header dump (`http: stream 0x.. [:status: NNN]`): every request
+    submitted must get exactly one :status line and the process must exit 0."""
+    name = "gtlsclient"
+
+    def __init__(self, bin_: str, rounds: int, max_streams: int):
+        self.bin, self.rounds = bin_, max(1, rounds)
+        self.note = (f"ngtcp2 `gtlsclient -n M×{self.rounds}` (C processes at a time, one after "
+                     "another per lane until the duration is over): up to min(M×"
+                     f"{self.rounds}, server MAX_STREAMS = {max_streams}) streams in flight per "
+                     "connection, rolling (a stream opens as soon as one closes), and a new "
+                     f"connection (handshake) every M×{self.rounds} requests. Only where M×"
+                     f"{self.rounds} ≥ {max_streams} and M = {max_streams} (4x100) is the "
+                     "concurrency that of h3load.")
+
+    def one(self, port: int, n: int) -> dict:
+        cmd = [self.bin, "--no-quic-dump", "--no-http-dump", "--exit-on-all-streams-close",
+               "--timeout=30s", "-n", str(n), "127.0.0.1", str(port),
+               f"https://localhost:{port}/"]
+        p = spawn(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        sent = ok = other = 0
+        statuses: dict[str, int] = {}
+        try:
+            for line in p.stdout:  # bytes: its dump is not always UTF-8
+                if b"http: stream" not in line:
+                    continue
+                if GTLS_SUBMIT.encode() in line:
+                    sent += 1
+                    continue
+                mm = GTLS_STATUS.search(line.decode("latin-1"))
+                if mm:
+                    code = mm.group(2)
+                    statuses[code] = statuses.get(code, 0) + 1
+                    if code.startswith("2"):
+                        ok += 1
+                    else:
+                        other += 1
+            rc = p.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            stop(p, signal.SIGKILL)
+            rc = -9
+        finally:
+            if p in CHILDREN:
+                CHILDREN.remove(p)
+        # Non-2xx: other answers, plus requests asked for (-n) and never answered.
+        missing = max(0, n - ok - other)
+        return {"rc": rc, "sent": sent, "ok": ok, "other": other, "missing": missing,
+                "statuses": statuses, "cmd": " ".join(cmd)}
+
+    def run(self, port: int, c: int, m: int, duration: float) -> dict:
+        import threading
+        n = m * self.rounds
+        deadline = time.monotonic() + duration
+        procs: list[dict] = []
+        lock = threading.Lock()
+
+        def lane() -> None:
+            while time.monotonic() < deadline:
+                r = self.one(port, n)
+                with lock:
+                    procs.append(r)
+
+        t0 = time.monotonic()
+        lanes = [threading.Thread(target=lane, daemon=True) for _ in range(c)]
+        for t in lanes:
+            t.start()
+        for t in lanes:
+            t.join(duration + 180)
+        secs = time.monotonic() - t0
+        ok = sum(r["ok"] for r in procs)
+        failed_procs = [r for r in procs if r["rc"] != 0]
+        non = sum(r["other"] + r["missing"] for r in procs)
+        # A process that failed but somehow answered everything still counts once.
+        non += sum(1 for r in failed_procs if r["other"] + r["missing"] == 0)
+        statuses: dict[str, int] = {}
+        for r in procs:
+            for k, v in r["statuses"].items():
+                statuses[k] = statuses.get(k, 0) + v
+        return {"ok": ok, "non_2xx": non, "secs": secs, "req_s": div(ok + non, secs),
+                "cmd": f"{c} lanes of: {procs[0]['cmd'] if procs else self.bin}",
+                "detail": {"processes": len(procs), "failed_processes": len(failed_procs),
+                           "failed_rc": sorted({r['rc'] for r in failed_procs}),
+                           "sent": sum(r["sent"] for r in procs), "statuses": statuses}}
+
+
+class OhaClient(LoadClient):
+    """`oha` (crates.io, hatoo/oha) built with its `http3` feature: quinn +
+    h3 + h3-quinn. `-c C -p M --http-version 3`: C QUIC connections, M tasks
+    per connection each sending its next request as soon as its last one
+    is answered (rolling, exactly M in flight)."""
+    name = "oha"
+    note = ("oha (quinn + h3) `--http-version 3 -c C -p M -z S -w`: C connections, M "
+            "requests in flight per connection, rolling (a task sends its next request as "
+            "soon as its answer is in).")
+
+    def __init__(self, bin_: str):
+        self.bin = bin_
+
+    def run(self, port: int, c: int, m: int, duration: float) -> dict:
+        cmd = [self.bin, "--http-version", "3", "--insecure", "--no-tui", "--output-format", "json",
+               "-c", str(c), "-p", str(m), "-z", f"{int(duration)}s", "-w",
+               f"https://127.0.0.1:{port}/"]
+        p = spawn(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            out, err = p.communicate(timeout=duration + 120)
+        except subprocess.TimeoutExpired:
+            stop(p, signal.SIGKILL)
+            raise RuntimeError(f"oha did not finish in {duration + 120:.0f}s: {' '.join(cmd)}")
+        finally:
+            if p in CHILDREN:
+                CHILDREN.remove(p)
+        try:
+            j = json.loads(out)
+        except ValueError:
+            raise RuntimeError(f"oha printed no JSON (rc {p.returncode}): {err.strip()[-500:]}")
+        st = {str(k): int(v) for k, v in (j.get("statusCodeDistribution") or {}).items()}
+        errs = {str(k): int(v) for k, v in (j.get("errorDistribution") or {}).items()}
+        ok = sum(v for k, v in st.items() if k.startswith("2"))
+        non = sum(v for k, v in st.items() if not k.startswith("2")) + sum(errs.values())
+        if p.returncode != 0:
+            non = max(non, 1)
+        secs = float((j.get("summary") or {}).get("total") or 0.0)
+        return {"ok": ok, "non_2xx": non, "secs": secs, "req_s": div(ok + non, secs),
+                "cmd": " ".join(cmd), "detail": {"statuses": st, "errors": errs, "rc": p.returncode}}
+
+
+def find_clients(a, bins: dict) -> list[LoadClient]:
+    """Every client of `--sweep-clients` that is found; a missing optional one
+    is skipped with a note, a missing h3load is an error."""
+    out: list[LoadClient] = []
+    for name in a.sweep_clients:
+        if name == "h3load":
+            out.append(H3loadClient(bins["h3load"]))
+        elif name == "gtlsclient":
+            path = shutil.which(a.gtlsclient) or (a.gtlsclient if os.access(a.gtlsclient, os.X_OK) else None)
+            if path:
+                out.append(GtlsClient(path, a.gtls_rounds, a.sweep_max_streams))
+            else:
+                log(f"sweep: no gtlsclient ({a.gtlsclient}); apt-get install ngtcp2-client")
+        elif name == "oha":
+            path = shutil.which(a.oha) or (a.oha if os.access(a.oha, os.X_OK) else None)
+            if path:
+                out.append(OhaClient(path))
+            else:
+                log(f"sweep: no oha ({a.oha}); cargo install --locked oha --features http3 "
+                    "--root perf/out/bin")
+        else:
+            raise RuntimeError(f"unknown sweep client {name!r} (h3load, gtlsclient, oha)")
+    return out
+
+
 STRACE_ROW = re.compile(r"^\s*([\d.]+)\s+([\d.]+)\s+(\d+)\s+(\d+)\s+(?:(\d+)\s+)?(\S+)\s*$")
 
 
@@ -330,7 +527,7 @@ listen:
   alpn: ["h3"]
 quic:
   idle_timeout_ms: {idle_timeout_ms}
-  max_streams_bidi: 256
+  max_streams_bidi: {max_streams}
   initial_max_data: 16777216
   initial_max_stream_data: 1048576
   retry: false
@@ -371,6 +568,7 @@ def run_driver(a, driver: str, bins: dict, work: str, backend_ports: list[int]) 
             CONFIG.format(
                 driver=driver,
                 idle_timeout_ms=30000,
+                max_streams=256,
                 backend=backend,
                 upstream_io=upstream_io,
                 zerocopy="true" if zerocopy(driver) else "false",
@@ -675,6 +873,7 @@ def start_spooky_target(a, driver: str, bins: dict, work: str, backend_ports: li
             CONFIG.format(
                 driver=f"{tag} {driver}",
                 idle_timeout_ms=idle_timeout_ms,
+                max_streams=a.sweep_max_streams,
                 backend=backend,
                 upstream_io=upstream_io,
                 zerocopy="true" if zerocopy(driver) else "false",
@@ -700,6 +899,7 @@ def start_spooky_target(a, driver: str, bins: dict, work: str, backend_ports: li
     wait_tcp(admin_port, f"spooky ({driver})", proc)
     name = f"spooky {driver_}" + (f" ({os.path.basename(other_bin)})" if other_bin else "")
     return {"name": name, "key": driver, "proc": proc, "port": port,
+            "admin": f"127.0.0.1:{admin_port}",
             "log": log_path, "logf": logf, "backend": backend}
 
 
@@ -760,40 +960,56 @@ def run_sweep(a, bins: dict, work: str, backend_ports: list[int]) -> dict:
                        a.warmup + 60)
             if t["backend"] == "uring":
                 t["io_uring_fds"] = io_uring_fds(t["proc"].pid)
-        n = len(a.sweep_points) * len(targets) * a.sweep_repeat
+        clients = find_clients(a, bins)
+        if not clients:
+            raise RuntimeError("sweep: no HTTP/3 client found")
+        out["clients"] = [cl.name for cl in clients]
+        out["client_notes"] = {cl.name: cl.note for cl in clients}
+        out["by_client"] = {cl.name: {} for cl in clients}
+        log("sweep: clients " + ", ".join(out["clients"]))
+        n = len(a.sweep_points) * len(clients) * len(targets) * a.sweep_repeat
         i = 0
         for c, m in a.sweep_points:
             point = f"{c}x{m}"
-            out["runs"][point] = {}
-            reps: dict[str, list[dict]] = {t["key"]: [] for t in targets}
-            for t in (t_ for _ in range(a.sweep_repeat) for t_ in targets):
-                i += 1
-                pid = t["proc"].pid
-                reset_hwm(pid)
-                t0 = cpu_seconds(pid)
-                r = h3load(bins["h3load"], t["port"],
-                           ["-c", str(c), "-m", str(m), "-d", str(a.sweep_duration), "/"],
-                           a.sweep_duration + 120)
-                cpu = cpu_seconds(pid) - t0
-                if t["proc"].poll() is not None:
-                    raise RuntimeError(f"{t['name']} exited with {t['proc'].returncode}; see {t['log']}")
-                ok = r.get("s2xx", 0)
-                row = {
-                    "h3load": r,
-                    "ok": ok,
-                    "non_2xx": r["non_2xx"],
-                    "req_s": r["req_s"],
-                    "cpu_s": cpu,
-                    "ok_per_cpu_s": div(ok, cpu),
-                    "cpu_us_per_req": div(cpu * 1e6, ok),
-                    "vm_hwm_kib": vm_hwm_kib(pid),
-                }
-                reps[t["key"]].append(row)
-                out["runs"][point][t["key"]] = median_row(reps[t["key"]])
-                log(f"sweep [{i}/{n}] {point:>6} {t['name']:<18} {ok:>8} ok, "
-                    f"{fmt(row['ok_per_cpu_s'])} ok per CPU-s, {fmt(row['cpu_us_per_req'])} µs CPU/req, "
-                    f"peak RSS {fmt((row['vm_hwm_kib'] or 0) / 1024)} MiB"
-                    + (f", {row['non_2xx']} NON-2XX" if row["non_2xx"] else ""))
+            for cl in clients:
+                runs = out["by_client"][cl.name].setdefault(point, {})
+                reps: dict[str, list[dict]] = {t["key"]: [] for t in targets}
+                for t in (t_ for _ in range(a.sweep_repeat) for t_ in targets):
+                    i += 1
+                    pid = t["proc"].pid
+                    reset_hwm(pid)
+                    m0 = io_counters(scrape(t["admin"])) if t.get("admin") else None
+                    t0 = cpu_seconds(pid)
+                    r = cl.run(t["port"], c, m, a.sweep_duration)
+                    cpu = cpu_seconds(pid) - t0
+                    d = delta(m0, io_counters(scrape(t["admin"]))) if m0 is not None else None
+                    if t["proc"].poll() is not None:
+                        raise RuntimeError(f"{t['name']} exited with {t['proc'].returncode}; see {t['log']}")
+                    ok = r["ok"]
+                    row = {
+                        "client": r,
+                        "ok": ok,
+                        "non_2xx": r["non_2xx"],
+                        "req_s": r["req_s"],
+                        "wall_s": r["secs"],
+                        "cpu_s": cpu,
+                        "ok_per_cpu_s": div(ok, cpu),
+                        "cpu_us_per_req": div(cpu * 1e6, ok),
+                        "vm_hwm_kib": vm_hwm_kib(pid),
+                        # spooky's own counters: datagrams and syscalls per request.
+                        "dgrams_in_per_req": div(d["datagrams_in"], d["requests"]) if d else None,
+                        "dgrams_out_per_req": div(d["datagrams_out"], d["requests"]) if d else None,
+                        "syscalls_per_req": div(d["syscalls_in"] + d["syscalls_out"], d["requests"]) if d else None,
+                    }
+                    reps[t["key"]].append(row)
+                    runs[t["key"]] = median_row(reps[t["key"]])
+                    log(f"sweep [{i}/{n}] {point:>6} {cl.name:<10} {t['name']:<18} {ok:>8} ok in "
+                        f"{r['secs']:.1f}s, {fmt(cpu)} CPU-s, {fmt(row['ok_per_cpu_s'])} ok per CPU-s"
+                        + (f", {fmt(row['dgrams_in_per_req'])}/{fmt(row['dgrams_out_per_req'])} "
+                           "datagrams in/out per req" if d else "")
+                        + (f", {row['non_2xx']} NON-2XX" if row["non_2xx"] else ""))
+        # The h3load view keeps its old place for the rest of the report.
+        out["runs"] = out["by_client"].get("h3load") or out["by_client"][clients[0].name]
         if a.alloc_requests > 0:
             for t in targets:
                 if t["key"] == "haproxy" or "@" in t["key"].partition("%")[0]:
@@ -1019,8 +1235,12 @@ def count_allocs(a, bins: dict, t: dict, c: int, m: int) -> dict | None:
             "allocs_per_req": div(allocs, ok), "frees_per_req": div(calls.get("free", 0), ok)}
 
 
-def sweep_markdown(a, sw: dict) -> str:
+def sweep_markdown(a, sw: dict, client: str | None = None, extras: bool = True) -> str:
+    """One table per client (`client`; None: the h3load view in sw["runs"]);
+    `extras` adds the allocation, RSS and warning lines under it."""
     keys = sw["targets"]
+    client = client or "h3load"
+    runs_of = (sw.get("by_client") or {}).get(client) or sw["runs"]
     def show(k: str) -> str:
         if k == "haproxy":
             return "HAProxy"
@@ -1033,14 +1253,17 @@ def sweep_markdown(a, sw: dict) -> str:
     plain = [k for k in spooky if "@" not in k.partition("%")[0]]
     uring = next((k for k in plain if variant(k)[0] == "uring"), None)
     epoll = next((k for k in plain if variant(k)[0] == "epoll"), None)
-    head = ["load (h3load)"] + [f"{names[k]} ok/CPU-s" for k in keys]
+    head = [f"load ({client})"] + [f"{names[k]} ok/CPU-s" for k in keys]
     head += [f"{names[k]}/HAProxy" for k in spooky] if have_hap else []
     head += [f"{uring}/{epoll}"] if uring and epoll else []
     head += ["µs CPU/req (" + ", ".join(names[k] for k in keys) + ")"]
+    head += ["2xx (" + ", ".join(names[k] for k in keys) + ")"]
+    head += ["wall s / CPU-s (" + ", ".join(names[k] for k in keys) + ")"]
+    head += ["datagrams in/out per req (" + ", ".join(names[k] for k in spooky) + ")"] if spooky else []
     head += ["non-2xx (" + ", ".join(names[k] for k in keys) + ")"]
     head += ["peak RSS MiB (" + ", ".join(names[k] for k in keys) + ")"]
     lines = [
-        f"## Sweep: small GETs, answers per proxy CPU-second "
+        f"## Sweep, client {client}: small GETs, answers per proxy CPU-second "
         f"({a.sweep_duration} s per point"
         + (f", median of {a.sweep_repeat} runs" if a.sweep_repeat > 1 else "")
         + f"; spooky io.workers={a.sweep_workers}, "
@@ -1053,7 +1276,7 @@ def sweep_markdown(a, sw: dict) -> str:
     ]
     below, slower, failed = [], [], []
     for point in sw["points"]:
-        runs = sw["runs"].get(point, {})
+        runs = runs_of.get(point, {})
         c, _, m = point.partition("x")
         cells = [f"`-c {c} -m {m}`"]
         cells += [fmt(runs.get(k, {}).get("ok_per_cpu_s")) for k in keys]
@@ -1069,6 +1292,12 @@ def sweep_markdown(a, sw: dict) -> str:
             if r is not None and r < 1.0:
                 slower.append(f"{point}: {r:.2f}×")
         cells.append(" / ".join(fmt(runs.get(k, {}).get("cpu_us_per_req")) for k in keys))
+        cells.append(" / ".join(fmt(runs.get(k, {}).get("ok"), 0) for k in keys))
+        cells.append(" / ".join(f"{fmt(runs.get(k, {}).get('wall_s'), 1)}s {fmt(runs.get(k, {}).get('cpu_s'), 2)}"
+                                for k in keys))
+        if spooky:
+            cells.append(" / ".join(f"{fmt(runs.get(k, {}).get('dgrams_in_per_req'), 2)}/"
+                                    f"{fmt(runs.get(k, {}).get('dgrams_out_per_req'), 2)}" for k in spooky))
         nn = [runs.get(k, {}).get("non_2xx") for k in keys]
         for k, v in zip(keys, nn):
             if v:
@@ -1078,8 +1307,11 @@ def sweep_markdown(a, sw: dict) -> str:
             fmt((runs.get(k, {}).get("vm_hwm_kib") or 0) / 1024 or None) for k in keys))
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
+    note = (sw.get("client_notes") or {}).get(client)
+    if note:
+        lines += [f"Client: {note}", ""]
     lines.append(
-        "ok/CPU-s: 2xx answers h3load received ÷ utime+stime of the proxy process over the "
+        f"ok/CPU-s: 2xx answers {client} received ÷ utime+stime of the proxy process over the "
         "same run (higher is better). µs CPU/req is its inverse: flat across the rows means "
         "no growth of CPU per request with streams in flight. Peak RSS is VmHWM over the "
         "point (reset with clear_refs before each). Every target serves the same demo "
@@ -1091,6 +1323,10 @@ def sweep_markdown(a, sw: dict) -> str:
     if uring and epoll:
         lines.append(f"- io_uring never slower than epoll: "
                      + ("**met**" if not slower else "**not met** (uring/epoll): " + "; ".join(slower)))
+    if not extras:
+        if failed:
+            lines.append(f"- **NON-2XX ANSWERS**: " + "; ".join(failed))
+        return "\n".join(lines) + "\n"
     for k, ac in (sw.get("allocs") or {}).items():
         if ac:
             lines.append(f"- {names.get(k, k)}: **{fmt(ac['allocs_per_req'])} allocations** "
@@ -1117,11 +1353,20 @@ def sweep_markdown(a, sw: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def sweep_markdown_all(a, sw: dict) -> str:
+    """A table per client, the extras (allocations, RSS) under the last."""
+    clients = sw.get("clients") or ["h3load"]
+    return "\n".join(sweep_markdown(a, sw, cl, extras=(i == len(clients) - 1))
+                     for i, cl in enumerate(clients))
+
+
 def sweep_failures(sw: dict | None) -> list[str]:
     if not sw:
         return []
-    return [f"{k} at {p}: {r['non_2xx']} non-2xx"
-            for p, runs in sw["runs"].items() for k, r in runs.items() if r.get("non_2xx")]
+    by = sw.get("by_client") or {"h3load": sw["runs"]}
+    return [f"{cl}: {k} at {p}: {r['non_2xx']} non-2xx"
+            for cl, pts in by.items() for p, runs in pts.items() for k, r in runs.items()
+            if r.get("non_2xx")]
 
 
 # ----------------------------------------------------------------- report
@@ -1398,6 +1643,20 @@ def parse_args():
                    help="skip the sweep")
     p.add_argument("--sweep-only", action="store_true", default=bool(os.environ.get("PERF_IO_SWEEP_ONLY")),
                    help="run only the sweep (no per-driver small-GET/bulk/strace table)")
+    p.add_argument("--sweep-clients", default=env_default("PERF_IO_SWEEP_CLIENTS", "h3load,gtlsclient,oha"),
+                   help="HTTP/3 clients of the sweep, each found one drives every point and target "
+                        "(h3load; gtlsclient: Debian ngtcp2-client; oha: quinn+h3, "
+                        "cargo install --locked oha --features http3 --root perf/out/bin)")
+    p.add_argument("--gtlsclient", default=env_default("PERF_IO_GTLSCLIENT", "gtlsclient"),
+                   help="the ngtcp2 client binary")
+    p.add_argument("--gtls-rounds", type=int, default=env_default("PERF_IO_GTLS_ROUNDS", 20),
+                   help="gtlsclient sends M x this many requests per connection (process)")
+    p.add_argument("--oha", default=env_default("PERF_IO_OHA", os.path.join(ROOT, "perf", "out", "bin", "bin", "oha")),
+                   help="oha built with --features http3 (quinn + h3)")
+    p.add_argument("--sweep-max-streams", type=int, default=env_default("PERF_IO_SWEEP_MAX_STREAMS", 100),
+                   help="spooky's quic.max_streams_bidi in the sweep (HAProxy's default "
+                        "tune.quic.fe.stream.max-concurrent is 100): the in-flight cap of clients "
+                        "without one of their own (gtlsclient)")
     p.add_argument("--quick", action="store_true",
                    help="short run: 5 s small-GET, 256 MiB bulk, 2 s strace, 3 s per sweep point")
     a = p.parse_args()
@@ -1406,6 +1665,7 @@ def parse_args():
         a.sweep_duration = 3
     a.sweep_points = parse_points(a.sweep_points)
     a.sweep_drivers = [d.strip() for d in a.sweep_drivers.split(",") if d.strip()]
+    a.sweep_clients = [d.strip() for d in a.sweep_clients.split(",") if d.strip()]
     a.idle_drivers = [d.strip() for d in a.idle_drivers.split(",") if d.strip()]
     a.sweep_repeat = max(1, a.sweep_repeat)
     a.idle_repeat = max(1, a.idle_repeat)
@@ -1486,7 +1746,7 @@ def main() -> int:
                        f"spooky {meta['git']} ({meta.get('profile', 'release')})\n\n")
             else:
                 md += "\n"
-            md += sweep_markdown(a, sw)
+            md += sweep_markdown_all(a, sw)
         if idle:
             md += "\n" + idle_markdown(a, idle)
         os.makedirs(a.out_dir, exist_ok=True)

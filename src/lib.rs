@@ -15,5 +15,6 @@ pub mod demo_backend;
 pub mod edge;
 pub mod router;
 pub mod runtime;
+pub mod source;
 pub mod telemetry;
 pub mod upstream;

@@ -294,7 +294,11 @@ impl Harness {
     /// One train from the edge, checked, and delivered unless lost; false
     /// when the edge had nothing to send.
     fn edge_train(&mut self, lose: bool) -> bool {
-        let Some(t) = self.e.edge.poll_transmit(&mut self.out, MAX_SEGMENTS) else {
+        let Some(t) = self
+            .e
+            .edge
+            .poll_transmit(Instant::now(), &mut self.out, MAX_SEGMENTS)
+        else {
             return false;
         };
         assert!(t.len <= self.out.len(), "train longer than the buffer");
@@ -424,7 +428,10 @@ impl Harness {
             (self.client.from, q)
         } else {
             let port = self.client.from.port().wrapping_add(1).max(1);
-            (SocketAddr::new(self.client.from.ip(), port), quoted.to_vec())
+            (
+                SocketAddr::new(self.client.from.ip(), port),
+                quoted.to_vec(),
+            )
         };
         let report = spooky_uring::errqueue::Unreachable::new(peer, ECONNREFUSED, &q);
         let unmatched = self.e.edge.handle_unreachable(self.now, &[report]);

@@ -78,9 +78,15 @@ fn request_side(input: &Input) {
         SocketAddr::from(([192, 0, 2, 1], 4433))
     };
     let limit = usize::from(input.max_header_bytes).max(1);
-    if let Ok(env) =
-        headers::build_envelope(&list, input.more_frames, client, 1, limit, Instant::now())
-    {
+    if let Ok(env) = headers::build_envelope(
+        &list,
+        input.more_frames,
+        client,
+        1,
+        limit,
+        Instant::now(),
+        &mut spooky::source::FakeSource::new(1, std::time::UNIX_EPOCH),
+    ) {
         assert!(
             headers::header_section_size(&list) <= limit,
             "over-limit header section accepted"

@@ -94,7 +94,7 @@ fuzz_target!(|input: Input| {
                 "handed to a worker its DCID does not name"
             );
         }
-        while let Some(t) = e.edge.poll_transmit(&mut out, MAX_SEGMENTS) {
+        while let Some(t) = e.edge.poll_transmit(Instant::now(), &mut out, MAX_SEGMENTS) {
             assert_eq!(t.to, from, "sent to someone who did not send");
             assert_eq!(t.from, SERVER_ADDR, "sent from an address not received on");
             assert!(t.len <= out.len() && t.segment_size > 0);

@@ -119,7 +119,20 @@ pub fn edge(config: &Config, worker: u8) -> EdgeUnderTest {
     // The fixture's certificate always loads; if it does not, every input
     // would fail the same way, so stop at once.
     #[allow(clippy::expect_used)]
-    let edge = Edge::new(config, worker, tx, metrics.clone()).expect("edge from fixture config");
+    // A fixed seed and wall clock: a crash replays the same CIDs and tokens.
+    let source = spooky::source::FakeSource::new(
+        u64::from(worker),
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000),
+    );
+    let edge = Edge::new(
+        config,
+        worker,
+        tx,
+        metrics.clone(),
+        Box::new(source),
+        std::time::Instant::now(),
+    )
+    .expect("edge from fixture config");
     EdgeUnderTest {
         edge,
         from_upstream: rx,

@@ -11,8 +11,8 @@
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::source::Source;
 use hmac::{Hmac, Mac};
-use rand::RngCore;
 use sha2::Sha256;
 
 /// Length of every connection ID spooky issues (the QUIC maximum).
@@ -36,9 +36,9 @@ impl CidGenerator {
         Self { server_id, worker }
     }
 
-    pub fn generate(&self) -> quiche::ConnectionId<'static> {
+    pub fn generate(&self, source: &mut dyn Source) -> quiche::ConnectionId<'static> {
         let mut id = [0u8; CID_LEN];
-        rand::thread_rng().fill_bytes(&mut id);
+        source.fill_random(&mut id);
         id[0] = FIRST_OCTET;
         id[1..3].copy_from_slice(&self.server_id.to_be_bytes());
         id[3] = self.worker;
@@ -91,9 +91,10 @@ impl RetryTokens {
         Self { key }
     }
 
-    pub fn random() -> Self {
+    /// A fresh random key.
+    pub fn random(source: &mut dyn Source) -> Self {
         let mut key = [0u8; 32];
-        rand::thread_rng().fill_bytes(&mut key);
+        source.fill_random(&mut key);
         Self::new(key)
     }
 
@@ -178,7 +179,7 @@ mod tests {
 
     #[test]
     fn token_round_trip_binds_peer_and_expiry() {
-        let t = RetryTokens::random();
+        let t = RetryTokens::random(&mut crate::source::SystemSource);
         let now = SystemTime::now();
         let peer = addr("192.0.2.1:4433");
         let tok = t.mint(&peer, b"odcid-bytes", now);
@@ -194,7 +195,9 @@ mod tests {
         let n = forged.len();
         forged[n - 1] ^= 1;
         assert!(t.validate(&forged, &peer, now).is_none());
-        assert!(RetryTokens::random().validate(&tok, &peer, now).is_none());
+        assert!(RetryTokens::random(&mut crate::source::SystemSource)
+            .validate(&tok, &peer, now)
+            .is_none());
         assert!(t.validate(b"", &peer, now).is_none());
         assert!(t.validate(b"spk1\0\0", &peer, now).is_none());
     }
@@ -202,8 +205,8 @@ mod tests {
     #[test]
     fn cids_are_full_length_and_distinct() {
         let g = CidGenerator::new(0x1234, 7);
-        let a = g.generate();
-        let b = g.generate();
+        let a = g.generate(&mut crate::source::SystemSource);
+        let b = g.generate(&mut crate::source::SystemSource);
         assert_eq!(a.len(), CID_LEN);
         assert_ne!(a, b);
         assert_eq!(

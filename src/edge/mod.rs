@@ -13,6 +13,8 @@
 //!   says when to call back.
 //!
 //! After any input, drain `poll_event` and `poll_transmit` until empty.
+// No clock or randomness outside tests: see clippy.toml.
+#![cfg_attr(not(test), deny(clippy::disallowed_methods))]
 
 mod abandon;
 pub mod admission;
@@ -25,7 +27,7 @@ use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 
 use quiche::h3;
 use slab::Slab;
@@ -35,6 +37,7 @@ use crate::config::{Config, CongestionControl, RetryMode};
 use crate::router::bridge::UpstreamSide;
 use crate::router::bridge::{RequestKey, ToEdge};
 use crate::router::Envelope;
+use crate::source::Source;
 use crate::telemetry::access::AccessSink;
 use crate::telemetry::{DropReason, WorkerMetrics};
 use admission::SourceRate;
@@ -278,6 +281,9 @@ pub struct Edge {
     scratch: Vec<u8>,
     /// The `now` of the input being handled (the edge never reads a clock).
     now: Instant,
+    /// Wall-clock time (Retry token expiry) and randomness (CIDs, keys,
+    /// trace ids).
+    source: Box<dyn Source>,
     /// Abandoned streams per source IP (rapid reset across reconnects).
     abandoned_by_source: abandon::AbandonLedger,
     /// Connections whose handshake has not completed (`Conn::established`
@@ -343,11 +349,17 @@ pub fn quic_config(cfg: &Config) -> Result<quiche::Config, EdgeError> {
 }
 
 impl Edge {
+    /// An edge for worker `worker` at time `now`, taking wall-clock time and
+    /// randomness from `source` (the runtime's [`SystemSource`], or a fake).
+    ///
+    /// [`SystemSource`]: crate::source::SystemSource
     pub fn new(
         cfg: &Config,
         worker: u8,
         to_edge: mpsc::UnboundedSender<(RequestKey, ToEdge)>,
         metrics: Arc<WorkerMetrics>,
+        mut source: Box<dyn Source>,
+        now: Instant,
     ) -> Result<Self, EdgeError> {
         let quic_config = quic_config(cfg)?;
         let mut h3_config = h3::Config::new()?;
@@ -366,7 +378,7 @@ impl Edge {
             cid_gen: CidGenerator::new(cfg.quic.server_id, worker),
             worker,
             body_writes: 0,
-            tokens: RetryTokens::random(),
+            tokens: RetryTokens::random(&mut *source),
             timers: BinaryHeap::new(),
             dirty: VecDeque::new(),
             stateless: VecDeque::new(),
@@ -377,7 +389,8 @@ impl Edge {
             metrics,
             draining: false,
             scratch: vec![0u8; 64 * 1024],
-            now: Instant::now(),
+            now,
+            source,
             abandoned_by_source: abandon::AbandonLedger::new(
                 abandon::ABANDON_WINDOW,
                 cfg.limits.max_abandoned_streams_per_source,
@@ -641,7 +654,10 @@ impl Edge {
     )> {
         let token = token.unwrap_or_default();
         if !token.is_empty() {
-            return match self.tokens.validate(&token, &from, SystemTime::now()) {
+            return match self
+                .tokens
+                .validate(&token, &from, self.source.wall_clock())
+            {
                 Some(o) if dcid.len() == CID_LEN => Some((dcid.clone(), Some(o))),
                 _ => {
                     self.metrics.dropped(DropReason::InvalidToken);
@@ -652,10 +668,10 @@ impl Edge {
         let s = &self.settings;
         let Some(reason) = admission::retry_reason(s.retry, self.half_open, s.retry_threshold)
         else {
-            return Some((self.cid_gen.generate(), None));
+            return Some((self.cid_gen.generate(&mut *self.source), None));
         };
-        let new_scid = self.cid_gen.generate();
-        let token = self.tokens.mint(&from, dcid, SystemTime::now());
+        let new_scid = self.cid_gen.generate(&mut *self.source);
+        let token = self.tokens.mint(&from, dcid, self.source.wall_clock());
         let mut out = vec![0u8; 1350];
         if let Ok(n) = quiche::retry(scid, dcid, &new_scid, &token, version, &mut out) {
             out.truncate(n);
@@ -700,7 +716,7 @@ impl Edge {
             );
             // Give the peer spare connection IDs so it can migrate.
             while conn.quic.scids_left() > 0 {
-                let cid = self.cid_gen.generate();
+                let cid = self.cid_gen.generate(&mut *self.source);
                 let token = self.cid_gen.reset_token(self.tokens.key(), &cid);
                 if conn.quic.new_scid(&cid, token, false).is_err() {
                     break;
@@ -1008,7 +1024,12 @@ impl Edge {
     ///
     /// `max_segments` is the most datagrams one send may carry (1 = no GSO).
     /// Connections take turns: each yields at most one train per call.
-    pub fn poll_transmit(&mut self, out: &mut [u8], max_segments: usize) -> Option<TransmitInfo> {
+    pub fn poll_transmit(
+        &mut self,
+        now: Instant,
+        out: &mut [u8],
+        max_segments: usize,
+    ) -> Option<TransmitInfo> {
         if let Some((pkt, to, from)) = self.stateless.pop_front() {
             let n = pkt.len().min(out.len());
             out[..n].copy_from_slice(&pkt[..n]);
@@ -1033,7 +1054,7 @@ impl Edge {
                 drained,
                 paced,
                 held,
-            } = fill_train(conn, out, mss, limit, self.settings.pacing);
+            } = fill_train(conn, now, out, mss, limit, self.settings.pacing);
             if held {
                 WorkerMetrics::inc(&self.metrics.paced);
             }
@@ -1326,13 +1347,20 @@ struct Train {
 /// Fills `out` with MSS-sized packets of `conn` on one path, up to `limit`
 /// bytes: a short packet ends the train; a packet pacing holds back (built
 /// but not due) is kept in the connection and goes first next time.
-fn fill_train(conn: &mut Conn, out: &mut [u8], mss: usize, limit: usize, pacing: bool) -> Train {
+fn fill_train(
+    conn: &mut Conn,
+    now: Instant,
+    out: &mut [u8],
+    mss: usize,
+    limit: usize,
+    pacing: bool,
+) -> Train {
     let mut total = 0;
     let mut path: Option<(SocketAddr, SocketAddr)> = None;
     let mut more = false;
-    // quiche stamps `at` from its own clock: compare with the time
-    // now, not with the last input's (this call may come much later).
-    let horizon = Instant::now() + PACING_HORIZON;
+    // quiche stamps `at` from its own clock: compare with the caller's
+    // `now`, not with the last input's (this call may come much later).
+    let horizon = now + PACING_HORIZON;
     let mut drained = false;
     let mut paced = false;
     let mut held = false;

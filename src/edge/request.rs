@@ -345,6 +345,7 @@ impl Edge {
             req.serial,
             self.settings.max_request_header_bytes,
             head.started,
+            &mut *self.source,
         );
         req.dispatched = true;
         let event = match built {

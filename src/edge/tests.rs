@@ -16,6 +16,7 @@ use super::*;
 use crate::config::{Backend, Upstream};
 use crate::router::bridge::{ToEdge, ToUpstream, UpstreamSide};
 use crate::router::ResponseHead;
+use crate::source::FakeSource;
 
 struct Pair {
     edge: Edge,
@@ -77,7 +78,15 @@ impl Pair {
         let mut cfg = config(dir.path(), budget);
         tweak(&mut cfg);
         let (tx, rx) = mpsc::unbounded_channel();
-        let edge = Edge::new(&cfg, 0, tx, Arc::new(WorkerMetrics::default())).unwrap();
+        let edge = Edge::new(
+            &cfg,
+            0,
+            tx,
+            Arc::new(WorkerMetrics::default()),
+            Box::new(FakeSource::new(7, std::time::SystemTime::now())),
+            Instant::now(),
+        )
+        .unwrap();
         let client_addr: SocketAddr = "127.0.0.1:5000".parse().unwrap();
         let server_addr: SocketAddr = "127.0.0.1:4433".parse().unwrap();
         let client = new_client(7, client_addr, server_addr);
@@ -146,7 +155,7 @@ impl Pair {
                     Err(e) => panic!("client send: {e}"),
                 }
             }
-            while let Some(t) = self.edge.poll_transmit(&mut buf, 1) {
+            while let Some(t) = self.edge.poll_transmit(Instant::now(), &mut buf, 1) {
                 let info = quiche::RecvInfo {
                     from: t.from,
                     to: t.to,
@@ -381,13 +390,13 @@ fn pacing_holds_packets_until_their_time() {
         if p.edge.poll_timeout().is_some_and(|t| t <= now) {
             p.edge.handle_timeout(now);
         }
-        while let Some(t) = p.edge.poll_transmit(&mut buf, 1) {
+        while let Some(t) = p.edge.poll_transmit(Instant::now(), &mut buf, 1) {
             link.push_back((now + delay, buf[..t.len].to_vec(), t));
         }
         // A held packet means nothing else leaves until the edge's timer.
         if p.edge.conns.iter().any(|(_, c)| c.held.is_some()) {
             saw_hold = true;
-            assert!(p.edge.poll_transmit(&mut buf, 1).is_none());
+            assert!(p.edge.poll_transmit(Instant::now(), &mut buf, 1).is_none());
             assert!(p.edge.poll_timeout().is_some());
         }
         while link.front().is_some_and(|(at, _, _)| *at <= now) {
@@ -582,7 +591,7 @@ fn loss_counters_move_under_a_lossy_link() {
     let deadline = Instant::now() + std::time::Duration::from_secs(10);
     let mut received = 0usize;
     while received < 64 * 4096 && Instant::now() < deadline {
-        while let Some(t) = p.edge.poll_transmit(&mut buf, 1) {
+        while let Some(t) = p.edge.poll_transmit(Instant::now(), &mut buf, 1) {
             sent += 1;
             if sent % 4 == 0 {
                 continue; // lost on the way
@@ -798,7 +807,7 @@ impl Pair {
     fn edge_to_client(&mut self) -> usize {
         let mut buf = vec![0u8; 65536];
         let mut n = 0;
-        while let Some(t) = self.edge.poll_transmit(&mut buf, 1) {
+        while let Some(t) = self.edge.poll_transmit(Instant::now(), &mut buf, 1) {
             let info = quiche::RecvInfo {
                 from: t.from,
                 to: t.to,

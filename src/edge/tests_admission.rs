@@ -36,7 +36,18 @@ fn edge(tweak: impl FnOnce(&mut Config)) -> Lone {
     tweak(&mut cfg);
     let (tx, rx) = mpsc::unbounded_channel();
     let metrics = Arc::new(WorkerMetrics::default());
-    let edge = Edge::new(&cfg, 0, tx, metrics.clone()).unwrap();
+    let edge = Edge::new(
+        &cfg,
+        0,
+        tx,
+        metrics.clone(),
+        Box::new(crate::source::FakeSource::new(
+            3,
+            std::time::SystemTime::now(),
+        )),
+        Instant::now(),
+    )
+    .unwrap();
     Lone {
         edge,
         metrics,
@@ -70,7 +81,7 @@ fn client(port: u16) -> quiche::Connection {
 fn drain(edge: &mut Edge) -> Vec<(Vec<u8>, TransmitInfo)> {
     let mut out = Vec::new();
     let mut buf = vec![0u8; 65536];
-    while let Some(t) = edge.poll_transmit(&mut buf, 1) {
+    while let Some(t) = edge.poll_transmit(Instant::now(), &mut buf, 1) {
         out.push((buf[..t.len].to_vec(), t));
     }
     out

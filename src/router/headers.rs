@@ -1,5 +1,6 @@
 //! Header mapping between HTTP/3 (RFC 9114 §4) and HTTP/2 (RFC 9113 §8).
 
+use crate::source::Source;
 use std::net::SocketAddr;
 use std::time::Instant;
 
@@ -94,6 +95,7 @@ pub fn build_envelope(
     request_id: u64,
     max_header_bytes: usize,
     now: Instant,
+    source: &mut dyn Source,
 ) -> Result<Envelope, RequestError> {
     let size = header_section_size(list);
     if size > max_header_bytes {
@@ -133,8 +135,10 @@ pub fn build_envelope(
         headers.insert(http::header::TE, HeaderValue::from_static("trailers"));
     }
     add_forwarding(headers, client, &authority, &mut arena);
-    let trace = fields.trace.unwrap_or_else(TraceContext::generate);
-    if let Ok(v) = arena.value(trace.child().to_header().as_bytes()) {
+    let trace = fields
+        .trace
+        .unwrap_or_else(|| TraceContext::generate(source));
+    if let Ok(v) = arena.value(trace.child(source).to_header().as_bytes()) {
         headers.insert("traceparent", v);
     }
 
@@ -537,6 +541,7 @@ pub fn trailers_from_h2(map: &HeaderMap) -> Vec<Header> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::source::SystemSource;
 
     fn h(n: &str, v: &str) -> Header {
         Header::new(n.as_bytes(), v.as_bytes())
@@ -557,7 +562,15 @@ mod tests {
     }
 
     fn build(list: &[Header]) -> Result<Envelope, RequestError> {
-        build_envelope(list, false, client(), 1, 65536, Instant::now())
+        build_envelope(
+            list,
+            false,
+            client(),
+            1,
+            65536,
+            Instant::now(),
+            &mut SystemSource,
+        )
     }
 
     #[test]
@@ -658,7 +671,15 @@ mod tests {
     }
 
     fn reason_of(list: &[Header], more_frames: bool) -> Option<MalformedReason> {
-        match build_envelope(list, more_frames, client(), 1, 65536, Instant::now()) {
+        match build_envelope(
+            list,
+            more_frames,
+            client(),
+            1,
+            65536,
+            Instant::now(),
+            &mut SystemSource,
+        ) {
             Err(RequestError::Malformed(m)) => Some(m.reason),
             _ => None,
         }
@@ -712,7 +733,16 @@ mod tests {
     #[test]
     fn agreeing_content_lengths_are_forwarded_as_one() {
         let l = with(&[("content-length", b"5, 5"), ("content-length", b"5")]);
-        let env = build_envelope(&l, true, client(), 1, 65536, Instant::now()).expect("valid");
+        let env = build_envelope(
+            &l,
+            true,
+            client(),
+            1,
+            65536,
+            Instant::now(),
+            &mut SystemSource,
+        )
+        .expect("valid");
         assert_eq!(env.content_length, Some(5));
         let all: Vec<_> = env.headers.get_all("content-length").iter().collect();
         assert_eq!(all, vec!["5"]);
@@ -800,7 +830,16 @@ mod tests {
             h("host", "svc.local"),
             h("content-length", "3"),
         ];
-        let env = build_envelope(&l, true, client(), 2, 65536, Instant::now()).expect("valid");
+        let env = build_envelope(
+            &l,
+            true,
+            client(),
+            2,
+            65536,
+            Instant::now(),
+            &mut SystemSource,
+        )
+        .expect("valid");
         assert_eq!(env.authority, "svc.local");
         assert!(!env.idempotent);
         assert_eq!(env.content_length, Some(3));

@@ -4,6 +4,8 @@
 //!
 //! Pure functions and plain data: no sockets, no clocks beyond the `now`
 //! passed in, so every rule here is unit-tested in isolation.
+// No clock or randomness outside tests: see clippy.toml.
+#![cfg_attr(not(test), deny(clippy::disallowed_methods))]
 
 pub mod bridge;
 pub mod headers;
@@ -156,13 +158,11 @@ impl TraceContext {
     }
 
     /// A fresh, sampled context.
-    pub fn generate() -> Self {
-        use rand::RngCore;
-        let mut rng = rand::thread_rng();
+    pub fn generate(source: &mut dyn crate::source::Source) -> Self {
         let mut trace_id = [0u8; 16];
         let mut parent_id = [0u8; 8];
-        rng.fill_bytes(&mut trace_id);
-        rng.fill_bytes(&mut parent_id);
+        source.fill_random(&mut trace_id);
+        source.fill_random(&mut parent_id);
         trace_id[0] |= 1; // never all-zero
         parent_id[0] |= 1;
         Self {
@@ -173,8 +173,8 @@ impl TraceContext {
     }
 
     /// The `traceparent` to send upstream: same trace, spooky's own span as parent.
-    pub fn child(&self) -> Self {
-        let mut next = Self::generate();
+    pub fn child(&self, source: &mut dyn crate::source::Source) -> Self {
+        let mut next = Self::generate(source);
         next.trace_id = self.trace_id;
         next.flags = self.flags;
         next
@@ -259,8 +259,14 @@ mod tests {
         let v = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
         let t = TraceContext::parse(v).expect("valid");
         assert_eq!(t.to_header(), v);
-        assert_eq!(t.child().trace_id, t.trace_id);
-        assert_ne!(t.child().parent_id, t.parent_id);
+        assert_eq!(
+            t.child(&mut crate::source::SystemSource).trace_id,
+            t.trace_id
+        );
+        assert_ne!(
+            t.child(&mut crate::source::SystemSource).parent_id,
+            t.parent_id
+        );
         assert!(TraceContext::parse("00-0000-00f067aa0ba902b7-01").is_none());
         assert!(
             TraceContext::parse("ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")

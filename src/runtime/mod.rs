@@ -20,6 +20,7 @@ use crate::config::Config;
 use crate::control::reload::ConfigStore;
 use crate::edge::{Edge, EdgeError, EdgeEvent, PATH_SAMPLE_INTERVAL};
 use crate::router::bridge::{RequestKey, ToEdge};
+use crate::source::SystemSource;
 use crate::telemetry::access::AccessSink;
 use crate::telemetry::backends::BackendBoard;
 use crate::telemetry::WorkerMetrics;
@@ -283,7 +284,14 @@ impl<D: DatagramIo> Worker<D> {
             "worker listening"
         );
         let (to_edge_tx, to_edge_rx) = mpsc::unbounded_channel();
-        let mut edge = Edge::new(cfg, id.min(255) as u8, to_edge_tx, metrics.clone())?;
+        let mut edge = Edge::new(
+            cfg,
+            id.min(255) as u8,
+            to_edge_tx,
+            metrics.clone(),
+            Box::new(SystemSource),
+            Instant::now(),
+        )?;
         if let Some(sink) = access {
             edge.set_access_log(sink);
         }
@@ -595,7 +603,7 @@ async fn flush<D: DatagramIo>(
             }
             continue;
         };
-        let Some(t) = edge.poll_transmit(buf, max_segments) else {
+        let Some(t) = edge.poll_transmit(Instant::now(), buf, max_segments) else {
             break;
         };
         let meta = SendMeta {

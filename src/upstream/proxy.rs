@@ -803,7 +803,16 @@ mod tests {
             list.push(Header::new(n.as_bytes(), v.as_bytes()));
         }
         let client = std::net::SocketAddr::from(([192, 0, 2, 1], 4000));
-        router::build_envelope(&list, false, client, 1, 65536, Instant::now()).expect("valid")
+        router::build_envelope(
+            &list,
+            false,
+            client,
+            1,
+            65536,
+            Instant::now(),
+            &mut crate::source::SystemSource,
+        )
+        .expect("valid")
     }
 
     /// Sends `req` and classifies how it failed before the response head.
