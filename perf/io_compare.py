@@ -321,8 +321,8 @@ class GtlsClient(LoadClient):
     submitted must get exactly one :status line and the process must exit 0."""
     name = "gtlsclient"
 
-    def __init__(self, bin_: str, rounds: int, max_streams: int):
-        self.bin, self.rounds = bin_, max(1, rounds)
+    def __init__(self, bin_: str, rounds: int, max_streams: int, path: str = "/"):
+        self.bin, self.rounds, self.path = bin_, max(1, rounds), path
         self.note = (f"ngtcp2 `gtlsclient -n M×{self.rounds}` (C processes at a time, one after "
                      "another per lane until the duration is over): up to min(M×"
                      f"{self.rounds}, server MAX_STREAMS = {max_streams}) streams in flight per "
@@ -334,7 +334,7 @@ class GtlsClient(LoadClient):
     def one(self, port: int, n: int) -> dict:
         cmd = [self.bin, "--no-quic-dump", "--no-http-dump", "--exit-on-all-streams-close",
                "--timeout=30s", "-n", str(n), "127.0.0.1", str(port),
-               f"https://localhost:{port}/"]
+               f"https://localhost:{port}{self.path}"]
         p = spawn(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         sent = ok = other = 0
         statuses: dict[str, int] = {}
@@ -411,13 +411,13 @@ class OhaClient(LoadClient):
             "requests in flight per connection, rolling (a task sends its next request as "
             "soon as its answer is in).")
 
-    def __init__(self, bin_: str):
-        self.bin = bin_
+    def __init__(self, bin_: str, path: str = "/"):
+        self.bin, self.path = bin_, path
 
     def run(self, port: int, c: int, m: int, duration: float) -> dict:
         cmd = [self.bin, "--http-version", "3", "--insecure", "--no-tui", "--output-format", "json",
                "-c", str(c), "-p", str(m), "-z", f"{int(duration)}s", "-w",
-               f"https://127.0.0.1:{port}/"]
+               f"https://127.0.0.1:{port}{self.path}"]
         p = spawn(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             out, err = p.communicate(timeout=duration + 120)
