@@ -121,6 +121,8 @@ def main() -> int:
     p.add_argument("--gtls-rounds", type=int, default=20)
     p.add_argument("--oha", default=os.path.join(ic.ROOT, "perf", "out", "bin", "bin", "oha"))
     p.add_argument("--max-streams", type=int, default=100)
+    p.add_argument("--idle-timeout", type=int, default=3,
+                   help="targets' idle timeout, s (oha's exit waits for it)")
     p.add_argument("--out-dir", default=os.path.join(ic.ROOT, "perf", "out"))
     a = p.parse_args()
     (c, m), = ic.parse_points(a.point)
@@ -141,11 +143,13 @@ def main() -> int:
             b = ic.spawn([bins["spooky"], "demo-backend", "--listen", f"127.0.0.1:{bp}",
                           "--name", f"backend-{i}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             ic.wait_tcp(bp, f"demo backend {i}", b)
-        targets = [ic.start_spooky_target(a, d.strip(), bins, work, ports, tag="clients")
+        targets = [ic.start_spooky_target(a, d.strip(), bins, work, ports, tag="clients",
+                                          idle_timeout_ms=a.idle_timeout * 1000)
                    for d in a.targets.split(",") if d.strip()]
         if a.haproxy:
             path, compat = ic.find_haproxy(argparse.Namespace(haproxy=a.haproxy))
-            targets.append(ic.start_haproxy(a, path, compat, work, ports))
+            targets.append(ic.start_haproxy(a, path, compat, work, ports,
+                                            client_timeout=f"{a.idle_timeout}s"))
         clients = ic.find_clients(a, bins)
         strace = shutil.which("strace") and not a.no_strace
         for t in targets:

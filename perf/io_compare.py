@@ -437,9 +437,16 @@ class OhaClient(LoadClient):
         non = sum(v for k, v in st.items() if not k.startswith("2")) + sum(errs.values())
         if p.returncode != 0:
             non = max(non, 1)
-        secs = float((j.get("summary") or {}).get("total") or 0.0)
+        # oha stops sending at -z (with -w it waits for the answers in flight),
+        # then sends GOAWAY and waits for the server to close the connection,
+        # which a server does at its idle timeout (the sweep's targets use
+        # --sweep-idle-timeout): its "total" includes that wait, so the wall
+        # time reported is -z.
+        total = float((j.get("summary") or {}).get("total") or 0.0)
+        secs = float(duration)
         return {"ok": ok, "non_2xx": non, "secs": secs, "req_s": div(ok + non, secs),
-                "cmd": " ".join(cmd), "detail": {"statuses": st, "errors": errs, "rc": p.returncode}}
+                "cmd": " ".join(cmd),
+                "detail": {"statuses": st, "errors": errs, "rc": p.returncode, "oha_total_s": total}}
 
 
 def find_clients(a, bins: dict) -> list[LoadClient]:
@@ -941,10 +948,12 @@ def run_sweep(a, bins: dict, work: str, backend_ports: list[int]) -> dict:
         for drv in a.sweep_drivers:
             log(f"sweep: starting spooky {drv} (io.workers: {a.sweep_workers}, "
                 f"connections_per_backend: {a.pool_connections})")
-            targets.append(start_spooky_target(a, drv, bins, work, backend_ports))
+            targets.append(start_spooky_target(a, drv, bins, work, backend_ports,
+                                               idle_timeout_ms=a.sweep_idle_timeout * 1000))
         if hap:
             log(f"sweep: starting HAProxy {hap} (nbthread 1{', limited-quic' if compat else ''})")
-            targets.append(start_haproxy(a, hap, compat, work, backend_ports))
+            targets.append(start_haproxy(a, hap, compat, work, backend_ports,
+                                         client_timeout=f"{a.sweep_idle_timeout}s"))
             out["haproxy"] = hap
             try:
                 out["haproxy_version"] = subprocess.run(
@@ -1653,6 +1662,9 @@ def parse_args():
                    help="gtlsclient sends M x this many requests per connection (process)")
     p.add_argument("--oha", default=env_default("PERF_IO_OHA", os.path.join(ROOT, "perf", "out", "bin", "bin", "oha")),
                    help="oha built with --features http3 (quinn + h3)")
+    p.add_argument("--sweep-idle-timeout", type=int, default=env_default("PERF_IO_SWEEP_IDLE_TIMEOUT", 3),
+                   help="seconds: the sweep targets' QUIC idle timeout (oha waits for the server "
+                        "to close after its GOAWAY, so this is its tail at every run)")
     p.add_argument("--sweep-max-streams", type=int, default=env_default("PERF_IO_SWEEP_MAX_STREAMS", 100),
                    help="spooky's quic.max_streams_bidi in the sweep (HAProxy's default "
                         "tune.quic.fe.stream.max-concurrent is 100): the in-flight cap of clients "
