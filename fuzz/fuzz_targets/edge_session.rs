@@ -29,7 +29,7 @@ use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 use quiche::h3;
 use spooky::edge::EdgeEvent;
-use spooky::router::bridge::{ToEdge, ToUpstream, UpstreamSide};
+use spooky::router::bridge::{RequestEvent, RequestKey, ToEdge, ToUpstream};
 use spooky_fuzz::{
     config, edge, EdgeKnobs, EdgeUnderTest, MAX_SEGMENTS, SERVER_ADDR, TRANSMIT_BUF,
 };
@@ -141,14 +141,23 @@ struct Client {
     streams: Vec<u64>,
 }
 
+/// One request as the fuzzer's request path sees it.
+struct Side {
+    key: RequestKey,
+    /// Body bytes the edge forwarded that no credit was returned for yet.
+    body_bytes: usize,
+}
+
 struct Harness {
     e: EdgeUnderTest,
     client: Client,
     clients_made: u16,
     /// Every address that sent the edge a datagram.
     senders: HashSet<SocketAddr>,
-    /// Upstream halves of requests the edge handed out.
-    sides: VecDeque<UpstreamSide>,
+    /// Requests the edge handed out (the fuzzer plays the request path).
+    sides: VecDeque<Side>,
+    /// Response events for the edge, applied at the next `service`.
+    to_edge: VecDeque<(RequestKey, ToEdge)>,
     /// The fake clock: advanced only by `Step::Advance`.
     now: Instant,
     out: Vec<u8>,
@@ -229,6 +238,7 @@ impl Harness {
             clients_made: 1,
             senders: HashSet::new(),
             sides: VecDeque::new(),
+            to_edge: VecDeque::new(),
             now,
             out: vec![0u8; TRANSMIT_BUF],
             issued: Vec::new(),
@@ -521,29 +531,21 @@ impl Harness {
                 code: u64::from(*code),
             },
             Upstream::Credit => {
-                let side = &mut self.sides[idx];
-                // Take the body the edge forwarded and give its permits back.
-                let mut got = 0usize;
-                while let Ok(m) = side.body.try_recv() {
-                    if let ToUpstream::Data(b) = m {
-                        got += b.len();
-                    }
-                }
-                side.shared.req_budget.add_permits(got);
-                ToEdge::RequestCredit
+                // Take the body the edge forwarded and give its credit back.
+                ToEdge::RequestCredit(std::mem::take(&mut self.sides[idx].body_bytes))
             }
             Upstream::Vanish => {
                 self.sides.remove(idx);
                 return;
             }
         };
-        self.sides[idx].edge.send(msg);
+        self.to_edge.push_back((self.sides[idx].key, msg));
     }
 
     /// What a worker does after every input: take upstream events, fire
     /// due timers, collect new requests.
     fn service(&mut self) {
-        while let Ok((key, msg)) = self.e.from_upstream.try_recv() {
+        while let Some((key, msg)) = self.to_edge.pop_front() {
             self.e.edge.handle_upstream(self.now, key, msg);
         }
         if let Some(t) = self.e.edge.poll_timeout() {
@@ -551,12 +553,21 @@ impl Harness {
                 self.e.edge.handle_timeout(self.now);
             }
         }
-        while let Some(ev) = self.e.edge.poll_event() {
-            match ev {
-                EdgeEvent::Request { envelope, side, .. } => {
+        while let Some(EdgeEvent { key, event }) = self.e.edge.poll_event() {
+            match event {
+                RequestEvent::Head { envelope, .. } => {
                     assert!(!envelope.path.is_empty(), "request without a path");
-                    self.sides.push_back(side);
+                    self.sides.push_back(Side { key, body_bytes: 0 });
                 }
+                RequestEvent::Body(ToUpstream::Data(b)) => {
+                    if let Some(s) = self.sides.iter_mut().find(|s| s.key == key) {
+                        s.body_bytes += b.len();
+                    }
+                }
+                RequestEvent::Cancel => self.sides.retain(|s| s.key != key),
+                RequestEvent::Body(_)
+                | RequestEvent::ResponseCredit(_)
+                | RequestEvent::ResponseGrant(_) => {}
             }
         }
         // Keep the client's HTTP/3 layer moving so its streams progress.

@@ -61,7 +61,10 @@ fuzz_target!(|input: Input| {
     };
     let worker = input.worker;
     let cids = CidGenerator::new(knobs.server_id, worker);
-    let mine = cids.generate();
+    let mine = cids.generate(&mut spooky::source::FakeSource::new(
+        1,
+        std::time::UNIX_EPOCH,
+    ));
     assert_eq!(cids.owner(&mine), Some(worker), "own CID not owned");
 
     let mut e = edge(&config(knobs), worker);
@@ -113,7 +116,10 @@ fuzz_target!(|input: Input| {
 /// short header carries it from octet 1; a long header from octet 6 after
 /// its length octet (set to `CID_LEN`).
 fn stamp_cid(buf: &mut Vec<u8>, gen: &CidGenerator, long: bool) {
-    let cid = gen.generate();
+    let cid = gen.generate(&mut spooky::source::FakeSource::new(
+        2,
+        std::time::UNIX_EPOCH,
+    ));
     let start = if long { 6 } else { 1 };
     if buf.len() < start + CID_LEN {
         buf.resize(start + CID_LEN, 0);

@@ -11,9 +11,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use spooky::config::Config;
 use spooky::edge::Edge;
-use spooky::router::bridge::{RequestKey, ToEdge};
 use spooky::telemetry::WorkerMetrics;
-use tokio::sync::mpsc;
 
 /// The address the edge listens on in every target.
 pub const SERVER_ADDR: SocketAddr =
@@ -105,16 +103,14 @@ fn load_config(knobs: EdgeKnobs) -> Config {
     }
 }
 
-/// A fresh edge for worker `worker`, its upstream-event receiver and metrics.
+/// A fresh edge for worker `worker` and its metrics.
 pub struct EdgeUnderTest {
     pub edge: Edge,
-    pub from_upstream: mpsc::UnboundedReceiver<(RequestKey, ToEdge)>,
     pub metrics: Arc<WorkerMetrics>,
 }
 
 /// Builds an edge from `config` as a worker would (`runtime::run_worker`).
 pub fn edge(config: &Config, worker: u8) -> EdgeUnderTest {
-    let (tx, rx) = mpsc::unbounded_channel();
     let metrics = Arc::new(WorkerMetrics::default());
     // The fixture's certificate always loads; if it does not, every input
     // would fail the same way, so stop at once.
@@ -127,17 +123,12 @@ pub fn edge(config: &Config, worker: u8) -> EdgeUnderTest {
     let edge = Edge::new(
         config,
         worker,
-        tx,
         metrics.clone(),
         Box::new(source),
         std::time::Instant::now(),
     )
     .expect("edge from fixture config");
-    EdgeUnderTest {
-        edge,
-        from_upstream: rx,
-        metrics,
-    }
+    EdgeUnderTest { edge, metrics }
 }
 
 /// A client address from fuzzer bytes; port 0 included on purpose (the

@@ -5,14 +5,18 @@
 //! and drains it, in the style of `quinn-proto`:
 //!
 //! * inputs: [`Edge::handle_datagram`] for each received datagram,
-//!   [`Edge::handle_upstream`] for each event from an upstream task,
-//!   [`Edge::handle_timeout`] when [`Edge::poll_timeout`]'s instant passed;
-//! * outputs: [`Edge::poll_event`] yields new requests (an [`Envelope`] and the
-//!   upstream task's half of the stream), [`Edge::poll_transmit`] fills a
-//!   buffer with a GSO train of packets for one peer, [`Edge::poll_timeout`]
-//!   says when to call back.
+//!   [`Edge::handle_upstream`] for each response event of the request path
+//!   (`router::bridge::ToEdge`), [`Edge::handle_timeout`] when
+//!   [`Edge::poll_timeout`]'s instant passed; each takes `now`;
+//! * outputs: [`Edge::poll_event`] yields request events as plain values
+//!   (`router::bridge::RequestEvent`: a request's `Envelope`, its body,
+//!   response credit, cancellation), [`Edge::poll_transmit`] fills a buffer
+//!   with a GSO train of packets for one peer, [`Edge::poll_timeout`] says
+//!   when to call back.
 //!
-//! After any input, drain `poll_event` and `poll_transmit` until empty.
+//! Wall-clock time and randomness come from the `source::Source` it was
+//! built with. After any input, drain `poll_event` and `poll_transmit`
+//! until empty.
 // No clock or randomness outside tests: see clippy.toml.
 #![cfg_attr(not(test), deny(clippy::disallowed_methods))]
 
@@ -31,12 +35,9 @@ use std::time::Instant;
 
 use quiche::h3;
 use slab::Slab;
-use tokio::sync::mpsc;
 
 use crate::config::{Config, CongestionControl, RetryMode};
-use crate::router::bridge::UpstreamSide;
-use crate::router::bridge::{RequestKey, ToEdge};
-use crate::router::Envelope;
+use crate::router::bridge::{RequestEvent, RequestKey, ToEdge};
 use crate::source::Source;
 use crate::telemetry::access::AccessSink;
 use crate::telemetry::{DropReason, WorkerMetrics};
@@ -162,16 +163,11 @@ struct Held {
     len: usize,
 }
 
-/// What the driver must act on.
+/// A request event for the request path, for the request `key`.
 #[derive(Debug)]
-pub enum EdgeEvent {
-    /// A request is ready to be forwarded: spawn the upstream task with `side`.
-    Request {
-        envelope: Box<Envelope>,
-        side: UpstreamSide,
-        /// The connection's span: the request span is its child.
-        conn_span: tracing::Span,
-    },
+pub struct EdgeEvent {
+    pub key: RequestKey,
+    pub event: RequestEvent,
 }
 
 /// One transmit produced by [`Edge::poll_transmit`]: `len` bytes at the start
@@ -275,7 +271,8 @@ pub struct Edge {
     next_request_serial: u64,
     /// Request heads waiting for [`Edge::poll_event`] (see `new_request`).
     heads: VecDeque<request::PendingHead>,
-    to_edge: mpsc::UnboundedSender<(RequestKey, ToEdge)>,
+    /// Request events for the request path, in order ([`Edge::poll_event`]).
+    events: VecDeque<EdgeEvent>,
     metrics: Arc<WorkerMetrics>,
     draining: bool,
     scratch: Vec<u8>,
@@ -356,7 +353,6 @@ impl Edge {
     pub fn new(
         cfg: &Config,
         worker: u8,
-        to_edge: mpsc::UnboundedSender<(RequestKey, ToEdge)>,
         metrics: Arc<WorkerMetrics>,
         mut source: Box<dyn Source>,
         now: Instant,
@@ -385,7 +381,7 @@ impl Edge {
             requests: Slab::new(),
             next_request_serial: 1,
             heads: VecDeque::new(),
-            to_edge,
+            events: VecDeque::new(),
             metrics,
             draining: false,
             scratch: vec![0u8; 64 * 1024],
@@ -884,6 +880,7 @@ impl Edge {
                 req.set_head(head);
             }
             ToEdge::Data(b) => req.resp.push_chunk(b, true),
+            ToEdge::Starved => req.resp.starved = true,
             ToEdge::Trailers(t) => req.resp.trailers = Some(t),
             ToEdge::End => req.resp.end = true,
             ToEdge::Fail {
@@ -913,7 +910,8 @@ impl Edge {
                 self.update_timer(ci);
                 return;
             }
-            ToEdge::RequestCredit => {
+            ToEdge::RequestCredit(n) => {
+                req.req_credit = req.req_credit.saturating_add(n).min(req.req_grant);
                 if req.req_data_pending {
                     self.grow_request_buffer(key.slot);
                     self.read_request_body(key.slot);
@@ -1004,20 +1002,28 @@ impl Edge {
     /// and RESET_STREAM in one batch) is dropped without any header work,
     /// no upstream task is spawned and no backend sees it.
     pub fn poll_event(&mut self) -> Option<EdgeEvent> {
-        while let Some(head) = self.heads.pop_front() {
+        loop {
+            if let Some(ev) = self.events.pop_front() {
+                return Some(ev);
+            }
+            let head = self.heads.pop_front()?;
             let live = self
                 .requests
                 .get(head.key.slot)
-                .is_some_and(|r| r.serial == head.key.serial && !r.shared.cancel.is_cancelled());
+                .is_some_and(|r| r.serial == head.key.serial);
             if !live {
+                // Reset in the batch that brought it (rapid reset): no
+                // header work, nothing upstream.
                 WorkerMetrics::inc(&self.metrics.cancelled_before_dispatch);
                 continue;
             }
-            if let Some(ev) = self.dispatch(head) {
-                return Some(ev);
-            }
+            self.dispatch(head);
         }
-        None
+    }
+
+    /// Queues a request event for [`Edge::poll_event`].
+    fn emit(&mut self, key: RequestKey, event: RequestEvent) {
+        self.events.push_back(EdgeEvent { key, event });
     }
 
     /// Fills `out` with the next train of packets (one peer, one segment size).
@@ -1166,7 +1172,12 @@ impl Edge {
         for (_, slot) in conn.streams.iter() {
             if let Some(req) = self.requests.try_remove(*slot) {
                 self.buffer_grown = self.buffer_grown.saturating_sub(req.buffer_grown);
-                req.shared.cancel_with(h3_code::REQUEST_CANCELLED);
+                if req.upstream_open {
+                    self.events.push_back(EdgeEvent {
+                        key: req.key(*slot),
+                        event: RequestEvent::Cancel,
+                    });
+                }
                 self.metrics
                     .requests_in_flight
                     .fetch_sub(1, Ordering::Relaxed);

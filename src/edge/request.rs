@@ -5,16 +5,14 @@
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::{Buf, Bytes};
 use quiche::h3::{self, NameValue};
-use tokio::sync::mpsc;
 
 use super::{h3_code, Edge, EdgeEvent};
 
-use crate::router::bridge::{EdgeSender, RequestKey, StreamShared, ToUpstream, UpstreamSide};
+use crate::router::bridge::{growth, RequestEvent, RequestKey, ToUpstream};
 use crate::router::{self, MalformedReason, RequestError};
 use crate::telemetry::access::{AccessRecord, AccessSink};
 use crate::telemetry::WorkerMetrics;
@@ -62,6 +60,9 @@ pub(super) struct RespSide {
     pub trailers: Option<Vec<h3::Header>>,
     /// The upstream finished the response (after chunks and trailers).
     pub end: bool,
+    /// The request path waits for response credit with bytes in hand
+    /// ([`ToEdge::Starved`](crate::router::bridge::ToEdge::Starved)).
+    pub starved: bool,
     fin_sent: bool,
 }
 
@@ -82,11 +83,24 @@ pub(super) struct Request {
     pub serial: u64,
     pub conn: usize,
     pub stream_id: u64,
-    pub shared: Arc<StreamShared>,
-    pub body_tx: Option<mpsc::UnboundedSender<ToUpstream>>,
-    /// The head became an envelope ([`Edge::dispatch`]); until then there
-    /// is no body channel, the body stays in quiche and a FIN is only noted.
+    /// The head became an envelope ([`Edge::dispatch`]); until then the
+    /// body stays in quiche and a FIN is only noted.
     pub dispatched: bool,
+    /// The request path has this request (its `Head` went out) and has not
+    /// finished it: body events and, at the end, `Cancel` go to it.
+    pub upstream_open: bool,
+    /// Request body bytes this stream may still read from the client
+    /// (credit comes back as the backend takes them).
+    pub req_credit: usize,
+    /// The request body grant: credit when all of it is back.
+    pub req_grant: usize,
+    /// The response grant (the request path holds its credit).
+    pub resp_grant: usize,
+    /// Body byte counts for the access log and probes.
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    /// The HTTP/3 error code the client used, for logs (0 = none).
+    pub cancel_code: u64,
     /// quiche has body bytes we did not read for lack of budget.
     pub req_data_pending: bool,
     /// The client's side of the stream ended (FIN read).
@@ -113,6 +127,14 @@ pub(super) struct PendingHead {
 }
 
 impl Request {
+    /// This request's key, given its slot.
+    pub fn key(&self, slot: usize) -> RequestKey {
+        RequestKey {
+            slot,
+            serial: self.serial,
+        }
+    }
+
     pub fn set_head(&mut self, h: router::ResponseHead) {
         self.log.status = h.status.as_u16();
         self.resp.head = Some(h);
@@ -138,9 +160,9 @@ impl Request {
         crate::telemetry::probes::request_done(
             self.log.request_id,
             status,
-            self.shared.bytes_down.load(Ordering::Relaxed),
+            self.bytes_down,
             took.unwrap_or_default(),
-            self.shared.bytes_up.load(Ordering::Relaxed),
+            self.bytes_up,
         );
     }
 
@@ -169,8 +191,8 @@ impl Request {
             upstream: l.upstream.as_deref(),
             backend: l.backend,
             status: l.status,
-            bytes_in: self.shared.bytes_up.load(Ordering::Relaxed),
-            bytes_out: self.shared.bytes_down.load(Ordering::Relaxed),
+            bytes_in: self.bytes_up,
+            bytes_out: self.bytes_down,
             duration: took.unwrap_or_default(),
             upstream_duration: l.upstream_time,
             outcome,
@@ -298,9 +320,14 @@ impl Edge {
             serial,
             conn: ci,
             stream_id: sid,
-            shared: StreamShared::new(self.settings.initial_body_buffer_bytes),
-            body_tx: None, // made by `dispatch`
             dispatched: false,
+            upstream_open: false,
+            req_credit: self.settings.initial_body_buffer_bytes.max(1),
+            req_grant: self.settings.initial_body_buffer_bytes.max(1),
+            resp_grant: self.settings.initial_body_buffer_bytes.max(1),
+            bytes_up: 0,
+            bytes_down: 0,
+            cancel_code: 0,
             req_data_pending: false,
             req_finished: !more_frames,
             pending_trailers: None,
@@ -327,10 +354,14 @@ impl Edge {
 
     /// Maps a pending head to an envelope: the request event for the
     /// driver, or the error answer for a malformed, rejected or refused one.
-    pub(super) fn dispatch(&mut self, head: PendingHead) -> Option<EdgeEvent> {
+    pub(super) fn dispatch(&mut self, head: PendingHead) {
         let slot = head.key.slot;
-        let req = self.requests.get_mut(slot)?;
-        let conn = self.conns.get(req.conn)?;
+        let Some(req) = self.requests.get_mut(slot) else {
+            return;
+        };
+        let Some(conn) = self.conns.get(req.conn) else {
+            return;
+        };
         let client = conn
             .quic
             .path_stats()
@@ -348,36 +379,32 @@ impl Edge {
             &mut *self.source,
         );
         req.dispatched = true;
-        let event = match built {
+        match built {
             Ok(env) => {
                 if self.settings.access_log {
                     req.log.trace_id = env.trace.trace_id_hex();
                 }
                 req.content_length = env.content_length;
-                let (tx, body) = mpsc::unbounded_channel();
+                req.upstream_open = true;
                 // Trailers seen before this point had no DATA before them
                 // (quiche parses trailers only once every DATA frame was
                 // read, and nothing reads the body before dispatch): they
                 // go first, the end (below) after them.
-                if let Some(t) = req.pending_trailers.take() {
-                    let _ = tx.send(ToUpstream::Trailers(t));
-                }
-                req.body_tx = Some(tx);
-                let side = UpstreamSide {
-                    shared: req.shared.clone(),
-                    body,
-                    edge: EdgeSender {
-                        key: head.key,
-                        tx: self.to_edge.clone(),
-                    },
-                    budget: self.settings.max_body_buffer_bytes.max(1),
-                };
+                let trailers = req.pending_trailers.take();
                 let data_pending = std::mem::take(&mut req.req_data_pending);
+                self.events.push_back(EdgeEvent {
+                    key: head.key,
+                    event: RequestEvent::Head {
+                        envelope: Box::new(env),
+                        conn_span,
+                    },
+                });
+                if let Some(t) = trailers {
+                    self.emit(head.key, RequestEvent::Body(ToUpstream::Trailers(t)));
+                }
                 if !head.more_frames {
-                    if let Some(tx) = req.body_tx.take() {
-                        let _ = tx.send(ToUpstream::End);
-                    }
-                } else if req.req_finished {
+                    self.emit(head.key, RequestEvent::Body(ToUpstream::End));
+                } else if self.requests.get(slot).is_some_and(|r| r.req_finished) {
                     // An empty body's FIN came in the head's batch.
                     self.request_finished(slot);
                 } else if data_pending {
@@ -388,52 +415,41 @@ impl Edge {
                     self.read_request_body(slot);
                     self.poll_h3(ci, self.now);
                 }
-                let live = self.requests.get(slot).is_some_and(|r| {
-                    r.serial == head.key.serial && !r.shared.cancel.is_cancelled()
-                });
-                // Not live: reset for its body, already answered.
-                live.then(|| EdgeEvent::Request {
-                    envelope: Box::new(env),
-                    side,
-                    conn_span,
-                })
             }
             Err(RequestError::Malformed(m)) => {
                 tracing::info!(stream = sid, reason = m.reason.as_str(), detail = %m.detail, "malformed request: stream reset with H3_MESSAGE_ERROR");
                 self.metrics.malformed(m.reason);
                 req.log.error = Some(m.to_string());
                 self.reset_stream(slot, h3_code::MESSAGE_ERROR);
-                None
             }
             Err(RequestError::Rejected(why)) => {
                 tracing::info!(stream = sid, %why, "request rejected: stream reset with H3_REQUEST_REJECTED");
                 req.log.error = Some(why.to_string());
                 self.reset_stream(slot, h3_code::REQUEST_REJECTED);
-                None
             }
             Err(RequestError::Refused { status, reason }) => {
                 tracing::debug!(stream = sid, status, %reason, "request refused");
                 req.log.error = Some(reason);
                 req.synthesize(status, None);
                 self.flush_response(slot);
-                None
             }
-        };
+        }
         // Whatever happened wants packets out (answers, resets, credit).
         self.mark_dirty(ci);
         self.update_timer(ci);
-        event
     }
 
     fn request_trailers(&mut self, slot: usize, list: &[h3::Header]) {
         match router::headers::trailers_from_h3(list) {
             Ok(map) => {
                 if let Some(req) = self.requests.get_mut(slot) {
-                    if let Some(tx) = req.body_tx.as_ref() {
-                        let _ = tx.send(ToUpstream::Trailers(map));
+                    let key = req.key(slot);
+                    if req.upstream_open {
+                        self.emit(key, RequestEvent::Body(ToUpstream::Trailers(map)));
                     } else if !req.dispatched {
-                        // No body channel before the head is mapped: keep
-                        // them for `dispatch` instead of dropping them.
+                        // Before the head is mapped there is no request
+                        // upstream yet: keep them for `dispatch` instead of
+                        // dropping them.
                         req.pending_trailers = Some(map);
                     }
                 }
@@ -463,8 +479,18 @@ impl Edge {
         };
         let mut malformed = false;
         let mut gone = None;
+        let key = RequestKey {
+            slot,
+            serial: req.serial,
+        };
         loop {
-            let avail = req.shared.req_budget.available_permits();
+            // Without a request upstream (answered here) the bytes are
+            // read and discarded, budget or not.
+            let avail = if req.upstream_open {
+                req.req_credit
+            } else {
+                self.scratch.len()
+            };
             if avail == 0 {
                 tracing::trace!(
                     stream = req.stream_id,
@@ -482,24 +508,14 @@ impl Edge {
                         malformed = true;
                         break;
                     }
-                    let chunk = Bytes::copy_from_slice(&self.scratch[..got]);
-                    // Without a body channel the bytes are discarded.
-                    if let Some(tx) = req.body_tx.as_ref() {
-                        if let Ok(p) = req.shared.req_budget.try_acquire_many(got as u32) {
-                            p.forget();
-                        }
-                        req.shared.bytes_up.fetch_add(got as u64, Ordering::Relaxed);
-                        if tx.send(ToUpstream::Data(chunk)).is_err() {
-                            // Upstream no longer reads the body (it already
-                            // answered): tell the client to stop sending.
-                            req.body_tx = None;
-                            let _ = conn.quic.stream_shutdown(
-                                req.stream_id,
-                                quiche::Shutdown::Read,
-                                h3_code::NO_ERROR,
-                            );
-                            break;
-                        }
+                    if req.upstream_open {
+                        let chunk = Bytes::copy_from_slice(&self.scratch[..got]);
+                        req.req_credit = req.req_credit.saturating_sub(got);
+                        req.bytes_up += got as u64;
+                        self.events.push_back(EdgeEvent {
+                            key,
+                            event: RequestEvent::Body(ToUpstream::Data(chunk)),
+                        });
                     }
                 }
                 Err(h3::Error::Done) => {
@@ -562,10 +578,11 @@ impl Edge {
             self.reset_stream(slot, h3_code::MESSAGE_ERROR);
             return;
         }
-        if let Some(tx) = req.body_tx.take() {
-            let _ = tx.send(ToUpstream::End);
+        if req.upstream_open {
+            let key = req.key(slot);
+            self.emit(key, RequestEvent::Body(ToUpstream::End));
         }
-        if req.resp.fin_sent {
+        if self.requests.get(slot).is_some_and(|r| r.resp.fin_sent) {
             self.finish_request(slot, "ok");
         }
     }
@@ -575,7 +592,7 @@ impl Edge {
         let Some(req) = self.requests.get_mut(slot) else {
             return;
         };
-        req.shared.cancel_with(code);
+        req.cancel_code = code;
         WorkerMetrics::inc(&self.metrics.client_cancels);
         if let Some(conn) = self.conns.get_mut(req.conn) {
             let _ = conn.quic.stream_shutdown(
@@ -601,7 +618,7 @@ impl Edge {
         let Some(req) = self.requests.get_mut(slot) else {
             return;
         };
-        req.shared.cancel_with(code);
+        req.cancel_code = code;
         if let Some(conn) = self.conns.get_mut(req.conn) {
             let _ = conn
                 .quic
@@ -629,6 +646,8 @@ impl Edge {
         let sid = req.stream_id;
         let resp = &mut req.resp;
         let mut gone = None;
+        // Response credit to give back: budgeted bytes quiche took.
+        let mut credit = 0;
         'write: {
             if let Some(head) = resp.head.take() {
                 let fin = resp.end && resp.chunks.is_empty() && resp.trailers.is_none();
@@ -662,9 +681,9 @@ impl Edge {
                     Ok(n) => {
                         self.body_writes += 1;
                         if *budgeted {
-                            req.shared.resp_budget.add_permits(n);
+                            credit += n;
                         }
-                        req.shared.bytes_down.fetch_add(n as u64, Ordering::Relaxed);
+                        req.bytes_down += n as u64;
                         chunk.advance(n);
                         if chunk.is_empty() {
                             resp.chunks.pop_front();
@@ -700,16 +719,23 @@ impl Edge {
                 }
             }
         }
+        let key = req.key(slot);
+        if credit > 0 && req.upstream_open {
+            self.events.push_back(EdgeEvent {
+                key,
+                event: RequestEvent::ResponseCredit(credit),
+            });
+        }
         if let Some(code) = gone {
             self.client_cancelled(slot, code);
             return;
         }
-        // quiche took everything buffered while the upstream task waits for
-        // permits with bytes in hand: the grant is the bottleneck.
+        // quiche took everything buffered while the request path waits for
+        // credit with bytes in hand: the grant is the bottleneck.
         if req.resp.head_sent
             && req.resp.chunks.is_empty()
             && !req.resp.end
-            && req.shared.resp_starved.swap(false, Ordering::Relaxed)
+            && std::mem::take(&mut req.resp.starved)
         {
             self.grow_response_buffer(slot);
             return;
@@ -781,9 +807,14 @@ impl Edge {
                 self.update_timer(req.conn);
             }
         }
-        // Returning the remaining permits is unnecessary: the upstream task
-        // sees the cancellation and stops.
-        req.shared.cancel.cancel();
+        // The request path stops (and resets the backend stream with CANCEL
+        // if it is still open); outstanding credit dies with the request.
+        if req.upstream_open {
+            self.events.push_back(EdgeEvent {
+                key: req.key(slot),
+                event: RequestEvent::Cancel,
+            });
+        }
         self.metrics
             .requests_in_flight
             .fetch_sub(1, Ordering::Relaxed);
@@ -852,28 +883,29 @@ impl Edge {
             return;
         };
         let grant = if request {
-            &req.shared.req_grant
+            req.req_grant
         } else {
-            &req.shared.resp_grant
-        }
-        .load(Ordering::Relaxed);
-        if request && req.shared.req_budget.available_permits() < grant {
+            req.resp_grant
+        };
+        if request && req.req_credit < grant {
             return;
         }
         let room = self.buffer_room(req.conn);
-        let extra = StreamShared::growth(grant, self.settings.max_body_buffer_bytes, room);
-        let added = if request {
-            req.shared.grow_req(extra)
-        } else {
-            req.shared.grow_resp(extra)
-        };
+        let added = growth(grant, self.settings.max_body_buffer_bytes, room);
+        let (key, stream) = (req.key(slot), req.stream_id);
         if added > 0 {
-            tracing::trace!(
-                stream = req.stream_id,
-                request,
-                grant = grant + added,
-                "body buffer grown"
-            );
+            if let Some(req) = self.requests.get_mut(slot) {
+                if request {
+                    req.req_grant += added;
+                    req.req_credit += added;
+                } else {
+                    req.resp_grant += added;
+                }
+            }
+            if !request {
+                self.emit(key, RequestEvent::ResponseGrant(added));
+            }
+            tracing::trace!(stream, request, grant = grant + added, "body buffer grown");
             self.charge_growth(slot, added);
         }
     }
@@ -891,7 +923,7 @@ impl Edge {
         };
         for slot in slots {
             if let Some(req) = self.requests.get_mut(slot) {
-                req.shared.cancel_with(h3_code::REQUEST_CANCELLED);
+                req.cancel_code = h3_code::REQUEST_CANCELLED;
                 req.log.error = Some("client closed the connection".into());
                 WorkerMetrics::inc(&self.metrics.client_cancels);
             }

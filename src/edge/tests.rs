@@ -3,24 +3,90 @@
 //! upstream side through the bridge channels.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
 use quiche::h3::{self, NameValue};
-use tokio::sync::mpsc;
 
 use super::unreachable::UNREACHABLE_GRACE;
 use super::*;
 use crate::config::{Backend, Upstream};
-use crate::router::bridge::{ToEdge, ToUpstream, UpstreamSide};
+use crate::router::bridge::{RequestEvent, ToEdge, ToUpstream};
+use crate::router::Envelope;
 use crate::router::ResponseHead;
 use crate::source::FakeSource;
 
+/// Response events the test (playing the request path) sends the edge.
+#[derive(Clone, Default)]
+struct Outbox(Rc<RefCell<VecDeque<(RequestKey, ToEdge)>>>);
+
+impl Outbox {
+    fn try_recv(&mut self) -> Result<(RequestKey, ToEdge), ()> {
+        self.0.borrow_mut().pop_front().ok_or(())
+    }
+}
+
+/// What the edge handed the request path, sorted by request.
+#[derive(Default)]
+struct Routed {
+    heads: VecDeque<(RequestKey, Box<Envelope>)>,
+    bodies: HashMap<RequestKey, VecDeque<ToUpstream>>,
+    cancelled: HashSet<RequestKey>,
+}
+
+/// The request path's end of one request, played by the test.
+struct UpstreamSide {
+    key: RequestKey,
+    edge: SideTx,
+    body: BodyRx,
+    routed: Rc<RefCell<Routed>>,
+}
+
+impl UpstreamSide {
+    /// The edge cancelled the request (as of the last `Pair::route`).
+    fn cancelled(&self) -> bool {
+        self.routed.borrow().cancelled.contains(&self.key)
+    }
+}
+
+/// Sends one request's response events to the edge.
+#[derive(Clone)]
+struct SideTx {
+    key: RequestKey,
+    out: Outbox,
+}
+
+impl SideTx {
+    fn send(&self, msg: ToEdge) {
+        self.out.0.borrow_mut().push_back((self.key, msg));
+    }
+}
+
+/// One request's body events, as routed by `Pair::route`.
+struct BodyRx {
+    key: RequestKey,
+    routed: Rc<RefCell<Routed>>,
+}
+
+impl BodyRx {
+    fn try_recv(&mut self) -> Result<ToUpstream, ()> {
+        let mut r = self.routed.borrow_mut();
+        r.bodies
+            .get_mut(&self.key)
+            .and_then(VecDeque::pop_front)
+            .ok_or(())
+    }
+}
+
 struct Pair {
     edge: Edge,
-    rx: mpsc::UnboundedReceiver<(RequestKey, ToEdge)>,
+    rx: Outbox,
+    routed: Rc<RefCell<Routed>>,
     client: quiche::Connection,
     h3: Option<h3::Connection>,
     client_addr: SocketAddr,
@@ -77,11 +143,9 @@ impl Pair {
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = config(dir.path(), budget);
         tweak(&mut cfg);
-        let (tx, rx) = mpsc::unbounded_channel();
         let edge = Edge::new(
             &cfg,
             0,
-            tx,
             Arc::new(WorkerMetrics::default()),
             Box::new(FakeSource::new(7, std::time::SystemTime::now())),
             Instant::now(),
@@ -92,7 +156,8 @@ impl Pair {
         let client = new_client(7, client_addr, server_addr);
         let mut p = Pair {
             edge,
-            rx,
+            rx: Outbox::default(),
+            routed: Rc::default(),
             client,
             h3: None,
             client_addr,
@@ -179,11 +244,39 @@ impl Pair {
         sid
     }
 
-    fn take_request(&mut self) -> (Box<Envelope>, UpstreamSide) {
-        match self.edge.poll_event() {
-            Some(EdgeEvent::Request { envelope, side, .. }) => (envelope, side),
-            None => panic!("no request event"),
+    /// Sorts the edge's request events by request.
+    fn route(&mut self) {
+        while let Some(EdgeEvent { key, event }) = self.edge.poll_event() {
+            let mut r = self.routed.borrow_mut();
+            match event {
+                RequestEvent::Head { envelope, .. } => r.heads.push_back((key, envelope)),
+                RequestEvent::Body(b) => r.bodies.entry(key).or_default().push_back(b),
+                RequestEvent::Cancel => {
+                    r.cancelled.insert(key);
+                }
+                RequestEvent::ResponseCredit(_) | RequestEvent::ResponseGrant(_) => {}
+            }
         }
+    }
+
+    fn take_request(&mut self) -> (Box<Envelope>, UpstreamSide) {
+        self.route();
+        let Some((key, envelope)) = self.routed.borrow_mut().heads.pop_front() else {
+            panic!("no request event");
+        };
+        let side = UpstreamSide {
+            key,
+            edge: SideTx {
+                key,
+                out: self.rx.clone(),
+            },
+            body: BodyRx {
+                key,
+                routed: self.routed.clone(),
+            },
+            routed: self.routed.clone(),
+        };
+        (envelope, side)
     }
 
     fn deliver(&mut self) {
@@ -191,6 +284,7 @@ impl Pair {
             self.edge.handle_upstream(Instant::now(), k, m);
         }
         self.exchange();
+        self.route();
     }
 
     /// Reads client-side events: (status, body bytes, finished, reset code).
@@ -278,8 +372,7 @@ fn request_body_is_read_only_within_the_budget() {
         "edge read {received} bytes past a {budget} budget"
     );
     // Returning the budget lets more through.
-    side.shared.req_budget.add_permits(received);
-    side.edge.send(ToEdge::RequestCredit);
+    side.edge.send(ToEdge::RequestCredit(received));
     p.deliver();
     let mut more = 0usize;
     while let Ok(ToUpstream::Data(b)) = side.body.try_recv() {
@@ -309,7 +402,8 @@ fn upstream_reset_after_head_resets_the_client_stream() {
     let (_, _body, fin, reset) = p.client_events();
     assert!(!fin, "a reset response must not end cleanly");
     assert_eq!(reset, Some(h3_code::INTERNAL_ERROR));
-    assert!(side.shared.cancel.is_cancelled());
+    p.route();
+    assert!(side.cancelled());
 }
 
 #[test]
@@ -977,9 +1071,7 @@ fn icmp_unreachable_counts_only_when_it_quotes_the_connection() {
     p.edge.handle_timeout(now + UNREACHABLE_GRACE);
     assert_eq!(p.edge.connections(), 0);
     assert_eq!(p.edge.requests_in_flight(), 0);
-    assert!(
-        side.shared.cancel.is_cancelled(),
-        "the backend stream is reset"
-    );
+    p.route();
+    assert!(side.cancelled(), "the backend stream is reset");
     assert_eq!(p.edge.metrics.unreachable_closes.load(Ordering::Relaxed), 1);
 }

@@ -7,8 +7,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
-
 use super::*;
 use crate::config::{Backend, Upstream};
 use crate::telemetry::RetryReason;
@@ -18,7 +16,6 @@ const SERVER: &str = "127.0.0.1:4433";
 struct Lone {
     edge: Edge,
     metrics: Arc<WorkerMetrics>,
-    _rx: mpsc::UnboundedReceiver<(RequestKey, ToEdge)>,
     _dir: tempfile::TempDir,
 }
 
@@ -34,12 +31,10 @@ fn edge(tweak: impl FnOnce(&mut Config)) -> Lone {
     cfg.listen.tls.cert = dir.path().join("cert.pem");
     cfg.listen.tls.key = dir.path().join("key.pem");
     tweak(&mut cfg);
-    let (tx, rx) = mpsc::unbounded_channel();
     let metrics = Arc::new(WorkerMetrics::default());
     let edge = Edge::new(
         &cfg,
         0,
-        tx,
         metrics.clone(),
         Box::new(crate::source::FakeSource::new(
             3,
@@ -51,7 +46,6 @@ fn edge(tweak: impl FnOnce(&mut Config)) -> Lone {
     Lone {
         edge,
         metrics,
-        _rx: rx,
         _dir: dir,
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod fault;
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
@@ -14,17 +15,17 @@ use std::time::{Duration, Instant};
 use spooky_uring::errqueue::Unreachable;
 use spooky_uring::{DatagramIo, SendMeta};
 use tokio::sync::{mpsc, watch};
-use tracing::Instrument;
 
 use crate::config::Config;
 use crate::control::reload::ConfigStore;
-use crate::edge::{Edge, EdgeError, EdgeEvent, PATH_SAMPLE_INTERVAL};
+use crate::edge::{Edge, EdgeError, PATH_SAMPLE_INTERVAL};
 use crate::router::bridge::{RequestKey, ToEdge};
 use crate::source::SystemSource;
 use crate::telemetry::access::AccessSink;
 use crate::telemetry::backends::BackendBoard;
 use crate::telemetry::WorkerMetrics;
-use crate::upstream::{proxy, Connector, Gateway, Registry};
+use crate::upstream::driver::RequestPath;
+use crate::upstream::{Connector, Gateway, Registry};
 
 /// Errors that stop a worker.
 #[derive(Debug, thiserror::Error)]
@@ -130,8 +131,14 @@ pub async fn run_worker<D: DatagramIo>(
             config_rx.mark_unchanged();
             w.apply_new_generation();
         }
-        // Outputs first: start new requests, then flush packets.
-        w.start_requests();
+        // Outputs first: requests move, then packets go out. Requests that
+        // ran have woken their h2 connections' tasks: let those write (on
+        // the ring: queue their operations) before the flush, so one submit
+        // carries everything.
+        if w.exchange() {
+            tokio::task::yield_now().await;
+            w.exchange();
+        }
         flush(&mut w.edge, &mut w.io, w.local, &w.metrics).await;
         w.after_flush();
 
@@ -156,12 +163,9 @@ pub async fn run_worker<D: DatagramIo>(
                 r?;
                 w.on_readable();
             }
-            Some((key, msg)) = w.to_edge_rx.recv() => {
-                let now = Instant::now();
-                w.edge.handle_upstream(now, key, msg);
-                // Take whatever else is queued in one go.
-                w.drain_upstream(now);
-            }
+            // A request can move (h2, a timer or a pool woke it): the top
+            // of the loop runs it.
+            _ = w.path.ready() => {}
             _ = tokio::time::sleep_until(wake.into()) => {
                 w.edge.handle_timeout(Instant::now());
             }
@@ -228,7 +232,10 @@ struct Worker<D: DatagramIo> {
     /// epoll driver's recvmmsg batch).
     batch: usize,
     edge: Edge,
-    to_edge_rx: mpsc::UnboundedReceiver<(RequestKey, ToEdge)>,
+    /// The requests in flight, driven by this loop.
+    path: RequestPath,
+    /// Response events on their way to the edge (reused buffer).
+    responses: VecDeque<(RequestKey, ToEdge)>,
     connector: Connector,
     /// Backend state (health, ejections, EWMA, budgets, warm connections),
     /// across config generations.
@@ -283,11 +290,9 @@ impl<D: DatagramIo> Worker<D> {
             gro_segments = caps.gro_segments,
             "worker listening"
         );
-        let (to_edge_tx, to_edge_rx) = mpsc::unbounded_channel();
         let mut edge = Edge::new(
             cfg,
             id.min(255) as u8,
-            to_edge_tx,
             metrics.clone(),
             Box::new(SystemSource),
             Instant::now(),
@@ -306,7 +311,12 @@ impl<D: DatagramIo> Worker<D> {
             local,
             batch: cfg.io.batch.clamp(1, 64),
             edge,
-            to_edge_rx,
+            path: RequestPath::new(
+                metrics.clone(),
+                cfg.limits.initial_body_buffer_bytes,
+                cfg.limits.max_body_buffer_bytes,
+            ),
+            responses: VecDeque::new(),
             connector,
             registry,
             gateway,
@@ -340,6 +350,10 @@ impl<D: DatagramIo> Worker<D> {
         // Backends that stay keep their pools, checkers and state; removed
         // ones lose their checker, so their pools go away with the last
         // request of the old generation that uses them.
+        self.path.set_limits(
+            cfg.limits.initial_body_buffer_bytes,
+            cfg.limits.max_body_buffer_bytes,
+        );
         let fresh = Rc::new(self.registry.gateway(cfg, &self.connector));
         fresh.warm();
         self.registry
@@ -359,32 +373,33 @@ impl<D: DatagramIo> Worker<D> {
         });
     }
 
-    /// Starts an upstream task for every request the edge mapped.
-    fn start_requests(&mut self) {
-        while let Some(ev) = self.edge.poll_event() {
-            let EdgeEvent::Request {
-                envelope,
-                side,
-                conn_span,
-            } = ev;
-            // Debug level: at the default `info` an enabled span per request
-            // (registry slot, formatted trace id, enter/exit on every poll)
-            // cost more than the logs it labels; the request's own log lines
-            // carry `request_id`.
-            let span = tracing::debug_span!(
-                parent: &conn_span,
-                "request",
-                request_id = envelope.request_id,
-                trace_id = %envelope.trace.trace_id_hex(),
-            );
-            let task = proxy(self.gateway.clone(), envelope, side, self.metrics.clone());
-            if span.is_disabled() {
-                // No `Instrumented` wrapper to enter and exit on every poll.
-                tokio::task::spawn_local(task);
-            } else {
-                tokio::task::spawn_local(task.instrument(span));
+    /// Moves requests along: the edge's request events to the request
+    /// path, the requests that can move polled, their response events back
+    /// to the edge; again while anything moved (bounded, so one busy batch
+    /// cannot starve the socket and timers).
+    /// True when a request was polled.
+    fn exchange(&mut self) -> bool {
+        let now = Instant::now();
+        let mut polled = false;
+        for _ in 0..16 {
+            let mut moved = false;
+            while let Some(ev) = self.edge.poll_event() {
+                moved = true;
+                self.path.handle(ev.key, ev.event, &self.gateway);
+            }
+            let polls = self.path.run();
+            polled |= polls > 0;
+            moved |= polls > 0;
+            self.path.take_output(&mut self.responses);
+            for (key, msg) in self.responses.drain(..) {
+                moved = true;
+                self.edge.handle_upstream(now, key, msg);
+            }
+            if !moved {
+                break;
             }
         }
+        polled
     }
 
     /// What follows a flush: ICMP reports the send met, I/O counters.
@@ -417,16 +432,6 @@ impl<D: DatagramIo> Worker<D> {
         wake
     }
 
-    /// Takes up to 1,024 queued upstream events.
-    fn drain_upstream(&mut self, now: Instant) {
-        for _ in 0..1024 {
-            match self.to_edge_rx.try_recv() {
-                Ok((key, msg)) => self.edge.handle_upstream(now, key, msg),
-                Err(_) => break,
-            }
-        }
-    }
-
     /// The socket is readable: drains it (bounded), then serves upstream
     /// events and due timers so a socket that stays readable starves
     /// neither.
@@ -437,7 +442,6 @@ impl<D: DatagramIo> Worker<D> {
                 break;
             }
         }
-        self.drain_upstream(now);
         if self
             .edge
             .poll_timeout()

@@ -1,6 +1,7 @@
 //! The HTTP/2 side: per-worker connection pools and the task that carries
 //! one request from the edge to a backend and its response back.
 
+pub mod driver;
 pub mod error;
 pub mod health;
 pub mod pool;

@@ -11,41 +11,32 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use h2::{RecvStream, SendStream};
-use tokio::sync::mpsc;
 use tokio::time::timeout;
 
+use super::driver::Link;
 use super::{Cause, Gateway, Outcome, PickError, UpstreamError, UpstreamGroup};
 use crate::balancer::{hash_bytes, PickContext};
 use crate::config::{HashKey, RetryOn};
-use crate::router::bridge::{EdgeSender, StreamShared, ToEdge, ToUpstream, UpstreamSide};
+use crate::router::bridge::{ToEdge, ToUpstream};
 use crate::router::{self, Envelope};
 use crate::telemetry::WorkerMetrics;
 
-/// Carries one request to a backend and its response back to the edge.
-/// Ends early, dropping (and so resetting with CANCEL) the h2 stream, when
-/// the edge cancels the request.
+/// Carries one request to a backend and its response back to the front.
+/// The request path drops this future when the front cancels the request,
+/// which resets the h2 stream with CANCEL and gives every place and count
+/// back through their guards.
 pub async fn proxy(
     gw: Rc<Gateway>,
     env: Box<Envelope>,
-    mut side: UpstreamSide,
+    link: Rc<Link>,
     metrics: Arc<WorkerMetrics>,
+    budget: usize,
 ) {
-    let cancel = side.shared.cancel.clone();
-    if cancel.is_cancelled() {
-        WorkerMetrics::inc(&metrics.cancelled_before_dispatch);
-        return;
-    }
     let mut head_sent = false;
-    // Biased: a request cancelled while `run` could complete its first
-    // steps without waiting must not reach `send_request`.
-    let res = tokio::select! {
-        biased;
-        _ = cancel.cancelled() => Err(UpstreamError::Cancelled),
-        r = run(&gw, &env, &mut side, &metrics, &mut head_sent) => r,
-    };
+    let res = run(&gw, &env, &link, &metrics, &mut head_sent, budget).await;
     match res {
         Ok(()) | Err(UpstreamError::Cancelled) => {}
-        Err(e) => report_failure(&e, env.request_id, &side.edge, &metrics, head_sent),
+        Err(e) => report_failure(&e, env.request_id, &link, &metrics, head_sent),
     }
 }
 
@@ -56,7 +47,7 @@ pub async fn proxy(
 fn report_failure(
     e: &UpstreamError,
     request_id: u64,
-    edge: &EdgeSender,
+    edge: &Link,
     metrics: &WorkerMetrics,
     head_sent: bool,
 ) {
@@ -157,9 +148,10 @@ fn key_hash(group: &UpstreamGroup, env: &Envelope) -> Option<u64> {
 async fn run(
     gw: &Gateway,
     env: &Envelope,
-    side: &mut UpstreamSide,
+    link: &Link,
     metrics: &WorkerMetrics,
     head_sent: &mut bool,
+    budget: usize,
 ) -> Result<(), UpstreamError> {
     let up_idx = gw
         .routes
@@ -194,13 +186,23 @@ async fn run(
             backend.address,
             group.cfg.policy,
         );
-        side.edge.send(ToEdge::Backend {
+        link.send(ToEdge::Backend {
             upstream: group.name.clone(),
             backend: backend.address,
         });
         let started = Instant::now();
         let is_last = tried.len() as u32 >= max_attempts;
-        let res = attempt(group, idx, env, side, &mut replay, head_sent, is_last).await;
+        let res = attempt(
+            group,
+            idx,
+            env,
+            link,
+            &mut replay,
+            head_sent,
+            is_last,
+            budget,
+        )
+        .await;
         let latency = started.elapsed();
         let seen = match &res {
             Ok(s) | Err(UpstreamError::Status(s)) => Some(*s),
@@ -365,10 +367,11 @@ async fn attempt(
     group: &UpstreamGroup,
     idx: usize,
     env: &Envelope,
-    side: &mut UpstreamSide,
+    link: &Link,
     replay: &mut Replay,
     head_sent: &mut bool,
     is_last: bool,
+    budget: usize,
 ) -> Result<u16, UpstreamError> {
     let backend = group.backends[idx].clone();
     // Declared first so it drops last: waiters wake after the count fell.
@@ -379,31 +382,20 @@ async fn attempt(
     // A busy pool makes the request wait up to its own deadline (each
     // connect the pool makes is bounded by `connect_ms` on its own).
     let (mut sr, _guard) = backend.acquire(head_deadline).await?;
+    // Rapid reset: a client that reset the stream while we waited for a
+    // connection had this future dropped; it never reaches `send_request`.
     let req = h2_request(env)?;
-    // Rapid reset: the client may have reset the stream while we waited
-    // for a connection; such a request must never reach the backend.
-    if side.shared.cancel.is_cancelled() {
-        return Err(UpstreamError::Cancelled);
-    }
 
     let sent_at = Instant::now();
     let (resp_fut, send) = sr
         .send_request(req, !env.has_body)
         .map_err(classify_before)?;
 
-    let UpstreamSide {
-        shared,
-        body: body_rx,
-        edge,
-        budget,
-    } = side;
     let body_wait = Cell::new(BodyWait::Done);
     let pump = pump_request_body(
         send,
         BodySide {
-            rx: body_rx,
-            shared,
-            edge,
+            link,
             wait: &body_wait,
         },
         replay,
@@ -449,14 +441,14 @@ async fn attempt(
         // is reset with CANCEL when `body` drops).
         return Err(UpstreamError::Status(status));
     }
-    edge.send(ToEdge::Headers {
+    link.send(ToEdge::Headers {
         head: router::ResponseHead::from_h2(parts.status, std::mem::take(&mut parts.headers)),
         head_after,
     });
     *head_sent = true;
 
     // Stream the response down while any remaining request body goes up.
-    let down = pump_response_body(body, shared, edge, *budget, t.idle);
+    let down = pump_response_body(body, link, budget, t.idle);
     tokio::pin!(down);
     loop {
         tokio::select! {
@@ -547,11 +539,9 @@ fn blame_stalled_upload(e: UpstreamError, wait: BodyWait) -> UpstreamError {
     }
 }
 
-/// The edge's half of the request body, as the pump sees it.
+/// The front's half of the request body, as the pump sees it.
 struct BodySide<'a> {
-    rx: &'a mut mpsc::UnboundedReceiver<ToUpstream>,
-    shared: &'a StreamShared,
-    edge: &'a EdgeSender,
+    link: &'a Link,
     wait: &'a Cell<BodyWait>,
 }
 
@@ -561,15 +551,13 @@ struct BodySide<'a> {
 /// dropped). Its bytes are in the replay copy, so a retry still has them;
 /// without this the edge would stop reading the client's body for good.
 struct ChunkCredit<'a> {
-    shared: &'a StreamShared,
-    edge: &'a EdgeSender,
+    link: &'a Link,
     bytes: usize,
 }
 
 impl Drop for ChunkCredit<'_> {
     fn drop(&mut self) {
-        self.shared.req_budget.add_permits(self.bytes);
-        self.edge.send(ToEdge::RequestCredit);
+        self.link.request_credit(self.bytes);
     }
 }
 
@@ -648,17 +636,14 @@ async fn pump_request_body_inner(
     }
     loop {
         body.wait.set(BodyWait::Client);
-        let msg = match timeout(idle, body.rx.recv()).await {
-            Err(_) => return Err(UpstreamError::ClientBodyStalled(idle)),
-            Ok(None) => return Err(UpstreamError::Cancelled),
-            Ok(Some(m)) => m,
+        let Ok(msg) = timeout(idle, body.link.next_body()).await else {
+            return Err(UpstreamError::ClientBodyStalled(idle));
         };
         body.wait.set(BodyWait::Backend);
         match msg {
             ToUpstream::Data(b) => {
                 let _credit = ChunkCredit {
-                    shared: body.shared,
-                    edge: body.edge,
+                    link: body.link,
                     bytes: b.len(),
                 };
                 replay.keep(&b);
@@ -683,44 +668,22 @@ async fn pump_request_body_inner(
     }
 }
 
-/// Takes `n` response permits. When they are not there at once, flags the
-/// stream as starved for the edge (which may then grow the grant) and
-/// waits; a client that stops reading must not pin this h2 stream (and its
-/// share of the connection window) forever, so the wait ends after `idle`
-/// with [`UpstreamError::ClientStalled`]: the client's doing, never the
-/// backend's.
-async fn take_resp_permits(
-    shared: &StreamShared,
-    n: usize,
-    idle: Duration,
-) -> Result<(), UpstreamError> {
-    let n = u32::try_from(n).unwrap_or(u32::MAX);
-    if let Ok(p) = shared.resp_budget.try_acquire_many(n) {
-        p.forget();
-        return Ok(());
-    }
-    shared
-        .resp_starved
-        .store(true, std::sync::atomic::Ordering::Relaxed);
-    let got = timeout(idle, shared.resp_budget.acquire_many(n)).await;
-    shared
-        .resp_starved
-        .store(false, std::sync::atomic::Ordering::Relaxed);
-    match got {
-        Err(_) => Err(UpstreamError::ClientStalled(idle)),
-        Ok(p) => {
-            p.map_err(|_| UpstreamError::Cancelled)?.forget();
-            Ok(())
-        }
-    }
+/// Takes `n` bytes of response credit. When they are not there at once,
+/// the front learns the stream is starved (and may grow the grant); a
+/// client that stops reading must not pin this h2 stream (and its share of
+/// the connection window) forever, so the wait ends after `idle` with
+/// [`UpstreamError::ClientStalled`]: the client's doing, never the backend's.
+async fn take_response_credit(link: &Link, n: usize, idle: Duration) -> Result<(), UpstreamError> {
+    timeout(idle, link.take_response_credit(n))
+        .await
+        .map_err(|_| UpstreamError::ClientStalled(idle))
 }
 
-/// Moves response body chunks from h2 to the edge, taking budget first and
+/// Moves response body chunks from h2 to the front, taking credit first and
 /// only then releasing h2 flow-control capacity.
 async fn pump_response_body(
     mut body: RecvStream,
-    shared: &StreamShared,
-    edge: &EdgeSender,
+    link: &Link,
     budget: usize,
     idle: Duration,
 ) -> Result<(), UpstreamError> {
@@ -733,12 +696,9 @@ async fn pump_response_body(
         let mut chunk = chunk.map_err(|e| UpstreamError::ResponseReset(Cause::H2(e)))?;
         let len = chunk.len();
         while !chunk.is_empty() {
-            let n = chunk.len().min(shared.resp_piece()).min(budget.max(1));
-            take_resp_permits(shared, n, idle).await?;
-            let piece = chunk.split_to(n);
-            if !edge.send(ToEdge::Data(piece)) {
-                return Err(UpstreamError::Cancelled);
-            }
+            let n = chunk.len().min(link.response_piece()).min(budget.max(1));
+            take_response_credit(link, n, idle).await?;
+            link.send(ToEdge::Data(chunk.split_to(n)));
         }
         let _ = body.flow_control().release_capacity(len);
     }
@@ -747,9 +707,9 @@ async fn pump_response_body(
         Ok(t) => t.map_err(|e| UpstreamError::ResponseReset(Cause::H2(e)))?,
     };
     if let Some(t) = trailers {
-        edge.send(ToEdge::Trailers(router::trailers_to_h3(&t)));
+        link.send(ToEdge::Trailers(router::trailers_to_h3(&t)));
     }
-    edge.send(ToEdge::End);
+    link.send(ToEdge::End);
     Ok(())
 }
 
@@ -925,49 +885,32 @@ mod tests {
         sr.ready().await.expect("ready")
     }
 
-    /// The edge's side of a request body: the stream's budget, the channel
-    /// the pump reads, and the channel it reports credit on.
-    struct EdgeEnd {
-        shared: Arc<StreamShared>,
-        tx: mpsc::UnboundedSender<ToUpstream>,
-        rx: mpsc::UnboundedReceiver<ToUpstream>,
-        edge: EdgeSender,
-        to_edge: mpsc::UnboundedReceiver<(crate::router::bridge::RequestKey, ToEdge)>,
+    /// The front's end of a request: its link, and what the link sent.
+    fn front() -> (Rc<Link>, crate::upstream::driver::Output) {
+        let out = Rc::default();
+        let key = crate::router::bridge::RequestKey { slot: 0, serial: 1 };
+        (Link::new(key, 1000, Rc::clone(&out)), out)
     }
 
-    impl EdgeEnd {
-        fn new(grant: usize) -> Self {
-            let (tx, rx) = mpsc::unbounded_channel();
-            let (etx, to_edge) = mpsc::unbounded_channel();
-            let key = crate::router::bridge::RequestKey { slot: 0, serial: 1 };
-            Self {
-                shared: StreamShared::new(grant),
-                tx,
-                rx,
-                edge: EdgeSender { key, tx: etx },
-                to_edge,
-            }
-        }
+    /// The front reads `n` body bytes from the client (spending `n` of its
+    /// credit) and hands them over.
+    fn front_reads(link: &Link, n: usize) {
+        link.deliver(crate::router::bridge::RequestEvent::Body(ToUpstream::Data(
+            Bytes::from(vec![7u8; n]),
+        )));
     }
 
-    /// Reads `n` body bytes from the client as the edge does: takes `n`
-    /// permits and hands the bytes over.
-    fn edge_reads(shared: &StreamShared, tx: &mpsc::UnboundedSender<ToUpstream>, n: usize) {
-        let n32 = u32::try_from(n).unwrap();
-        shared.req_budget.try_acquire_many(n32).unwrap().forget();
-        tx.send(ToUpstream::Data(Bytes::from(vec![7u8; n])))
-            .unwrap();
-    }
-
-    /// RequestCredit messages the edge got.
-    fn credits(
-        to_edge: &mut mpsc::UnboundedReceiver<(crate::router::bridge::RequestKey, ToEdge)>,
-    ) -> usize {
-        let mut n = 0;
-        while let Ok((_, m)) = to_edge.try_recv() {
-            n += usize::from(matches!(m, ToEdge::RequestCredit));
-        }
-        n
+    /// Request body credit the front got back (the request path sends what
+    /// a poll earned when the poll ends).
+    fn credited(link: &Link, out: &crate::upstream::driver::Output) -> usize {
+        link.send_credit();
+        out.borrow_mut()
+            .drain(..)
+            .map(|(_, m)| match m {
+                ToEdge::RequestCredit(n) => n,
+                _ => 0,
+            })
+            .sum()
     }
 
     #[tokio::test]
@@ -975,17 +918,15 @@ mod tests {
         let mut sr = holding_backend(65_535).await;
         let req = h2_request(&envelope("/refuse", &[])).unwrap();
         let (resp, send) = sr.send_request(req, false).unwrap();
-        let mut e = EdgeEnd::new(1000);
+        let (link, out) = front();
         let wait = Cell::new(BodyWait::Done);
         let mut replay = Replay::new(1 << 20);
         let side = BodySide {
-            rx: &mut e.rx,
-            shared: &e.shared,
-            edge: &e.edge,
+            link: &link,
             wait: &wait,
         };
         // Its first bytes go out; the backend refuses the stream.
-        edge_reads(&e.shared, &e.tx, 5);
+        front_reads(&link, 5);
         {
             let pump = pump_request_body(send, side, &mut replay, true, Duration::from_secs(5));
             tokio::pin!(pump);
@@ -993,19 +934,18 @@ mod tests {
                 _ = &mut pump => panic!("the pump ended before the refusal"),
                 r = resp => assert!(r.is_err(), "refused"),
             }
-            // The edge then reads a chunk as large as the whole grant.
-            edge_reads(&e.shared, &e.tx, 1000);
+            // The front then reads a chunk as large as the whole grant.
+            front_reads(&link, 1000);
             assert!(
                 (&mut pump).await.is_err(),
                 "sending on a refused stream fails"
             );
         }
         assert_eq!(
-            e.shared.req_budget.available_permits(),
-            1000,
-            "the failed chunk's permits came back: a retry can read the rest"
+            credited(&link, &out),
+            1005,
+            "the failed chunk's credit came back too: a retry can read the rest"
         );
-        assert!(credits(&mut e.to_edge) >= 1, "and the edge was told");
         assert_eq!(replay.bytes, 1005, "both chunks kept for the retry");
     }
 
@@ -1014,15 +954,13 @@ mod tests {
         let mut sr = holding_backend(100).await;
         let req = h2_request(&envelope("/hold", &[])).unwrap();
         let (_resp, send) = sr.send_request(req, false).unwrap();
-        let mut e = EdgeEnd::new(1000);
+        let (link, out) = front();
         let wait = Cell::new(BodyWait::Done);
         let mut replay = Replay::new(1 << 20);
-        edge_reads(&e.shared, &e.tx, 1000);
+        front_reads(&link, 1000);
         {
             let side = BodySide {
-                rx: &mut e.rx,
-                shared: &e.shared,
-                edge: &e.edge,
+                link: &link,
                 wait: &wait,
             };
             let pump = pump_request_body(send, side, &mut replay, true, Duration::from_secs(5));
@@ -1030,11 +968,10 @@ mod tests {
             let polled = timeout(Duration::from_millis(50), &mut pump).await;
             assert!(polled.is_err(), "stuck on the backend's 100-byte window");
             assert_eq!(wait.get(), BodyWait::Backend);
-            assert_eq!(e.shared.req_budget.available_permits(), 0);
+            assert_eq!(credited(&link, &out), 0, "nothing given back yet");
             // The attempt ends (say, a 503 head came): the pump is dropped.
         }
-        assert_eq!(e.shared.req_budget.available_permits(), 1000);
-        assert_eq!(credits(&mut e.to_edge), 1);
+        assert_eq!(credited(&link, &out), 1000);
         assert_eq!(replay.bytes, 1000, "the chunk is kept for the retry");
     }
 
