@@ -34,9 +34,10 @@ pub async fn proxy(
 ) {
     let mut head_sent = false;
     let res = run(&gw, &env, &link, &metrics, &mut head_sent, budget).await;
-    match res {
-        Ok(()) | Err(UpstreamError::Cancelled) => {}
-        Err(e) => report_failure(&e, env.request_id, &link, &metrics, head_sent),
+    // Every failure is reported: the front may be waiting for it (a
+    // request the front cancelled is dropped, never reaches here).
+    if let Err(e) = res {
+        report_failure(&e, env.request_id, &link, &metrics, head_sent);
     }
 }
 
