@@ -99,18 +99,6 @@ impl BackendHealth {
         None
     }
 
-    /// Takes over what `earlier` learnt (state, streaks, ejection), for a
-    /// backend whose pool is rebuilt by a reload.
-    pub fn carry_over(&self, earlier: &BackendHealth) {
-        self.state.set(earlier.state.get());
-        self.ok_streak.set(earlier.ok_streak.get());
-        self.fail_streak.set(earlier.fail_streak.get());
-        self.consecutive_failures
-            .set(earlier.consecutive_failures.get());
-        self.ejected_until.set(earlier.ejected_until.get());
-        self.ejections.set(earlier.ejections.get());
-    }
-
     /// Records a request outcome; returns the failure streak.
     pub fn record(&self, ok: bool) -> u32 {
         if ok {
@@ -146,10 +134,10 @@ pub fn publish(
         upstream: upstream.to_string(),
         address: pool.address,
         weight: pool.weight,
-        health: pool.health.state(),
-        ejected_for_ms: pool.health.ejected_for(now).as_millis() as u64,
-        ejections: pool.health.ejections() as u64,
-        consecutive_failures: pool.health.consecutive_failures(),
+        health: pool.health().state(),
+        ejected_for_ms: pool.health().ejected_for(now).as_millis() as u64,
+        ejections: pool.health().ejections() as u64,
+        consecutive_failures: pool.health().consecutive_failures(),
         in_flight: pool.in_flight(),
         ewma_ms,
         worker,
@@ -187,7 +175,7 @@ pub async fn run_checker(
                 false
             }
         };
-        if let Some(state) = pool.health.check_result(ok, &cfg) {
+        if let Some(state) = pool.health().check_result(ok, &cfg) {
             WorkerMetrics::inc(&metrics.health_transitions);
             crate::telemetry::probes::backend_state(
                 &upstream,

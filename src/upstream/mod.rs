@@ -140,7 +140,7 @@ impl UpstreamGroup {
         let healthy: Vec<bool> = self
             .backends
             .iter()
-            .map(|b| b.health.healthy() && !b.health.is_ejected(now) && b.connectable())
+            .map(|b| b.health().healthy() && !b.health().is_ejected(now) && b.connectable())
             .collect();
         if healthy.iter().any(|h| *h) {
             return Err(PickError::AtCapacity);
@@ -165,20 +165,20 @@ impl UpstreamGroup {
         };
         self.policy
             .observe(idx, latency, outcome == Outcome::Success);
-        let streak = b.health.record(outcome == Outcome::Success);
+        let streak = b.health().record(outcome == Outcome::Success);
         let o = &self.cfg.outlier;
         if outcome == Outcome::Failure && streak >= o.consecutive_failures {
             let now = Instant::now();
             let ejected = self
                 .backends
                 .iter()
-                .filter(|x| x.health.is_ejected(now))
+                .filter(|x| x.health().is_ejected(now))
                 .count();
             let n = self.backends.len();
             // Never eject beyond max_ejection_percent of the pool.
             if (ejected + 1) * 100 <= usize::from(o.max_ejection_percent) * n {
                 let d = b
-                    .health
+                    .health()
                     .eject(now, Duration::from_millis(o.base_ejection_ms));
                 WorkerMetrics::inc(&metrics.ejections);
                 metrics

@@ -256,26 +256,36 @@ pub struct InFlightGuard {
 
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
-        self.pool
-            .in_flight
-            .set(self.pool.in_flight.get().saturating_sub(1));
+        let in_flight = &self.pool.state.in_flight;
+        in_flight.set(in_flight.get().saturating_sub(1));
     }
 }
 
-/// One backend's connections.
-pub struct BackendPool {
-    pub address: SocketAddr,
-    pub weight: u32,
+/// Everything known about one backend, whatever pool serves it: active
+/// check and outlier state, connect failures and backoff, requests in
+/// flight. Owned by the worker's `Registry`, which keeps it across reloads
+/// and shares it with the backend's pool of every generation (a pool built
+/// for new limits picks up where the old one was).
+#[derive(Debug, Default)]
+pub struct BackendState {
     /// Active check and outlier state; read by every pick.
     pub health: super::health::BackendHealth,
-    settings: PoolSettings,
-    /// `max_connections` slots; the first `connections` are kept warm.
-    slots: RefCell<Vec<Slot>>,
-    generation: Cell<u64>,
     failures: Cell<u32>,
     backoff_until: Cell<Option<Instant>>,
     last_error: RefCell<Option<String>>,
     in_flight: Cell<u32>,
+}
+
+/// One backend's connections; what is known about the backend itself is
+/// its [`BackendState`].
+pub struct BackendPool {
+    pub address: SocketAddr,
+    pub weight: u32,
+    state: Rc<BackendState>,
+    settings: PoolSettings,
+    /// `max_connections` slots; the first `connections` are kept warm.
+    slots: RefCell<Vec<Slot>>,
+    generation: Cell<u64>,
     /// Requests in `acquire` waiting for a stream.
     waiting: Cell<u32>,
     notify: Notify,
@@ -287,7 +297,7 @@ impl std::fmt::Debug for BackendPool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BackendPool")
             .field("address", &self.address)
-            .field("in_flight", &self.in_flight.get())
+            .field("in_flight", &self.state.in_flight.get())
             .field("waiting", &self.waiting.get())
             .finish()
     }
@@ -299,28 +309,46 @@ type Handshake = (
 );
 
 impl BackendPool {
+    /// A pool for a backend with nothing known about it yet.
     pub fn new(
         address: SocketAddr,
         weight: u32,
         settings: PoolSettings,
         connector: Connector,
     ) -> Rc<Self> {
+        Self::with_state(address, weight, settings, connector, Rc::default())
+    }
+
+    /// A pool for a backend whose `state` the registry keeps.
+    pub fn with_state(
+        address: SocketAddr,
+        weight: u32,
+        settings: PoolSettings,
+        connector: Connector,
+        state: Rc<BackendState>,
+    ) -> Rc<Self> {
         let n = settings.max_connections.max(settings.connections).max(1);
         Rc::new(Self {
             address,
             weight,
-            health: Default::default(),
+            state,
             settings,
             slots: RefCell::new((0..n).map(|_| Slot::Empty).collect()),
             generation: Cell::new(0),
-            failures: Cell::new(0),
-            backoff_until: Cell::new(None),
-            last_error: RefCell::new(None),
-            in_flight: Cell::new(0),
             waiting: Cell::new(0),
             notify: Notify::new(),
             connector,
         })
+    }
+
+    /// Active check and outlier state.
+    pub fn health(&self) -> &super::health::BackendHealth {
+        &self.state.health
+    }
+
+    /// What is known about the backend (shared across generations).
+    pub fn state(&self) -> &Rc<BackendState> {
+        &self.state
     }
 
     /// The limits this pool was built with.
@@ -336,27 +364,27 @@ impl BackendPool {
     /// Whether a policy may pick this backend now: healthy, not ejected,
     /// below its in-flight cap, and not in connect backoff.
     pub fn available(&self, now: Instant) -> bool {
-        self.health.healthy()
-            && !self.health.is_ejected(now)
+        self.state.health.healthy()
+            && !self.state.health.is_ejected(now)
             && !self.at_capacity()
             && self.connectable()
     }
 
     /// At `circuit.max_in_flight_per_backend`.
     pub fn at_capacity(&self) -> bool {
-        self.in_flight.get() >= self.settings.max_in_flight
+        self.state.in_flight.get() >= self.settings.max_in_flight
     }
 
     /// False while connects to this backend are failing and backing off.
     pub fn connectable(&self) -> bool {
-        match self.backoff_until.get() {
+        match self.state.backoff_until.get() {
             Some(t) => Instant::now() >= t,
             None => true,
         }
     }
 
     pub fn in_flight(&self) -> u32 {
-        self.in_flight.get()
+        self.state.in_flight.get()
     }
 
     /// Connections up or being opened (draining ones excluded).
@@ -370,7 +398,7 @@ impl BackendPool {
 
     /// Counts one request against this backend until the guard drops.
     pub fn reserve(self: &Rc<Self>) -> InFlightGuard {
-        self.in_flight.set(self.in_flight.get() + 1);
+        self.state.in_flight.set(self.state.in_flight.get() + 1);
         InFlightGuard { pool: self.clone() }
     }
 
@@ -412,16 +440,16 @@ impl BackendPool {
     }
 
     fn connect_failed(&self, idx: usize, e: &UpstreamError) {
-        let failures = self.failures.get() + 1;
-        self.failures.set(failures);
+        let failures = self.state.failures.get() + 1;
+        self.state.failures.set(failures);
         let backoff = BACKOFF_MIN
             .saturating_mul(1u32 << (failures - 1).min(8))
             .min(BACKOFF_MAX);
-        self.backoff_until.set(Some(Instant::now() + backoff));
+        self.state.backoff_until.set(Some(Instant::now() + backoff));
         if failures == 1 || failures.is_power_of_two() {
             tracing::warn!(backend = %self.address, error = %e, failures, "backend connect failed");
         }
-        *self.last_error.borrow_mut() = Some(e.to_string());
+        *self.state.last_error.borrow_mut() = Some(e.to_string());
         if let Some(s) = self.slots.borrow_mut().get_mut(idx) {
             *s = Slot::Empty;
         }
@@ -432,8 +460,8 @@ impl BackendPool {
     fn connected(&self, idx: usize, sr: SendRequest<Bytes>) -> u64 {
         let generation = self.generation.get() + 1;
         self.generation.set(generation);
-        self.failures.set(0);
-        self.backoff_until.set(None);
+        self.state.failures.set(0);
+        self.state.backoff_until.set(None);
         if let Some(s) = self.slots.borrow_mut().get_mut(idx) {
             *s = Slot::Ready(Rc::new(Conn {
                 sr,
@@ -551,7 +579,8 @@ impl BackendPool {
         UpstreamError::Connect {
             backend: self.address,
             cause: Cause::Earlier(
-                self.last_error
+                self.state
+                    .last_error
                     .borrow()
                     .clone()
                     .unwrap_or_else(|| "no connection".into()),

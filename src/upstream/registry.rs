@@ -6,8 +6,9 @@
 //!
 //! A reload diffs the new backend sets against what the registry holds:
 //! - a backend that stays keeps its state and its warm connections (when
-//!   its weight or pool settings changed it gets a new pool that starts
-//!   from the old one's health and ejection state);
+//!   its weight or pool settings changed it gets a new pool sharing the
+//!   same [`BackendState`](super::pool::BackendState): health, ejection,
+//!   connect backoff, requests in flight);
 //! - a removed backend leaves the registry: its checker stops, and its pool
 //!   drains with the last request of the generation that still uses it;
 //! - a new backend starts fresh (health `unknown`, which takes traffic).
@@ -170,10 +171,11 @@ impl Registry {
         });
         if entry.pool.weight != weight || entry.pool.settings() != settings {
             // New limits need a new pool; the old one drains with the
-            // requests still on it. What was learnt about the backend stays.
-            let pool = BackendPool::new(address, weight, settings, connector.clone());
-            pool.health.carry_over(&entry.pool.health);
-            entry.pool = pool;
+            // requests still on it. What is known about the backend
+            // (health, ejection, backoff, in flight) is the same object.
+            let state = entry.pool.state().clone();
+            entry.pool =
+                BackendPool::with_state(address, weight, settings, connector.clone(), state);
             entry.stop_checker();
         }
         if &entry.health_check != health_check {
@@ -262,7 +264,7 @@ mod tests {
         let mut reg = Registry::default();
         let gw = reg.gateway(&config(&[1, 2]), &Connector::Tokio);
         let down = gw.upstreams[0].backends[1].clone();
-        down.health.eject(Instant::now(), Duration::from_secs(60));
+        down.health().eject(Instant::now(), Duration::from_secs(60));
         gw.upstreams[0].budget.try_spend();
         drop(gw);
 
@@ -273,13 +275,13 @@ mod tests {
             Rc::ptr_eq(again, &down),
             "the pool (and its connections) stays"
         );
-        assert!(again.health.is_ejected(Instant::now()), "still ejected");
+        assert!(again.health().is_ejected(Instant::now()), "still ejected");
 
         // One removed, one added.
         let gw = reg.gateway(&config(&[2, 3]), &Connector::Tokio);
         assert_eq!(reg.len(), 2);
         assert!(gw.upstreams[0].backends[0]
-            .health
+            .health()
             .is_ejected(Instant::now()));
         let fresh = &gw.upstreams[0].backends[1];
         assert_eq!(fresh.address, addr(3));
@@ -294,14 +296,16 @@ mod tests {
         let mut reg = Registry::default();
         let gw = reg.gateway(&config(&[1]), &Connector::Tokio);
         let old = gw.upstreams[0].backends[0].clone();
-        old.health.eject(Instant::now(), Duration::from_secs(60));
+        old.health().eject(Instant::now(), Duration::from_secs(60));
         let mut cfg = config(&[1]);
         cfg.upstreams[0].circuit.max_in_flight_per_backend = 7;
         let gw = reg.gateway(&cfg, &Connector::Tokio);
         let new = &gw.upstreams[0].backends[0];
         assert!(!Rc::ptr_eq(new, &old), "new limits, new pool");
+        let _busy = old.reserve();
+        assert_eq!(new.in_flight(), 1, "one in-flight count per backend");
         assert!(
-            new.health.is_ejected(Instant::now()),
+            new.health().is_ejected(Instant::now()),
             "ejection carried over"
         );
     }

@@ -189,7 +189,7 @@ fn pool_grows_within_the_announced_limit_then_queues_then_sheds() {
             matches!(late, Err(UpstreamError::PoolTimeout { .. })),
             "{late:?}"
         );
-        assert_eq!(pool.failures.get(), 0);
+        assert_eq!(pool.state().failures.get(), 0);
     });
 }
 
