@@ -562,11 +562,17 @@ mod tests {
     }
 
     fn build(list: &[Header]) -> Result<Envelope, RequestError> {
+        build_with(list, false, 1)
+    }
+
+    /// `build_envelope` with the tests' client, a 64 KiB header limit and
+    /// the real source.
+    fn build_with(list: &[Header], more_frames: bool, id: u64) -> Result<Envelope, RequestError> {
         build_envelope(
             list,
-            false,
+            more_frames,
             client(),
-            1,
+            id,
             65536,
             Instant::now(),
             &mut SystemSource,
@@ -671,15 +677,7 @@ mod tests {
     }
 
     fn reason_of(list: &[Header], more_frames: bool) -> Option<MalformedReason> {
-        match build_envelope(
-            list,
-            more_frames,
-            client(),
-            1,
-            65536,
-            Instant::now(),
-            &mut SystemSource,
-        ) {
+        match build_with(list, more_frames, 1) {
             Err(RequestError::Malformed(m)) => Some(m.reason),
             _ => None,
         }
@@ -733,16 +731,7 @@ mod tests {
     #[test]
     fn agreeing_content_lengths_are_forwarded_as_one() {
         let l = with(&[("content-length", b"5, 5"), ("content-length", b"5")]);
-        let env = build_envelope(
-            &l,
-            true,
-            client(),
-            1,
-            65536,
-            Instant::now(),
-            &mut SystemSource,
-        )
-        .expect("valid");
+        let env = build_with(&l, true, 1).expect("valid");
         assert_eq!(env.content_length, Some(5));
         let all: Vec<_> = env.headers.get_all("content-length").iter().collect();
         assert_eq!(all, vec!["5"]);
@@ -830,16 +819,7 @@ mod tests {
             h("host", "svc.local"),
             h("content-length", "3"),
         ];
-        let env = build_envelope(
-            &l,
-            true,
-            client(),
-            2,
-            65536,
-            Instant::now(),
-            &mut SystemSource,
-        )
-        .expect("valid");
+        let env = build_with(&l, true, 2).expect("valid");
         assert_eq!(env.authority, "svc.local");
         assert!(!env.idempotent);
         assert_eq!(env.content_length, Some(3));
