@@ -1019,6 +1019,8 @@ def run_sweep(a, bins: dict, work: str, backend_ports: list[int]) -> dict:
                         + (f", {row['non_2xx']} NON-2XX" if row["non_2xx"] else ""))
         # The h3load view keeps its old place for the rest of the report.
         out["runs"] = out["by_client"].get("h3load") or out["by_client"][clients[0].name]
+        if a.rss_downloads:
+            out["rss_downloads"] = run_rss_downloads(a, bins, targets)
         if a.alloc_requests > 0:
             for t in targets:
                 if t["key"] == "haproxy" or "@" in t["key"].partition("%")[0]:
@@ -1039,8 +1041,8 @@ def run_sweep(a, bins: dict, work: str, backend_ports: list[int]) -> dict:
         for t in targets:
             out.setdefault("rss", {})[t["key"]] = {
                 "start_kib": t.get("rss_start_kib"),
-                "peak_kib": max((out["runs"][p].get(t["key"], {}).get("vm_hwm_kib") or 0)
-                                for p in out["runs"]) or None,
+                "peak_kib": max([(out["runs"][p].get(t["key"], {}).get("vm_hwm_kib") or 0)
+                                 for p in out["runs"]] + [0]) or None,
                 "settled_kib": vm_rss_kib(t["proc"].pid) if a.settle_rss > 0 else None,
                 "settle_s": a.settle_rss,
             }
@@ -1052,6 +1054,153 @@ def run_sweep(a, bins: dict, work: str, backend_ports: list[int]) -> dict:
             stop(t["proc"])
             t["logf"].close()
     return out
+
+
+# ------------------------------------------------ RSS under downloads (issue 9)
+#
+# The issue's memory load: "peak RSS <= HAProxy's over the sweep plus
+# 2 x 50 x 1 MiB downloads at 100 streams per connection". For each target in
+# turn (the sweep's own processes, after its points; interleaved over
+# --sweep-repeat rounds): VmHWM reset (clear_refs 5), then at the same time
+# one small-GET load, h3load -c 4 -m 100 -d D, and two clients each fetching
+# N x /bytes/SIZE as N concurrent streams on one connection (h3load -c 1 -m N
+# -n N). Peak = VmHWM after all three finish; "after" = VmRSS then.
+
+
+def run_rss_downloads(a, bins: dict, targets: list[dict]) -> dict:
+    import threading
+
+    n, size = a.rss_download_streams, a.rss_download_bytes
+    c, m = a.rss_small_point
+    path = f"/bytes/{size}"
+    out: dict = {"small": f"{c}x{m}", "duration_s": a.rss_duration, "downloads": a.rss_download_clients,
+                 "streams": n, "bytes": size, "repeat": a.sweep_repeat,
+                 "targets": [t["key"] for t in targets], "runs": {t["key"]: [] for t in targets},
+                 "failures": []}
+    rounds = [t for _ in range(a.sweep_repeat) for t in targets]
+    for i, t in enumerate(rounds, 1):
+        pid = t["proc"].pid
+        reset_hwm(pid)
+        rss0 = vm_rss_kib(pid)
+        jobs = {"small": ["-c", str(c), "-m", str(m), "-d", str(a.rss_duration), "/"]}
+        for j in range(a.rss_download_clients):
+            jobs[f"dl{j + 1}"] = ["-c", "1", "-m", str(n), "-n", str(n),
+                                  "--timeout", str(a.bulk_timeout), path]
+        res: dict = {}
+        errs: dict = {}
+        t_start = time.monotonic()
+
+        def go(name: str, args: list[str]) -> None:
+            try:
+                r = h3load(bins["h3load"], t["port"], args, a.bulk_timeout + a.rss_duration + 60)
+                r["ended_s"] = time.monotonic() - t_start
+                res[name] = r
+            except RuntimeError as e:
+                errs[name] = str(e)
+
+        log(f"rss-downloads [{i}/{len(rounds)}] {t['name']}: h3load -c {c} -m {m} -d {a.rss_duration} / "
+            f"with {a.rss_download_clients} x h3load -c 1 -m {n} -n {n} {path}")
+        ths = [threading.Thread(target=go, args=(k, v)) for k, v in jobs.items()]
+        peak_seen = 0
+        for th in ths:
+            th.start()
+        while any(th.is_alive() for th in ths):
+            # VmHWM is the kernel's own peak; the samples are a cross-check only.
+            peak_seen = max(peak_seen, vm_rss_kib(pid) or 0)
+            time.sleep(0.05)
+        for th in ths:
+            th.join()
+        if t["proc"].poll() is not None:
+            raise RuntimeError(f"{t['name']} exited with {t['proc'].returncode}; see {t['log']}")
+        row = {
+            "rss_before_kib": rss0,
+            "vm_hwm_kib": vm_hwm_kib(pid),
+            "rss_after_kib": vm_rss_kib(pid),
+            "rss_sampled_max_kib": peak_seen or None,
+            "errors": errs,
+            "clients": {k: {f: r.get(f) for f in ("cmd", "ok", "s2xx", "non_2xx", "body_bytes", "secs",
+                                                    "mib_s", "ended_s", "stderr_tail")}
+                        for k, r in res.items()},
+        }
+        row["small_2xx"] = (res.get("small") or {}).get("s2xx")
+        row["dl_2xx"] = [(res.get(f"dl{j + 1}") or {}).get("s2xx") for j in range(a.rss_download_clients)]
+        row["dl_end_s"] = max((r.get("ended_s") or 0) for k, r in res.items() if k != "small") if len(res) > 1 else None
+        for k, e in errs.items():
+            out["failures"].append(f"rss-downloads {t['name']} round {i}: {k}: {e}")
+        for k, r in res.items():
+            want = n if k != "small" else None
+            if r.get("non_2xx") or (want is not None and (r.get("s2xx") or 0) != want):
+                out["failures"].append(f"rss-downloads {t['name']} round {i}: {k}: {r.get('s2xx')} 2xx, "
+                                       f"{r.get('non_2xx')} non-2xx/unanswered ({r['cmd']})")
+            if k != "small" and (r.get("body_bytes") or 0) != n * size:
+                out["failures"].append(f"rss-downloads {t['name']} round {i}: {k}: {r.get('body_bytes')} "
+                                       f"body bytes, expected {n * size}")
+        if "small" in res and row["dl_end_s"] and row["dl_end_s"] > res["small"]["ended_s"]:
+            log(f"rss-downloads: note: the downloads outlasted the small-GET load "
+                f"({row['dl_end_s']:.1f}s > {res['small']['ended_s']:.1f}s); raise --rss-duration")
+        out["runs"][t["key"]].append(row)
+        log(f"rss-downloads [{i}/{len(rounds)}] {t['name']}: peak {fmt((row['vm_hwm_kib'] or 0) / 1024)} MiB, "
+            f"after {fmt((row['rss_after_kib'] or 0) / 1024)} MiB, small {row['small_2xx']} 2xx, "
+            f"downloads {row['dl_2xx']} 2xx (done at {fmt(row['dl_end_s'], 1)}s)"
+            + (f"; FAILED: {'; '.join(out['failures'][-3:])}" if out["failures"] else ""))
+    return out
+
+
+def rss_downloads_markdown(a, sw: dict) -> str:
+    rd = sw["rss_downloads"]
+    keys = rd["targets"]
+    names = {k: ("HAProxy" if k == "haproxy" else k) for k in keys}
+
+    def med(k: str, f: str):
+        v = [r[f] for r in rd["runs"][k] if r.get(f) is not None]
+        return statistics.median(v) if v else None
+
+    def mib(v):
+        return fmt(v / 1024, 1) if v is not None else "–"
+
+    hap_peak = med("haproxy", "vm_hwm_kib") if "haproxy" in keys else None
+    hap_after = med("haproxy", "rss_after_kib") if "haproxy" in keys else None
+    sweep_peak = {k: (sw.get("rss") or {}).get(k, {}).get("peak_kib") for k in keys}
+    lines = [
+        f"## Peak RSS under the issue's memory load ({rd['small']} small GETs for {rd['duration_s']} s "
+        f"plus {rd['downloads']} × {rd['streams']} × {fmt(rd['bytes'] / MIB, 0)} MiB downloads, "
+        f"{rd['streams']} streams on one connection each; median of {rd['repeat']} interleaved rounds)",
+        "",
+        "| target | peak RSS MiB (VmHWM) | RSS after MiB | RSS before MiB | 2xx small / downloads | "
+        "download done s | peak ÷ HAProxy | after ÷ HAProxy | peak per round MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    met = []
+    for k in keys:
+        runs = rd["runs"][k]
+        pk, af = med(k, "vm_hwm_kib"), med(k, "rss_after_kib")
+        small = statistics.median([r["small_2xx"] or 0 for r in runs]) if runs else None
+        dls = [sum(x or 0 for x in r["dl_2xx"]) for r in runs]
+        cells = [names[k], f"**{mib(pk)}**", mib(af), mib(med(k, "rss_before_kib")),
+                 f"{fmt(small, 0)} / {' , '.join(str(x) for x in dls)}",
+                 fmt(med(k, "dl_end_s"), 1)]
+        if k != "haproxy" and hap_peak:
+            r1, r2 = div(pk, hap_peak), div(af, hap_after)
+            cells += [f"**{r1:.2f}×**" if r1 is not None else "–", f"{r2:.2f}×" if r2 is not None else "–"]
+            # The issue: peak over the sweep plus the downloads.
+            whole = max(pk or 0, sweep_peak.get(k) or 0)
+            whole_h = max(hap_peak or 0, sweep_peak.get("haproxy") or 0)
+            met.append((names[k], whole, whole_h))
+        else:
+            cells += ["–", "–"]
+        cells.append(" / ".join(mib(r.get("vm_hwm_kib")) for r in runs))
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Peak: VmHWM after clear_refs 5 before each round (the round's own peak, with "
+              "whatever the process kept from earlier load). After: VmRSS once all clients are done. "
+              "2xx downloads: per round, both download clients together "
+              f"({rd['downloads'] * rd['streams']} expected, each with all its body bytes)."]
+    for name, whole, whole_h in met:
+        lines.append(f"- {name}: peak over sweep and downloads {fmt(whole / 1024, 1)} MiB vs HAProxy "
+                     f"{fmt(whole_h / 1024, 1)} MiB: target (≤ HAProxy) "
+                     + ("**met**" if whole <= whole_h else "**not met**"))
+    if rd["failures"]:
+        lines.append("- **FAILURES**: " + "; ".join(rd["failures"]))
+    return "\n".join(lines) + "\n"
 
 
 # ------------------------------------------------------------ idle connections
@@ -1363,10 +1512,16 @@ def sweep_markdown(a, sw: dict, client: str | None = None, extras: bool = True) 
 
 
 def sweep_markdown_all(a, sw: dict) -> str:
-    """A table per client, the extras (allocations, RSS) under the last."""
+    """A table per client, the extras (allocations, RSS) under the last; then the
+    RSS-under-downloads table when that step ran."""
     clients = sw.get("clients") or ["h3load"]
-    return "\n".join(sweep_markdown(a, sw, cl, extras=(i == len(clients) - 1))
-                     for i, cl in enumerate(clients))
+    md = ""
+    if sw["points"]:
+        md = "\n".join(sweep_markdown(a, sw, cl, extras=(i == len(clients) - 1))
+                       for i, cl in enumerate(clients))
+    if sw.get("rss_downloads"):
+        md += ("\n" if md else "") + rss_downloads_markdown(a, sw)
+    return md
 
 
 def sweep_failures(sw: dict | None) -> list[str]:
@@ -1375,7 +1530,7 @@ def sweep_failures(sw: dict | None) -> list[str]:
     by = sw.get("by_client") or {"h3load": sw["runs"]}
     return [f"{cl}: {k} at {p}: {r['non_2xx']} non-2xx"
             for cl, pts in by.items() for p, runs in pts.items() for k, r in runs.items()
-            if r.get("non_2xx")]
+            if r.get("non_2xx")] + list((sw.get("rss_downloads") or {}).get("failures", []))
 
 
 # ----------------------------------------------------------------- report
@@ -1669,6 +1824,22 @@ def parse_args():
                    help="spooky's quic.max_streams_bidi in the sweep (HAProxy's default "
                         "tune.quic.fe.stream.max-concurrent is 100): the in-flight cap of clients "
                         "without one of their own (gtlsclient)")
+    p.add_argument("--rss-downloads", action="store_true", default=bool(os.environ.get("PERF_IO_RSS_DOWNLOADS")),
+                   help="after the sweep points (none with --sweep-points ''), per target and "
+                        "--sweep-repeat round: VmHWM reset, then a small-GET load (--rss-small-point) "
+                        "and --rss-download-clients clients each downloading --rss-download-streams x "
+                        "/bytes/--rss-download-bytes as concurrent streams on one connection, at once; "
+                        "peak RSS and RSS after (issue 9's memory load; default off)")
+    p.add_argument("--rss-small-point", default=env_default("PERF_IO_RSS_SMALL_POINT", "4x100"),
+                   help="CONNECTIONSxSTREAMS of the small-GET load beside the downloads (default 4x100)")
+    p.add_argument("--rss-duration", type=int, default=env_default("PERF_IO_RSS_DURATION", 10),
+                   help="seconds of the small-GET load beside the downloads (default 10)")
+    p.add_argument("--rss-download-clients", type=int, default=env_default("PERF_IO_RSS_DOWNLOAD_CLIENTS", 2),
+                   help="download clients, one connection each (default 2)")
+    p.add_argument("--rss-download-streams", type=int, default=env_default("PERF_IO_RSS_DOWNLOAD_STREAMS", 50),
+                   help="downloads per client, all at once on its connection (default 50)")
+    p.add_argument("--rss-download-bytes", type=int, default=env_default("PERF_IO_RSS_DOWNLOAD_BYTES", MIB),
+                   help="size of each download (default 1048576)")
     p.add_argument("--quick", action="store_true",
                    help="short run: 5 s small-GET, 256 MiB bulk, 2 s strace, 3 s per sweep point")
     a = p.parse_args()
@@ -1676,6 +1847,7 @@ def parse_args():
         a.duration, a.bulk_bytes, a.strace_duration = 5, 256 * MIB, 2
         a.sweep_duration = 3
     a.sweep_points = parse_points(a.sweep_points)
+    a.rss_small_point = parse_points(a.rss_small_point)[0]
     a.sweep_drivers = [d.strip() for d in a.sweep_drivers.split(",") if d.strip()]
     a.sweep_clients = [d.strip() for d in a.sweep_clients.split(",") if d.strip()]
     a.idle_drivers = [d.strip() for d in a.idle_drivers.split(",") if d.strip()]
