@@ -193,6 +193,44 @@ impl Validator<'_> {
         }
     }
 
+    fn health_check(&mut self, at: &str, hc: &crate::config::HealthCheck) {
+        let positive = "must be at least 1";
+        self.check(
+            hc.path.starts_with('/'),
+            &format!("{at}.health_check.path"),
+            "must start with `/`",
+        );
+        self.check(
+            hc.interval_ms > 0,
+            &format!("{at}.health_check.interval_ms"),
+            "must be greater than 0",
+        );
+        if hc.timeout_ms == 0 {
+            self.report(
+                &format!("{at}.health_check.timeout_ms"),
+                "must be greater than 0",
+            );
+        } else if hc.timeout_ms > hc.interval_ms {
+            self.report(
+                &format!("{at}.health_check.timeout_ms"),
+                format!(
+                    "must not exceed health_check.interval_ms ({})",
+                    hc.interval_ms
+                ),
+            );
+        }
+        self.check(
+            hc.healthy_threshold >= 1,
+            &format!("{at}.health_check.healthy_threshold"),
+            positive,
+        );
+        self.check(
+            hc.unhealthy_threshold >= 1,
+            &format!("{at}.health_check.unhealthy_threshold"),
+            positive,
+        );
+    }
+
     fn upstream(&mut self, at: &str, u: &Upstream) {
         self.check(
             !u.backends.is_empty(),
@@ -250,41 +288,7 @@ impl Validator<'_> {
             );
         }
 
-        let hc = &u.health_check;
-        self.check(
-            hc.path.starts_with('/'),
-            &format!("{at}.health_check.path"),
-            "must start with `/`",
-        );
-        self.check(
-            hc.interval_ms > 0,
-            &format!("{at}.health_check.interval_ms"),
-            "must be greater than 0",
-        );
-        if hc.timeout_ms == 0 {
-            self.report(
-                &format!("{at}.health_check.timeout_ms"),
-                "must be greater than 0",
-            );
-        } else if hc.timeout_ms > hc.interval_ms {
-            self.report(
-                &format!("{at}.health_check.timeout_ms"),
-                format!(
-                    "must not exceed health_check.interval_ms ({})",
-                    hc.interval_ms
-                ),
-            );
-        }
-        self.check(
-            hc.healthy_threshold >= 1,
-            &format!("{at}.health_check.healthy_threshold"),
-            positive,
-        );
-        self.check(
-            hc.unhealthy_threshold >= 1,
-            &format!("{at}.health_check.unhealthy_threshold"),
-            positive,
-        );
+        self.health_check(at, &u.health_check);
 
         self.check(
             u.outlier.consecutive_failures >= 1,

@@ -352,8 +352,9 @@ impl Edge {
         });
     }
 
-    /// Maps a pending head to an envelope: the request event for the
-    /// driver, or the error answer for a malformed, rejected or refused one.
+    /// Maps a pending head to an envelope: the request's `Head` event (and
+    /// any body that came with it) for the request path, or the error
+    /// answer for a malformed, rejected or refused one.
     pub(super) fn dispatch(&mut self, head: PendingHead) {
         let slot = head.key.slot;
         let Some(req) = self.requests.get_mut(slot) else {
@@ -719,6 +720,17 @@ impl Edge {
                 }
             }
         }
+        self.after_response_write(slot, credit, gone);
+    }
+
+    /// What follows a write of `slot`'s response: the credit quiche's intake
+    /// earned goes back to the request path; a stream the client gave up
+    /// ends; a starved stream whose buffer quiche drained grows its grant;
+    /// a finished response ends the request.
+    fn after_response_write(&mut self, slot: usize, credit: usize, gone: Option<u64>) {
+        let Some(req) = self.requests.get_mut(slot) else {
+            return;
+        };
         let key = req.key(slot);
         if credit > 0 && req.upstream_open {
             self.events.push_back(EdgeEvent {
@@ -744,9 +756,13 @@ impl Edge {
             if !req.req_finished {
                 // Complete response before the full request: ask the client to
                 // stop sending (RFC 9114 §4.1, H3_NO_ERROR).
-                let _ = conn
-                    .quic
-                    .stream_shutdown(sid, quiche::Shutdown::Read, h3_code::NO_ERROR);
+                if let Some(conn) = self.conns.get_mut(req.conn) {
+                    let _ = conn.quic.stream_shutdown(
+                        req.stream_id,
+                        quiche::Shutdown::Read,
+                        h3_code::NO_ERROR,
+                    );
+                }
             }
             self.finish_request(slot, "ok");
         }

@@ -154,19 +154,7 @@ async fn run(
     head_sent: &mut bool,
     budget: usize,
 ) -> Result<(), UpstreamError> {
-    let up_idx = gw
-        .routes
-        .route(env.host(), &env.path)
-        .ok_or_else(|| UpstreamError::NoRoute {
-            host: env.host().to_string(),
-            path: env.path.clone(),
-        })?;
-    let group = gw
-        .upstreams
-        .get(up_idx)
-        .ok_or_else(|| UpstreamError::NoBackend {
-            upstream: format!("#{up_idx}"),
-        })?;
+    let group = upstream_for(gw, env)?;
     group.budget.on_request();
     let ctx = PickContext {
         client: env.client,
@@ -230,19 +218,8 @@ async fn run(
                 if e.counts_against_backend() {
                     group.record(idx, Outcome::Failure, latency, metrics);
                 }
-                if *head_sent {
-                    return Err(e);
-                }
-                let allowed = e
-                    .retry_on()
-                    .is_some_and(|r| group.cfg.retries.on.contains(&r));
-                let safe = (e.unprocessed() || env.idempotent) && replay.replayable();
-                if !allowed || !safe || tried.len() as u32 >= max_attempts {
-                    return Err(e);
-                }
-                if !group.budget.try_spend() {
-                    WorkerMetrics::inc(&metrics.retry_budget_exhausted);
-                    tracing::debug!(request_id = env.request_id, "retry budget exhausted");
+                let last = tried.len() as u32 >= max_attempts;
+                if *head_sent || last || !may_retry(group, env, &e, &replay, metrics) {
                     return Err(e);
                 }
                 WorkerMetrics::inc(&metrics.retries);
@@ -264,6 +241,49 @@ async fn run(
             }
         }
     }
+}
+
+/// The upstream the request's route names.
+fn upstream_for<'g>(gw: &'g Gateway, env: &Envelope) -> Result<&'g UpstreamGroup, UpstreamError> {
+    let up_idx = gw
+        .routes
+        .route(env.host(), &env.path)
+        .ok_or_else(|| UpstreamError::NoRoute {
+            host: env.host().to_string(),
+            path: env.path.clone(),
+        })?;
+    gw.upstreams
+        .get(up_idx)
+        .ok_or_else(|| UpstreamError::NoBackend {
+            upstream: format!("#{up_idx}"),
+        })
+}
+
+/// Whether a failed attempt (no head forwarded, attempts left) is tried
+/// again: its error matches `retries.on`, the request is safe to send again
+/// (the backend did not process it, or it is idempotent, and its body is
+/// still all in the replay copy), and the retry budget has a token (spent
+/// here).
+fn may_retry(
+    group: &UpstreamGroup,
+    env: &Envelope,
+    e: &UpstreamError,
+    replay: &Replay,
+    metrics: &WorkerMetrics,
+) -> bool {
+    let allowed = e
+        .retry_on()
+        .is_some_and(|r| group.cfg.retries.on.contains(&r));
+    let safe = (e.unprocessed() || env.idempotent) && replay.replayable();
+    if !allowed || !safe {
+        return false;
+    }
+    if !group.budget.try_spend() {
+        WorkerMetrics::inc(&metrics.retry_budget_exhausted);
+        tracing::debug!(request_id = env.request_id, "retry budget exhausted");
+        return false;
+    }
+    true
 }
 
 /// A request's place in its upstream's pending queue: counted in
